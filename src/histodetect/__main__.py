@@ -1,0 +1,3 @@
+from histodetect.cli import app
+
+app(prog_name="histodetect")

@@ -1,0 +1,286 @@
+"""The ``histodetect`` command: thin wrappers over the library, one per subcommand.
+
+Heavy imports (torch, matplotlib) happen inside each command so that ``--help`` stays instant. Errors the user
+can fix (bad input, a missing file) are printed as one clear line and exit with code 2; anything else is a bug and
+keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(
+    name="histodetect",
+    help="Find metastatic cancer in histopathology patches: ingest, explore, train, evaluate, explain, predict.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class UserError(Exception):
+    """An error in what the user gave (a file, a flag): reported in one line, exit code 2."""
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from histodetect.data.store import StoreError
+    from histodetect.train.config import ConfigError
+
+    return (UserError, StoreError, ConfigError, FileNotFoundError)
+
+
+def friendly(fn: F) -> F:
+    """Turn the library's user-facing errors into one red line and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except _user_errors() as exc:
+            console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _version(value: bool) -> None:
+    if value:
+        from histodetect import __version__
+
+        typer.echo(f"histodetect {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """histodetect: from raw patches to a trusted model and a submission."""
+
+
+# ---------------------------------------------------------------------------------------------------- data
+@app.command()
+@friendly
+def ingest(
+    source: Annotated[Path, typer.Argument(help="Competition folder (train/, test/), PCam .h5 folder or file, "
+                                                "folder of images, or folder per class.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Store folder to write.")],
+    labels: Annotated[Path | None, typer.Option(help="Labels CSV (id,label) for a bare folder of images.")] = None,
+    class_dirs: Annotated[str | None, typer.Option(
+        help="Folder-per-class layout: 'NEG,POS' folder names, e.g. 'normal,tumor' (default '0,1').")] = None,
+    skip_bad: Annotated[bool, typer.Option(help="Write the store without the bad items (all listed in the report).")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing store.")] = False,
+    workers: Annotated[int | None, typer.Option(help="Decoding processes (default: all cores).")] = None,
+    report: Annotated[Path | None, typer.Option(help="Where to write the JSON problem report when ingest is refused "
+                                                     "(default: <out>.report.json).")] = None,
+) -> None:
+    """Check raw patches and pack them into a memory-mappable store."""
+    from histodetect.data.ingest import ingest as run_ingest
+
+    result = run_ingest(source, out, labels=labels, class_dirs=class_dirs, skip_bad=skip_bad, overwrite=overwrite,
+                        workers=workers, report_path=report)
+    raise typer.Exit(result.exit_code)
+
+
+@app.command()
+@friendly
+def info(
+    store: Annotated[Path, typer.Argument(help="A store folder written by `histodetect ingest`.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False,
+) -> None:
+    """Show what a store holds: patches per split, label balance, problems found at ingest."""
+    from histodetect.data.ingest import describe_store
+    from histodetect.data.store import Store
+
+    s = Store(store)
+    if as_json:
+        typer.echo(json.dumps(s.manifest, indent=2))
+    else:
+        console.print(describe_store(s))
+
+
+@app.command()
+@friendly
+def eda(
+    store: Annotated[Path, typer.Argument(help="A store folder.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the report (index.html and its figures).")],
+    seed: Annotated[int, typer.Option(help="Seed for the example grids.")] = 0,
+) -> None:
+    """Write an HTML report: label balance, example patches, colour statistics, integrity summary."""
+    from histodetect.data.store import Store
+    from histodetect.report.eda import write_eda
+
+    page = write_eda(Store(store), out, seed=seed)
+    console.print(f"report: [bold]{page}[/]")
+
+
+# ---------------------------------------------------------------------------------------------------- train
+@app.command()
+@friendly
+def train(
+    store: Annotated[Path, typer.Argument(help="A store folder with a labeled split.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder to write.")],
+    preset: Annotated[str | None, typer.Option(help="cpu | gpu: the best settings for the time on that hardware.")] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="A config.yaml (e.g. from an earlier run).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted run from its last checkpoint.")] = False,
+    model: Annotated[str | None, typer.Option(help="baseline-cnn or any timm model name.")] = None,
+    pretrained: Annotated[str | None, typer.Option(help="auto | none | path to .safetensors/.pth.")] = None,
+    freeze: Annotated[str | None, typer.Option(help="none | frozen | top:K.")] = None,
+    warmup_epochs: Annotated[int | None, typer.Option(help="Head-only epochs before top:K unfreezes.")] = None,
+    dropout: Annotated[float | None, typer.Option()] = None,
+    image_size: Annotated[int | None, typer.Option(help="Resize patches to this many pixels (96 = native).")] = None,
+    optimizer: Annotated[str | None, typer.Option(help="adam | adamw | rmsprop | sgd.")] = None,
+    lr: Annotated[float | None, typer.Option()] = None,
+    weight_decay: Annotated[float | None, typer.Option()] = None,
+    batch_size: Annotated[int | None, typer.Option()] = None,
+    epochs: Annotated[int | None, typer.Option()] = None,
+    scheduler: Annotated[str | None, typer.Option(help="cosine | onecycle | plateau | none.")] = None,
+    lr_warmup_epochs: Annotated[float | None, typer.Option(help="Linear LR warm-up, in epochs.")] = None,
+    loss: Annotated[str | None, typer.Option(help="bce | focal.")] = None,
+    pos_weight: Annotated[float | None, typer.Option(help="BCE weight of the positive class.")] = None,
+    focal_gamma: Annotated[float | None, typer.Option()] = None,
+    focal_alpha: Annotated[float | None, typer.Option()] = None,
+    label_smoothing: Annotated[float | None, typer.Option()] = None,
+    aug_dihedral: Annotated[bool | None, typer.Option("--aug-dihedral/--no-aug-dihedral")] = None,
+    aug_hed: Annotated[float | None, typer.Option(help="H&E colour jitter strength (0 = off).")] = None,
+    aug_brightness: Annotated[float | None, typer.Option()] = None,
+    aug_contrast: Annotated[float | None, typer.Option()] = None,
+    mixup: Annotated[float | None, typer.Option(help="MixUp alpha (0 = off).")] = None,
+    cutmix: Annotated[float | None, typer.Option(help="CutMix alpha (0 = off).")] = None,
+    val_fraction: Annotated[float | None, typer.Option()] = None,
+    groups: Annotated[str | None, typer.Option(help="CSV of id,group for a grouped split.")] = None,
+    folds: Annotated[int | None, typer.Option()] = None,
+    fold: Annotated[int | None, typer.Option()] = None,
+    patience: Annotated[int | None, typer.Option(help="Early stopping patience on val AUC (0 = off).")] = None,
+    max_time: Annotated[float | None, typer.Option(help="Time budget in minutes.")] = None,
+    limit_train: Annotated[int | None, typer.Option(help="Use at most this many training patches.")] = None,
+    seed: Annotated[int | None, typer.Option()] = None,
+    accelerator: Annotated[str | None, typer.Option(help="auto | cpu | cuda | mps.")] = None,
+    devices: Annotated[str | None, typer.Option(help="auto, a count, or a list like 0,1.")] = None,
+    num_nodes: Annotated[int | None, typer.Option()] = None,
+    strategy: Annotated[str | None, typer.Option(help="Lightning strategy, e.g. ddp.")] = None,
+    precision: Annotated[str | None, typer.Option(help="auto | 32 | bf16-mixed | 16-mixed.")] = None,
+    channels_last: Annotated[bool | None, typer.Option("--channels-last/--no-channels-last")] = None,
+    compile: Annotated[bool | None, typer.Option("--compile/--no-compile", help="torch.compile the model.")] = None,
+    num_workers: Annotated[int | None, typer.Option()] = None,
+    logger: Annotated[str | None, typer.Option(help="Comma list of csv, tensorboard, mlflow.")] = None,
+) -> None:
+    """Train one model on a store; writes a run folder (config, checkpoints, metrics, summary)."""
+    from histodetect.data.store import Store
+    from histodetect.train.config import build_config
+    from histodetect.train.run import train as run_train
+
+    overrides = {k: v for k, v in locals().items() if k not in {"store", "out", "preset", "config", "resume"}}
+    cfg = build_config(preset=preset, config_file=config, **overrides)
+    summary = run_train(Store(store), out, cfg, resume=resume)
+    console.print(f"run: [bold]{out}[/]  best val AUC {summary.get('best_val_auc', float('nan')):.4f}")
+
+
+# ---------------------------------------------------------------------------------------------------- use a run
+@app.command()
+@friendly
+def evaluate(
+    run: Annotated[Path, typer.Argument(help="A run folder.")],
+    store: Annotated[Path, typer.Argument(help="A labeled store.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for metrics.json, figures and report.html.")],
+    split: Annotated[str, typer.Option(help="'val' (the run's own held-out patches), 'all', or a store split name.")] = "val",
+    tta: Annotated[str, typer.Option(help="none | flips | d4.")] = "none",
+    threshold: Annotated[float, typer.Option(help="Decision threshold for accuracy, sensitivity, specificity.")] = 0.5,
+) -> None:
+    """Metrics with confidence intervals, ROC/PR/calibration plots and the worst mistakes, as HTML."""
+    from histodetect.infer.evaluate import evaluate as run_evaluate
+
+    metrics = run_evaluate(run, store, out, split=split, tta=tta, threshold=threshold)
+    console.print(f"ROC AUC {metrics['roc_auc']:.4f}  accuracy {metrics['accuracy']:.4f}  report: [bold]{out}[/]")
+
+
+@app.command()
+@friendly
+def compare(
+    runs: Annotated[list[Path], typer.Argument(help="Run folders.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Table file (.md; an .html is written beside it).")],
+) -> None:
+    """A results table, one row per run, built from the run folders."""
+    from histodetect.report.compare import compare as run_compare
+
+    table = run_compare(runs, out)
+    typer.echo(table)
+
+
+@app.command()
+@friendly
+def predict(
+    inputs: Annotated[list[Path], typer.Argument(help="RUN [RUN...] SOURCE: run folders or .onnx files, then a "
+                                                      "test/ folder, a store, or one image.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Submission CSV (id,label).")],
+    sample_submission: Annotated[Path | None, typer.Option(help="Write exactly these ids, in this order.")] = None,
+    tta: Annotated[str, typer.Option(help="none | flips | d4.")] = "none",
+    threshold: Annotated[float | None, typer.Option(help="Write 0/1 decisions instead of probabilities.")] = None,
+    batch_size: Annotated[int | None, typer.Option()] = None,
+    split: Annotated[str | None, typer.Option(help="With a store: which split to predict (default: test, or all).")] = None,
+) -> None:
+    """Predict probabilities for a test folder, store or image; ensembles several runs; writes a submission."""
+    from histodetect.infer.predict import predict as run_predict
+
+    if len(inputs) < 2:
+        raise UserError("predict needs at least one RUN and a SOURCE")
+    frame = run_predict(inputs[:-1], inputs[-1], out, sample_submission=sample_submission, tta=tta,
+                        threshold=threshold, batch_size=batch_size, split=split)
+    console.print(f"{len(frame)} predictions: [bold]{out}[/]")
+
+
+@app.command()
+@friendly
+def explain(
+    run: Annotated[Path, typer.Argument(help="A run folder.")],
+    images: Annotated[list[Path], typer.Argument(help="Image files, or a store (its first patches are used).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the overlays and the grid.")],
+    method: Annotated[str, typer.Option(help="gradcam | gradcam++.")] = "gradcam",
+    limit: Annotated[int, typer.Option(help="At most this many patches from a store.")] = 16,
+) -> None:
+    """Grad-CAM heatmaps over patches, with the predicted probability."""
+    from histodetect.infer.explain import explain as run_explain
+
+    paths = run_explain(run, images, out, method=method, limit=limit)
+    console.print(f"{len(paths)} files in [bold]{out}[/]")
+
+
+@app.command()
+@friendly
+def export(
+    run: Annotated[Path, typer.Argument(help="A run folder.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The .onnx file to write.")],
+    format: Annotated[str, typer.Option(help="onnx.")] = "onnx",
+    check: Annotated[Path | None, typer.Option(help="A store whose patches check the export (default: the "
+                                                    "embedded sample).")] = None,
+) -> None:
+    """Export a run to ONNX (uint8 RGB in, probability out) and check it against PyTorch."""
+    from histodetect.infer.export import export_onnx
+
+    if format != "onnx":
+        raise UserError(f"unsupported export format {format!r}; only onnx is available")
+    result = export_onnx(run, out, check_store=check)
+    console.print(f"exported [bold]{out}[/]; max |onnx - torch| = {result['max_abs_diff']:.2e}")
+
+
+@app.command()
+@friendly
+def demo(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for everything the demo makes.")] = Path("demo-output"),
+    quick: Annotated[bool, typer.Option(help="Fewer epochs (for tests).")] = False,
+) -> None:
+    """The whole tool end to end on the real sample shipped with the package."""
+    from histodetect.demo import run_demo
+
+    run_demo(out, quick=quick)

@@ -1,0 +1,200 @@
+"""One typed object describes a training run; it is saved as ``config.yaml`` in every run folder.
+
+Precedence when a run is configured: the defaults below < ``--preset`` < ``--config FILE`` < flags given on the
+command line. ``CONFIG_VERSION`` is bumped whenever a field changes meaning, and older files are refused with a
+message rather than misread.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from histodetect.io import atomic_write_text
+
+CONFIG_VERSION = 1
+
+OPTIMIZERS = ("adam", "adamw", "rmsprop", "sgd")
+SCHEDULERS = ("cosine", "onecycle", "plateau", "none")
+LOSSES = ("bce", "focal")
+
+
+class ConfigError(ValueError):
+    """A configuration value or file that cannot describe a run."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides what a training run does. Field comments are the user-facing documentation."""
+
+    # model
+    model: str = "baseline-cnn"  # a registry name: baseline-cnn, or any timm model name
+    pretrained: str = "auto"  # auto | none | path to a .safetensors/.pth file
+    freeze: str = "none"  # none | frozen | top:K (head first, then the top K stages after warmup_epochs)
+    warmup_epochs: int = 1  # epochs of head-only training before top:K stages are unfrozen
+    backbone_lr_scale: float = 0.1  # learning rate of unfrozen backbone layers, as a fraction of lr
+    dropout: float = 0.3
+    image_size: int = 96  # patches are resized to this (bilinear) before the network; 96 = native
+    # optimisation
+    optimizer: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    momentum: float = 0.9  # sgd and rmsprop only
+    batch_size: int = 64
+    epochs: int = 10
+    scheduler: str = "cosine"
+    lr_warmup_epochs: float = 0.0  # linear warm-up of the learning rate, in epochs (fractions allowed)
+    # loss
+    loss: str = "bce"
+    pos_weight: float | None = None  # bce only: weight of the positive class
+    focal_gamma: float = 2.0
+    focal_alpha: float = 0.25
+    label_smoothing: float = 0.0
+    # augmentation, applied to whole batches as tensors
+    aug_dihedral: bool = True  # the 8 flips and 90-degree rotations
+    aug_hed: float = 0.05  # strength of H&E colour perturbation (0 = off)
+    aug_brightness: float = 0.1  # 0 = off
+    aug_contrast: float = 0.1  # 0 = off
+    mixup: float = 0.0  # Beta(alpha, alpha); 0 = off
+    cutmix: float = 0.0  # Beta(alpha, alpha); 0 = off
+    # validation
+    val_fraction: float = 0.2  # stratified hold-out, ignored when folds > 1
+    groups: str | None = None  # CSV of id,group: a split that keeps each group on one side
+    folds: int = 1  # K-fold cross-validation when > 1 ...
+    fold: int = 0  # ... and this is the fold held out
+    patience: int = 5  # early stopping on validation ROC AUC; 0 = off
+    max_time: float | None = None  # minutes; stops cleanly and keeps the best checkpoint
+    limit_train: int | None = None  # use at most this many training patches (quick looks, tests)
+    # hardware
+    seed: int = 42
+    accelerator: str = "auto"  # auto | cpu | cuda | gpu | mps
+    devices: str = "auto"  # auto, a count, or a list like "0,1"
+    num_nodes: int = 1
+    strategy: str = "auto"  # auto | ddp | ddp_spawn | ...: handed to Lightning unchanged
+    precision: str = "auto"  # auto | 32 | bf16-mixed | 16-mixed
+    channels_last: bool | None = None  # None = on for conv nets where it helps (GPU, and CPU with bf16)
+    compile: bool = False  # torch.compile the model (GPU)
+    num_workers: int | None = None  # DataLoader workers; None = chosen from the device
+    logger: str = "csv"  # comma list of csv, tensorboard, mlflow
+    preset: str | None = None  # the preset these values started from, for the record
+    version: int = CONFIG_VERSION
+    notes: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"optimizer must be one of {OPTIMIZERS}, not {self.optimizer!r}")
+        if self.scheduler not in SCHEDULERS:
+            raise ConfigError(f"scheduler must be one of {SCHEDULERS}, not {self.scheduler!r}")
+        if self.loss not in LOSSES:
+            raise ConfigError(f"loss must be one of {LOSSES}, not {self.loss!r}")
+        freeze_top_k(self.freeze)  # raises on a bad value
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError(f"val_fraction must be in [0, 1), not {self.val_fraction}")
+        if self.folds < 1 or not 0 <= self.fold < max(self.folds, 1):
+            raise ConfigError(f"fold must be in [0, folds), got fold={self.fold} folds={self.folds}")
+        for name in ("lr", "batch_size", "epochs", "image_size"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, not {getattr(self, name)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), not {self.dropout}")
+        if self.version != CONFIG_VERSION:
+            raise ConfigError(f"config version {self.version} is not supported (expected {CONFIG_VERSION})")
+
+    # ---- persistence ----
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        return atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, source: str = "config") -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"{source}: unknown setting(s) {unknown}")
+        return cls(**data)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> TrainConfig:
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"{path}: cannot read configuration ({exc})") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of settings")
+        return cls.from_dict(data, source=str(path))
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def freeze_top_k(freeze: str) -> int | None:
+    """Parse a freeze policy: None for 'none', 0 for 'frozen', K for 'top:K'."""
+    if freeze == "none":
+        return None
+    if freeze == "frozen":
+        return 0
+    if freeze.startswith("top:"):
+        try:
+            k = int(freeze.split(":", 1)[1])
+        except ValueError:
+            k = -1
+        if k >= 1:
+            return k
+    raise ConfigError(f"freeze must be none, frozen or top:K with K >= 1, not {freeze!r}")
+
+
+# Presets: the settings that gave the best validation AUC for the time on that hardware (README documents them).
+PRESETS: dict[str, dict[str, Any]] = {
+    "cpu": {
+        "model": "tf_efficientnet_lite0",
+        "pretrained": "auto",
+        "freeze": "top:2",
+        "warmup_epochs": 1,
+        "image_size": 128,
+        "batch_size": 64,
+        "epochs": 8,
+        "lr": 1e-3,
+        "scheduler": "cosine",
+        "max_time": 18.0,
+    },
+    "gpu": {
+        "model": "resnet50",
+        "pretrained": "auto",
+        "freeze": "none",
+        "image_size": 96,
+        "batch_size": 512,
+        "epochs": 15,
+        "lr": 1e-3,
+        "lr_warmup_epochs": 1.0,
+        "scheduler": "cosine",
+        "precision": "bf16-mixed",
+        "mixup": 0.2,
+    },
+}
+
+
+def build_config(
+    *, preset: str | None = None, config_file: str | os.PathLike[str] | None = None, **overrides: Any
+) -> TrainConfig:
+    """Resolve defaults < preset < config file < overrides (``None`` overrides are ignored)."""
+    data: dict[str, Any] = {}
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ConfigError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+        data.update(PRESETS[preset], preset=preset)
+    if config_file is not None:
+        data.update(TrainConfig.load(config_file).to_dict())
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return TrainConfig.from_dict(data)
