@@ -16,6 +16,8 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.console import Console
 
+from histodetect.errors import UserError
+
 app = typer.Typer(
     name="histodetect",
     help="Find metastatic cancer in histopathology patches: ingest, explore, train, evaluate, explain, predict.",
@@ -27,17 +29,6 @@ console = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-class UserError(Exception):
-    """An error in what the user gave (a file, a flag): reported in one line, exit code 2."""
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from histodetect.data.store import StoreError
-    from histodetect.train.config import ConfigError
-
-    return (UserError, StoreError, ConfigError, FileNotFoundError)
-
-
 def friendly(fn: F) -> F:
     """Turn the library's user-facing errors into one red line and exit code 2."""
 
@@ -45,7 +36,7 @@ def friendly(fn: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except _user_errors() as exc:
+        except (UserError, FileNotFoundError, FileExistsError) as exc:
             console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
@@ -73,23 +64,43 @@ def main(
 @app.command()
 @friendly
 def ingest(
-    source: Annotated[Path, typer.Argument(help="Competition folder (train/, test/), PCam .h5 folder or file, "
-                                                "folder of images, or folder per class.")],
+    source: Annotated[
+        Path,
+        typer.Argument(
+            help="Competition folder (train/, test/), PCam .h5 folder or file, folder of images, or folder per class."
+        ),
+    ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Store folder to write.")],
     labels: Annotated[Path | None, typer.Option(help="Labels CSV (id,label) for a bare folder of images.")] = None,
-    class_dirs: Annotated[str | None, typer.Option(
-        help="Folder-per-class layout: 'NEG,POS' folder names, e.g. 'normal,tumor' (default '0,1').")] = None,
-    skip_bad: Annotated[bool, typer.Option(help="Write the store without the bad items (all listed in the report).")] = False,
+    class_dirs: Annotated[
+        str | None,
+        typer.Option(help="Folder-per-class layout: 'NEG,POS' folder names, e.g. 'normal,tumor' (default '0,1')."),
+    ] = None,
+    skip_bad: Annotated[
+        bool, typer.Option(help="Write the store without the bad items (all listed in the report).")
+    ] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing store.")] = False,
     workers: Annotated[int | None, typer.Option(help="Decoding processes (default: all cores).")] = None,
-    report: Annotated[Path | None, typer.Option(help="Where to write the JSON problem report when ingest is refused "
-                                                     "(default: <out>.report.json).")] = None,
+    report: Annotated[
+        Path | None,
+        typer.Option(
+            help="Where to write the JSON problem report when ingest is refused (default: <out>.report.json)."
+        ),
+    ] = None,
 ) -> None:
     """Check raw patches and pack them into a memory-mappable store."""
     from histodetect.data.ingest import ingest as run_ingest
 
-    result = run_ingest(source, out, labels=labels, class_dirs=class_dirs, skip_bad=skip_bad, overwrite=overwrite,
-                        workers=workers, report_path=report)
+    result = run_ingest(
+        source,
+        out,
+        labels=labels,
+        class_dirs=class_dirs,
+        skip_bad=skip_bad,
+        overwrite=overwrite,
+        workers=workers,
+        report_path=report,
+    )
     raise typer.Exit(result.exit_code)
 
 
@@ -131,7 +142,9 @@ def eda(
 def train(
     store: Annotated[Path, typer.Argument(help="A store folder with a labeled split.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder to write.")],
-    preset: Annotated[str | None, typer.Option(help="cpu | gpu: the best settings for the time on that hardware.")] = None,
+    preset: Annotated[
+        str | None, typer.Option(help="cpu | gpu: the best settings for the time on that hardware.")
+    ] = None,
     config: Annotated[Path | None, typer.Option("--config", help="A config.yaml (e.g. from an earlier run).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run from its last checkpoint.")] = False,
     model: Annotated[str | None, typer.Option(help="baseline-cnn or any timm model name.")] = None,
@@ -177,11 +190,12 @@ def train(
     logger: Annotated[str | None, typer.Option(help="Comma list of csv, tensorboard, mlflow.")] = None,
 ) -> None:
     """Train one model on a store; writes a run folder (config, checkpoints, metrics, summary)."""
+    flags = dict(locals())  # first statement: every option, before any other name is bound
     from histodetect.data.store import Store
     from histodetect.train.config import build_config
     from histodetect.train.run import train as run_train
 
-    overrides = {k: v for k, v in locals().items() if k not in {"store", "out", "preset", "config", "resume"}}
+    overrides = {k: v for k, v in flags.items() if k not in {"store", "out", "preset", "config", "resume"}}
     cfg = build_config(preset=preset, config_file=config, **overrides)
     summary = run_train(Store(store), out, cfg, resume=resume)
     console.print(f"run: [bold]{out}[/]  best val AUC {summary.get('best_val_auc', float('nan')):.4f}")
@@ -194,7 +208,9 @@ def evaluate(
     run: Annotated[Path, typer.Argument(help="A run folder.")],
     store: Annotated[Path, typer.Argument(help="A labeled store.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for metrics.json, figures and report.html.")],
-    split: Annotated[str, typer.Option(help="'val' (the run's own held-out patches), 'all', or a store split name.")] = "val",
+    split: Annotated[
+        str, typer.Option(help="'val' (the run's own held-out patches), 'all', or a store split name.")
+    ] = "val",
     tta: Annotated[str, typer.Option(help="none | flips | d4.")] = "none",
     threshold: Annotated[float, typer.Option(help="Decision threshold for accuracy, sensitivity, specificity.")] = 0.5,
 ) -> None:
@@ -221,22 +237,36 @@ def compare(
 @app.command()
 @friendly
 def predict(
-    inputs: Annotated[list[Path], typer.Argument(help="RUN [RUN...] SOURCE: run folders or .onnx files, then a "
-                                                      "test/ folder, a store, or one image.")],
+    inputs: Annotated[
+        list[Path],
+        typer.Argument(
+            help="RUN [RUN...] SOURCE: run folders or .onnx files, then a test/ folder, a store, or one image."
+        ),
+    ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Submission CSV (id,label).")],
     sample_submission: Annotated[Path | None, typer.Option(help="Write exactly these ids, in this order.")] = None,
     tta: Annotated[str, typer.Option(help="none | flips | d4.")] = "none",
     threshold: Annotated[float | None, typer.Option(help="Write 0/1 decisions instead of probabilities.")] = None,
     batch_size: Annotated[int | None, typer.Option()] = None,
-    split: Annotated[str | None, typer.Option(help="With a store: which split to predict (default: test, or all).")] = None,
+    split: Annotated[
+        str | None, typer.Option(help="With a store: which split to predict (default: test, or all).")
+    ] = None,
 ) -> None:
     """Predict probabilities for a test folder, store or image; ensembles several runs; writes a submission."""
     from histodetect.infer.predict import predict as run_predict
 
     if len(inputs) < 2:
         raise UserError("predict needs at least one RUN and a SOURCE")
-    frame = run_predict(inputs[:-1], inputs[-1], out, sample_submission=sample_submission, tta=tta,
-                        threshold=threshold, batch_size=batch_size, split=split)
+    frame = run_predict(
+        inputs[:-1],
+        inputs[-1],
+        out,
+        sample_submission=sample_submission,
+        tta=tta,
+        threshold=threshold,
+        batch_size=batch_size,
+        split=split,
+    )
     console.print(f"{len(frame)} predictions: [bold]{out}[/]")
 
 
@@ -262,8 +292,10 @@ def export(
     run: Annotated[Path, typer.Argument(help="A run folder.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="The .onnx file to write.")],
     format: Annotated[str, typer.Option(help="onnx.")] = "onnx",
-    check: Annotated[Path | None, typer.Option(help="A store whose patches check the export (default: the "
-                                                    "embedded sample).")] = None,
+    check: Annotated[
+        Path | None,
+        typer.Option(help="A store whose patches check the export (default: the embedded sample)."),
+    ] = None,
 ) -> None:
     """Export a run to ONNX (uint8 RGB in, probability out) and check it against PyTorch."""
     from histodetect.infer.export import export_onnx
@@ -277,7 +309,9 @@ def export(
 @app.command()
 @friendly
 def demo(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for everything the demo makes.")] = Path("demo-output"),
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for everything the demo makes.")] = Path(
+        "demo-output"
+    ),
     quick: Annotated[bool, typer.Option(help="Fewer epochs (for tests).")] = False,
 ) -> None:
     """The whole tool end to end on the real sample shipped with the package."""

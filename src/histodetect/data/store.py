@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from histodetect import __version__
+from histodetect.errors import UserError
 from histodetect.io import atomic_write_json, atomic_write_text
 
 STORE_FORMAT = "histodetect-store"
@@ -41,7 +42,7 @@ REPORT = "report.json"
 INDEX_COLUMNS = ["row", "id", "label", "split", "source", "sha1"]
 
 
-class StoreError(Exception):
+class StoreError(UserError):
     """A store folder that is missing, incomplete, or of a format this version cannot read."""
 
 
@@ -56,7 +57,9 @@ class Store:
         self.path = Path(path)
         manifest_path = self.path / MANIFEST
         if not manifest_path.is_file():
-            raise StoreError(f"{self.path}: not a histodetect store (no {MANIFEST}); create one with `histodetect ingest`")
+            raise StoreError(
+                f"{self.path}: not a histodetect store (no {MANIFEST}); create one with `histodetect ingest`"
+            )
         try:
             self.manifest: dict[str, Any] = json.loads(manifest_path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:
@@ -70,7 +73,9 @@ class Store:
             )
         self.patch_shape: tuple[int, int, int] = tuple(self.manifest["patch_shape"])  # type: ignore[assignment]
         self.index = pd.read_csv(
-            self.path / INDEX, dtype={"id": str, "split": str, "source": str, "sha1": str}, keep_default_na=False
+            self.path / INDEX,
+            dtype={"id": str, "split": str, "source": str, "sha1": str},
+            keep_default_na=False,
         )
         self.index["label"] = pd.to_numeric(self.index["label"], errors="raise").fillna(UNLABELED).astype(np.int8)
         expected = len(self.index) * int(np.prod(self.patch_shape))
@@ -100,7 +105,9 @@ class Store:
         if self._patches is None:
             if len(self) == 0:
                 return np.zeros((0, *self.patch_shape), dtype=np.uint8)
-            self._patches = np.memmap(self.path / PATCHES, dtype=np.uint8, mode="r", shape=(len(self), *self.patch_shape))
+            self._patches = np.memmap(
+                self.path / PATCHES, dtype=np.uint8, mode="r", shape=(len(self), *self.patch_shape)
+            )
         return self._patches
 
     @property
@@ -191,12 +198,40 @@ class StoreWriter:
         if row >= self.capacity:
             raise StoreError(f"{self.path}: more patches than the {self.capacity} the writer was sized for")
         if pixels.shape != self.patch_shape or pixels.dtype != np.uint8:
-            raise StoreError(f"{source}: patch of shape {pixels.shape} {pixels.dtype}, expected {self.patch_shape} uint8")
+            raise StoreError(
+                f"{source}: patch of shape {pixels.shape} {pixels.dtype}, expected {self.patch_shape} uint8"
+            )
         self._pixels[row] = pixels
         self._records.append((id, UNLABELED if label is None else int(label), split, source, sha1))
         return row
 
-    def commit(self, *, source: str, extra: dict[str, Any] | None = None, report: dict[str, Any] | None = None) -> Store:
+    def add_many(
+        self,
+        pixels: np.ndarray,
+        ids: Sequence[str],
+        labels: Sequence[int | None],
+        split: str,
+        sources: Sequence[str],
+        sha1s: Sequence[str],
+    ) -> None:
+        """Append a block of patches at once (PCam chunks, synthetic benchmarks): one copy, no Python loop."""
+        start, n = len(self._records), len(pixels)
+        if start + n > self.capacity:
+            raise StoreError(f"{self.path}: more patches than the {self.capacity} the writer was sized for")
+        if pixels.shape[1:] != self.patch_shape or pixels.dtype != np.uint8:
+            raise StoreError(
+                f"{sources[0] if n else self.path}: block of shape {pixels.shape} {pixels.dtype}, "
+                f"expected (n, {self.patch_shape}) uint8"
+            )
+        self._pixels[start : start + n] = pixels
+        self._records.extend(
+            (i, UNLABELED if lab is None else int(lab), split, src, sha)
+            for i, lab, src, sha in zip(ids, labels, sources, sha1s, strict=True)
+        )
+
+    def commit(
+        self, *, source: str, extra: dict[str, Any] | None = None, report: dict[str, Any] | None = None
+    ) -> Store:
         """Finish the store: truncate the pixels, write index, report and manifest, rename into place."""
         n = len(self._records)
         self._pixels.flush()

@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from histodetect.errors import UserError
 from histodetect.io import atomic_write_text
 
 CONFIG_VERSION = 1
@@ -24,7 +25,7 @@ SCHEDULERS = ("cosine", "onecycle", "plateau", "none")
 LOSSES = ("bce", "focal")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration value or file that cannot describe a run."""
 
 

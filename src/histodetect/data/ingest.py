@@ -1,0 +1,522 @@
+"""``histodetect ingest``: check raw patches and pack them into a store; ``histodetect info`` describes one.
+
+Ingest is the one place where raw files are trusted or not, so it checks everything and drops nothing
+silently: :func:`histodetect.data.sources.discover` lists what SOURCE promises (and what is wrong with its
+names and CSVs), then every image is decoded, in a process pool for large folders, and checked for size, mode,
+truncation, a name that is not the SHA-1 of its pixels, and pixels already stored under another id.
+
+Any error refuses the ingest (exit code 2, a JSON report beside the store, no store folder), unless
+``skip_bad`` is set: then every item with an error is left out and listed in the report, which is saved inside
+the store too. Warnings never stop anything. The store is written through :class:`StoreWriter`, so an
+interrupted ingest leaves nothing that looks like a store.
+
+Problem kinds in the report (``{kind, severity, split, id, file, detail}``):
+
+- errors: ``missing_image``, ``unlabeled_image``, ``duplicate_id`` (conflicting rows, several files or
+  splits), ``duplicate_pixels``, ``unreadable``, ``empty_file``, ``wrong_size``, ``wrong_mode``,
+  ``bad_label``, ``unsafe_id``; and ``csv_missing_header``, ``csv_missing_column``, ``csv_unreadable``,
+  which stop ingest before any image is read, even with ``skip_bad``;
+- warnings: ``duplicate_id`` (identical rows, kept once), ``id_not_sha1``, ``unlisted_image`` (a test image
+  not in the sample submission), ``ignored_file``, ``missing_labels`` (a PCam split without ``_y.h5``),
+  ``csv_bom``, ``csv_blank_line``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import io
+import itertools
+import multiprocessing
+import os
+import struct
+import tempfile
+import warnings
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+from PIL import Image
+from rich.console import Console, Group, RenderableType
+from rich.markup import escape
+from rich.panel import Panel
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from histodetect.data.sources import (
+    ERROR,
+    WARNING,
+    H5Part,
+    IngestError,
+    Item,
+    Plan,
+    Problem,
+    discover,
+    looks_like_sha1,
+    split_rank,
+)
+from histodetect.data.store import PATCH_SHAPE, REPORT, Store, StoreWriter
+from histodetect.io import atomic_write_json
+
+__all__ = ["IngestError", "IngestResult", "decode_patch", "describe_store", "ingest", "raw_tiff_rgb"]
+
+POOL_MIN_FILES = 500  # below this, starting worker processes costs more than it saves
+CHUNK = 64  # files per worker task: amortises inter-process messages without starving the other workers
+WINDOW = 4096  # patches decoded ahead of the store writer (a ~113 MB scratch file, reused)
+PATCH_BYTES = int(np.prod(PATCH_SHAPE))
+H5_CHUNK = 2048  # PCam patches read at once (~57 MB): the 220k-patch files are never loaded whole
+SHOWN_OFFENDERS = 10  # errors named on the terminal; the report holds all of them
+TIFF_INTEGER_TYPES = {3: "H", 4: "I"}  # TIFF field types SHORT and LONG, as struct codes
+MODE_NAMES = {
+    "1": "1-bit black and white",
+    "L": "grayscale",
+    "LA": "grayscale with alpha",
+    "P": "palette",
+    "PA": "palette with alpha",
+    "RGBA": "RGB with alpha",
+    "CMYK": "CMYK",
+    "YCbCr": "YCbCr",
+    "LAB": "Lab",
+    "HSV": "HSV",
+    "I": "32-bit integer",
+    "I;16": "16-bit grayscale",
+    "I;16B": "16-bit grayscale",
+    "I;16L": "16-bit grayscale",
+    "F": "32-bit float",
+}
+
+# What a decoder returns for one file: pixels (None when unusable), their SHA-1, and (kind, detail) problems.
+Decoded = tuple[np.ndarray | None, str | None, list[tuple[str, str]]]
+ChunkResult = list[tuple[str | None, list[tuple[str, str]]]]  # per file of a chunk: SHA-1 and problems
+Record = tuple[Item, np.ndarray | None, str | None, list[Problem]]
+
+
+@dataclass
+class IngestResult:
+    """What :func:`ingest` did: ``exit_code`` 0 (store written) or 2 (refused), and the full report."""
+
+    exit_code: int
+    store: Store | None
+    report: dict[str, Any]
+    report_path: Path | None
+
+
+def ingest(
+    source: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    labels: str | os.PathLike[str] | None = None,
+    class_dirs: str | None = None,
+    skip_bad: bool = False,
+    overwrite: bool = False,
+    workers: int | None = None,
+    report_path: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+) -> IngestResult:
+    """Check every patch of ``source`` and write the good ones to the store ``out``.
+
+    ``source`` is a competition folder (``train/`` + ``train_labels.csv``, ``test/`` +
+    ``sample_submission.csv``), a PCam ``*_x.h5`` file or folder, a folder per class (``0/``, ``1/`` or
+    ``class_dirs="NEG,POS"``), or a bare folder of images: split ``train`` when ``labels`` (a CSV of id,label)
+    is given, else ``test``, since patches without labels are the ones to predict on (see
+    :func:`histodetect.data.sources.discover`).
+
+    Never raises for bad input: problems are printed on stderr and returned with exit code 2. On refusal the
+    report is written to ``report_path`` (default ``<out>.report.json``) and no store is left; with
+    ``skip_bad`` the store holds only items without errors and its ``report.json`` lists the rest.
+    """
+    console = Console(stderr=True)
+    source, out = Path(source), Path(out)
+    report_file = Path(report_path) if report_path else out.with_name(f"{out.name}.report.json")
+    try:
+        _check_options(out, overwrite=overwrite, workers=workers)
+        plan = discover(source, labels=Path(labels) if labels else None, class_dirs=class_dirs)
+    except IngestError as exc:
+        console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
+        return IngestResult(2, None, {"status": "refused", "error": str(exc)}, None)
+
+    problems = list(plan.problems)
+    if plan.fatal:
+        return _refuse(console, plan, problems, report_file, skip_bad, "its CSV cannot be read")
+    todo = _decodable(plan.items, problems)
+    total = len(todo) + sum(part.count for part in plan.h5)
+    with (
+        _decoder(workers or os.cpu_count() or 1, len(todo)) as decode,
+        StoreWriter(out, capacity=total, patch_shape=PATCH_SHAPE, overwrite=overwrite) as writer,
+        _progress(console, progress, total) as advance,
+    ):
+        records = itertools.chain(decode(todo), *(_h5_records(part) for part in plan.h5))
+        _fill(writer, records, problems, advance)
+        why = _why_refuse(problems, skip_bad=skip_bad, stored=len(writer))
+        if why:
+            writer.abort()
+            return _refuse(console, plan, problems, report_file, skip_bad, f"{why} in {source}")
+        report = _report(plan, problems, status="written", skip_bad=skip_bad)
+        store = writer.commit(
+            source=str(source.resolve()),
+            extra={"layout": plan.layout, "problems": report["summary"]},
+            report=report,
+        )
+    if report_path:
+        atomic_write_json(report_file, report)
+    _print_written(console, store, report)
+    return IngestResult(0, store, report, report_file if report_path else store.path / REPORT)
+
+
+def _check_options(out: Path, *, overwrite: bool, workers: int | None) -> None:
+    """Refuse before any work when the options cannot succeed."""
+    if out.exists() and not overwrite:
+        raise IngestError(f"{out}: already exists; pass --overwrite to replace it")
+    if workers is not None and workers < 1:
+        raise IngestError(f"--workers {workers}: need at least 1")
+
+
+def _why_refuse(problems: list[Problem], *, skip_bad: bool, stored: int) -> str | None:
+    """Why the store must not be committed: errors without --skip-bad, or nothing good to store."""
+    errors = sum(p.severity == ERROR for p in problems)
+    if errors and not skip_bad:
+        return f"{errors} error(s)"
+    return None if stored else "no good patch"
+
+
+# ------------------------------------------------------------------------------------------------ decoding
+def decode_patch(path: str) -> Decoded:
+    """Decode one image file into HWC uint8 RGB pixels and their SHA-1 (called by the decoding workers).
+
+    The file is read in one call and decoded from memory. Competition patches (baseline uncompressed RGB TIFF)
+    take :func:`raw_tiff_rgb`, about ten times faster than PIL; anything else, including every damaged or odd
+    file, goes through PIL, which also says what is wrong with it.
+    """
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        return None, None, [("unreadable", f"cannot read the file ({exc.strerror or exc})")]
+    if not data:
+        return None, None, [("empty_file", "0 bytes")]
+    pixels = raw_tiff_rgb(data)
+    if pixels is not None:
+        return pixels, hashlib.sha1(pixels).hexdigest(), []
+    with warnings.catch_warnings():
+        # PIL warns about the corruption it then raises on; the exception is what gets reported.
+        warnings.simplefilter("ignore")
+        try:
+            return _decode_with_pil(data)
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+            return None, None, [("unreadable", f"not a decodable image ({exc})")]
+
+
+def raw_tiff_rgb(data: bytes) -> np.ndarray | None:
+    """The pixels of a well-formed, uncompressed, 8-bit RGB, 96x96 TIFF, or None to let PIL decide.
+
+    Such a file is a small header plus the raw HWC bytes in one or more strips, so the pixels can be sliced
+    out after reading a dozen tags. Any tag that could change their meaning (compression, predictor, planar
+    layout, extra samples, sample format, bit order) must be absent or at its baseline value, and the strips
+    must lie inside the file. Pixels equal PIL's decode byte for byte (the tests check every real patch).
+    """
+    order = {b"II*\x00": "<", b"MM\x00*": ">"}.get(data[:4])
+    if order is None:
+        return None
+    try:
+        tags = _tiff_tags(data, order)
+    except struct.error:
+        return None
+    height, width, channels = PATCH_SHAPE
+    required = {256: (width,), 257: (height,), 258: (8,) * channels, 259: (1,), 262: (2,), 277: (channels,)}
+    baseline = {266: (1,), 284: (1,), 317: (1,), 339: (1,) * channels}
+    if any(tags.get(tag) != value for tag, value in required.items()) or 338 in tags:
+        return None
+    if any(tags.get(tag, value) not in (value, value[:1]) for tag, value in baseline.items()):
+        return None
+    offsets, counts = tags.get(273, ()), tags.get(279, ())
+    if not offsets or len(offsets) != len(counts) or sum(counts) != PATCH_BYTES:
+        return None
+    if any(offset + count > len(data) for offset, count in zip(offsets, counts, strict=True)):
+        return None
+    strips = b"".join(data[offset : offset + count] for offset, count in zip(offsets, counts, strict=True))
+    return np.frombuffer(strips, dtype=np.uint8).reshape(PATCH_SHAPE)
+
+
+def _tiff_tags(data: bytes, order: str) -> dict[int, tuple[int, ...]]:
+    """The integer (SHORT/LONG) tags of a TIFF's first image; other types map to () so they never match."""
+    (ifd,) = struct.unpack_from(order + "I", data, 4)
+    (n_tags,) = struct.unpack_from(order + "H", data, ifd)
+    tags: dict[int, tuple[int, ...]] = {}
+    for entry in range(ifd + 2, ifd + 2 + 12 * n_tags, 12):
+        tag, kind, count = struct.unpack_from(order + "HHI", data, entry)
+        code = TIFF_INTEGER_TYPES.get(kind)
+        if code is None:
+            tags[tag] = ()
+            continue
+        where = entry + 8
+        if count * struct.calcsize(code) > 4:  # the values do not fit in the entry: it holds their offset
+            (where,) = struct.unpack_from(order + "I", data, where)
+        tags[tag] = struct.unpack_from(f"{order}{count}{code}", data, where)
+    return tags
+
+
+def _decode_with_pil(data: bytes) -> Decoded:
+    """Size and mode are checked from the header before decoding, so an odd or huge file costs nothing."""
+    with Image.open(io.BytesIO(data)) as image:
+        found = _shape_problems(image)
+        if found:
+            return None, None, found
+        image.load()
+        pixels = np.asarray(image)
+    return pixels, hashlib.sha1(pixels).hexdigest(), []
+
+
+def _shape_problems(image: Image.Image) -> list[tuple[str, str]]:
+    """Wrong size, or any mode but 8-bit RGB (grayscale, RGBA, 16-bit, palette, CMYK...)."""
+    height, width, _ = PATCH_SHAPE
+    found = []
+    if image.size != (width, height):
+        found.append(("wrong_size", f"{image.size[0]}x{image.size[1]} pixels, expected {width}x{height}"))
+    if image.mode != "RGB":
+        what = MODE_NAMES.get(image.mode, "not 8-bit RGB")
+        found.append(("wrong_mode", f"mode {image.mode!r} ({what}) in a {image.format} file, expected 8-bit 'RGB'"))
+    return found
+
+
+@contextlib.contextmanager
+def _decoder(workers: int, n_files: int) -> Iterator[Callable[[list[Item]], Iterator[Record]]]:
+    """Yield a function that decodes image files into records, in order, in a process pool for big folders.
+
+    Workers write pixels into a memory-mapped scratch window rather than sending them back through a pipe,
+    which on 2 cores made the pool slower than one process; the window is reused ``WINDOW`` patches at a time,
+    so it stays small whatever the number of files. Leaving the block (by an exception or Ctrl-C too)
+    terminates the workers and deletes the window.
+    """
+    with tempfile.TemporaryDirectory(prefix="histodetect-ingest-") as tmp:
+        window = Path(tmp) / "window.u8"
+        with open(window, "wb") as fh:
+            fh.truncate(max(1, min(n_files, WINDOW)) * PATCH_BYTES)
+        if workers <= 1 or n_files < POOL_MIN_FILES:
+            yield functools.partial(_decode_files, window=window, map_=map)
+            return
+        with multiprocessing.Pool(workers) as pool:
+            yield functools.partial(_decode_files, window=window, map_=pool.imap)
+
+
+def _decode_files(items: list[Item], *, window: Path, map_: Callable[..., Iterable[ChunkResult]]) -> Iterator[Record]:
+    """Records for image files, a window at a time: a window is refilled only once all of it was consumed."""
+    pixels = np.memmap(window, dtype=np.uint8, mode="r").reshape(-1, *PATCH_SHAPE)
+    for start in range(0, len(items), len(pixels)):
+        batch = items[start : start + len(pixels)]
+        tasks = [
+            (str(window), first, [str(item.path) for item in batch[first : first + CHUNK]])
+            for first in range(0, len(batch), CHUNK)
+        ]
+        decoded = itertools.chain.from_iterable(map_(decode_chunk, tasks))
+        for slot, (item, (sha1, found)) in enumerate(zip(batch, decoded, strict=True)):
+            yield _file_record(item, pixels[slot] if sha1 is not None else None, sha1, found)
+
+
+def decode_chunk(task: tuple[str, int, list[str]]) -> ChunkResult:
+    """Worker task: decode files into consecutive rows of the scratch window from ``first`` on; return their
+    SHA-1s (None when unusable) and problems."""
+    window_path, first, paths = task
+    window = np.memmap(window_path, dtype=np.uint8, mode="r+").reshape(-1, *PATCH_SHAPE)
+    results = []
+    for slot, path in enumerate(paths, first):
+        pixels, sha1, found = decode_patch(path)
+        if pixels is not None:
+            window[slot] = pixels
+        results.append((sha1, found))
+    return results
+
+
+def _file_record(item: Item, pixels: np.ndarray | None, sha1: str | None, found: list[tuple[str, str]]) -> Record:
+    problems = [Problem.about(item, kind, ERROR, detail) for kind, detail in found]
+    if sha1 is not None and looks_like_sha1(item.id) and sha1 != item.id:
+        detail = f"the pixels hash to {sha1}: the file was renamed, re-encoded or altered"
+        problems.append(Problem.about(item, "id_not_sha1", WARNING, detail))
+    return item, pixels, sha1, problems
+
+
+def _decodable(items: list[Item], problems: list[Problem]) -> list[Item]:
+    """Items not already known to be bad: decoding those would only add noise to the report."""
+    bad = {(p.split, p.id) for p in problems if p.severity == ERROR}
+    return [item for item in items if (item.split, item.id) not in bad]
+
+
+def _h5_records(part: H5Part) -> Iterator[Record]:
+    """Stream a PCam split in chunks of ``H5_CHUNK`` patches; ids are the SHA-1 of the pixels."""
+    with h5py.File(part.x, "r") as fx, h5py.File(part.y, "r") if part.y else contextlib.nullcontext() as fy:
+        for start in range(0, part.count, H5_CHUNK):
+            block = fx["x"][start : start + H5_CHUNK]
+            labels = fy["y"][start : start + len(block)].reshape(len(block)) if fy is not None else None
+            for offset, pixels in enumerate(block):
+                sha1 = hashlib.sha1(pixels).hexdigest()
+                label = None if labels is None else int(labels[offset])
+                item = Item(sha1, part.split, label, f"{part.x.name}[{start + offset}]")
+                yield item, pixels, sha1, _label_problems(item)
+
+
+def _label_problems(item: Item) -> list[Problem]:
+    if item.label is None or item.label in (0, 1):
+        return []
+    return [Problem.about(item, "bad_label", ERROR, f"label {item.label} is not 0 or 1")]
+
+
+def _fill(writer: StoreWriter, records: Iterable[Record], problems: list[Problem], advance: Callable[[], None]) -> None:
+    """Add every record without an error to the store; pixels already stored under another id are an error.
+
+    Of several copies of the same pixels the first record is kept: image files come sorted by split then id,
+    PCam patches in file order.
+    """
+    kept: dict[str, Item] = {}
+    for item, pixels, sha1, found in records:
+        advance()
+        problems.extend(found)
+        if pixels is None or sha1 is None or any(p.severity == ERROR for p in found):
+            continue
+        if (first := kept.get(sha1)) is not None:
+            detail = f"same pixels as {first.id} ({first.source}), which is kept"
+            problems.append(Problem.about(item, "duplicate_pixels", ERROR, detail))
+            continue
+        kept[sha1] = item
+        writer.add(pixels, item.id, item.label, item.split, item.source, sha1)
+
+
+@contextlib.contextmanager
+def _progress(console: Console, enabled: bool, total: int) -> Iterator[Callable[[], None]]:
+    """A progress bar on an interactive stderr; a no-op in tests, pipes and CI logs."""
+    if not (enabled and console.is_terminal):
+        yield lambda: None
+        return
+    columns = (TextColumn("ingest"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task("ingest", total=total)
+        yield functools.partial(bar.advance, task)
+
+
+# ------------------------------------------------------------------------------------------------ report
+def _report(plan: Plan, problems: list[Problem], *, status: str, skip_bad: bool) -> dict[str, Any]:
+    """The JSON report: every problem, every item with an error (left out of the store), and their counts."""
+    bad_items = _bad_items(problems)
+    kinds: dict[str, Counter[str]] = {}
+    for p in problems:
+        kinds.setdefault(p.kind, Counter())[p.severity] += 1
+    summary = {
+        "errors": sum(p.severity == ERROR for p in problems),
+        "warnings": sum(p.severity == WARNING for p in problems),
+        "kinds": {kind: dict(counts) for kind, counts in sorted(kinds.items())},
+        "bad_items": len(bad_items),
+        "skipped": len(bad_items) if status == "written" else 0,
+    }
+    return {
+        "source": str(plan.root),
+        "layout": plan.layout,
+        "status": status,
+        "skip_bad": skip_bad,
+        "summary": summary,
+        "bad_items": bad_items,
+        "problems": [p.to_dict() for p in problems],
+    }
+
+
+def _bad_items(problems: list[Problem]) -> list[dict[str, Any]]:
+    """One entry per item with an error (by id, or by file when a whole file is bad), with all its kinds."""
+    items: dict[tuple[str | None, str | None], dict[str, Any]] = {}
+    for p in problems:
+        if p.severity != ERROR:
+            continue
+        key = (p.split, p.id if p.id is not None else p.file)
+        entry = items.setdefault(key, {"split": p.split, "id": p.id, "file": p.file, "kinds": []})
+        entry["file"] = entry["file"] or p.file
+        if p.kind not in entry["kinds"]:
+            entry["kinds"].append(p.kind)
+    return list(items.values())
+
+
+def _refuse(
+    console: Console, plan: Plan, problems: list[Problem], report_file: Path, skip_bad: bool, why: str
+) -> IngestResult:
+    """Write the report, name the first offenders and the count per kind on stderr, and return exit code 2."""
+    report = _report(plan, problems, status="refused", skip_bad=skip_bad)
+    atomic_write_json(report_file, report)
+    console.print(f"[bold red]error:[/] ingest refused: {escape(why)}; no store was written", soft_wrap=True)
+    _print_counts(console, report["summary"]["kinds"])
+    errors = [p for p in problems if p.severity == ERROR]
+    console.print("first errors (kind, id, file: detail):")
+    for p in errors[:SHOWN_OFFENDERS]:
+        line = f"  {p.kind}  {p.id or '-'}  {p.file or '-'}: {p.detail}"
+        console.print(escape(line), soft_wrap=True, highlight=False)
+    if len(errors) > SHOWN_OFFENDERS:
+        console.print(f"  ... and {len(errors) - SHOWN_OFFENDERS} more", highlight=False)
+    console.print(f"full report: {escape(str(report_file))}", soft_wrap=True, highlight=False)
+    if not plan.fatal and not skip_bad:
+        console.print(
+            "Fix these, or pass --skip-bad to store the good patches (every bad one is listed in the report)."
+        )
+    return IngestResult(2, None, report, report_file)
+
+
+def _print_written(console: Console, store: Store, report: dict[str, Any]) -> None:
+    splits = ", ".join(f"{name} {s['count']} ({s['labeled']} labeled)" for name, s in _ordered_splits(store.manifest))
+    console.print(
+        f"stored {len(store)} patches in {escape(str(store.path))}: {splits}", soft_wrap=True, highlight=False
+    )
+    summary = report["summary"]
+    if summary["warnings"] or summary["skipped"]:
+        _print_counts(console, summary["kinds"])
+        console.print(
+            f"{summary['skipped']} bad item(s) left out; details in {escape(str(store.path / REPORT))}",
+            soft_wrap=True,
+            highlight=False,
+        )
+
+
+def _print_counts(console: Console, kinds: dict[str, dict[str, int]]) -> None:
+    console.print("problems by kind:")
+    for kind, counts in kinds.items():
+        text = ", ".join(f"{n} {severity}(s)" for severity, n in sorted(counts.items()))
+        console.print(f"  {kind}: {text}", highlight=False)
+
+
+# ------------------------------------------------------------------------------------------------ info
+def describe_store(store: Store) -> RenderableType:
+    """A panel for ``histodetect info``: counts and balance per split, provenance, problems at ingest."""
+    manifest = store.manifest
+    splits = Table(box=None, header_style="bold", pad_edge=False)
+    for name in ("split", "patches", "labeled", "unlabeled", "positive"):
+        splits.add_column(name, justify="left" if name == "split" else "right")
+    for name, s in _ordered_splits(manifest):
+        positive = f"{100 * s['positive'] / s['labeled']:.1f}%" if s["labeled"] else "-"
+        splits.add_row(name, f"{s['count']:,}", f"{s['labeled']:,}", f"{s['unlabeled']:,}", positive)
+
+    about = Table.grid(padding=(0, 2))
+    about.add_column(style="bold")
+    about.add_column()
+    about.add_row("source", escape(str(manifest.get("source", "?"))))
+    about.add_row("layout", str(manifest.get("layout", "?")))
+    about.add_row("created", str(manifest.get("created", "?")))
+    about.add_row("patch shape", " x ".join(map(str, store.patch_shape)) + " uint8")
+    about.add_row("problems", _describe_problems(manifest.get("problems")))
+    return Panel(
+        Group(splits, "", about),
+        title=f"store {escape(str(store.path))}: {len(store):,} patches",
+        title_align="left",
+    )
+
+
+def _ordered_splits(manifest: dict[str, Any]) -> list[tuple[str, dict[str, int]]]:
+    """Splits in their natural order (train, valid, test, others), not the manifest's alphabetical one."""
+    return sorted(manifest.get("splits", {}).items(), key=lambda entry: split_rank(entry[0]))
+
+
+def _describe_problems(summary: dict[str, Any] | None) -> str:
+    if summary is None:
+        return "not recorded"
+    if not summary["kinds"]:
+        return "none"
+    lines = [
+        f"{kind}: " + ", ".join(f"{n} {severity}(s)" for severity, n in sorted(counts.items()))
+        for kind, counts in summary["kinds"].items()
+    ]
+    return "\n".join([*lines, f"{summary['skipped']} bad item(s) left out"])

@@ -1,0 +1,1 @@
+"""Reports: EDA, evaluation, comparison tables, as self-contained HTML."""

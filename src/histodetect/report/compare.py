@@ -1,0 +1,285 @@
+"""One table comparing training runs, built only from what each run folder holds.
+
+Each row reads ``config.yaml`` (what was tried), ``summary.json`` (what training measured) and, when
+``evaluate`` has been run on it, ``evaluation/metrics.json`` (validation metrics with a bootstrap CI for ROC
+AUC, which tells whether two runs are really apart). Rows are sorted by validation ROC AUC, the competition's
+metric, and the best is marked. The table is written as Markdown (for the README or a pull request) and as
+HTML beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+from matplotlib.figure import Figure
+
+from histodetect.io import atomic_write_text
+from histodetect.report.figures import INK, styled
+from histodetect.report.html import Page
+from histodetect.train.config import ConfigError
+
+EVALUATION_FILES = (
+    "evaluation/metrics.json",
+    "metrics.json",
+)  # where `evaluate` leaves metrics, in preference
+BEST_MARK = "★"
+BEST_COLOR = "#009E73"  # Okabe–Ito bluish green, as the report's "good" accent
+COLUMNS = [
+    "run", "model", "freeze", "lr", "batch", "optimizer", "image", "dropout", "loss", "augment",
+    "val acc", "val AUC", "epochs", "wall time", "images/s", "notes",
+]  # fmt: skip
+NUMERIC = {"lr", "batch", "image", "dropout", "val acc", "val AUC", "images/s"}
+
+
+@dataclass
+class RunRecord:
+    """What one run folder says about itself; ``evaluation`` is None until `evaluate` has been run on it."""
+
+    path: Path
+    config: dict[str, Any]
+    summary: dict[str, Any]
+    evaluation: dict[str, Any] | None
+
+    @property
+    def auc(self) -> float:
+        """Validation ROC AUC: evaluate's when present (it has a CI), else the best epoch's from training."""
+        value = (self.evaluation or {}).get("roc_auc", self.summary.get("best_val_auc"))
+        return float(value) if isinstance(value, int | float) and math.isfinite(value) else math.nan
+
+    @property
+    def auc_ci(self) -> tuple[float, float] | None:
+        ci = (self.evaluation or {}).get("roc_auc_ci")
+        if isinstance(ci, list) and len(ci) == 2 and all(isinstance(v, int | float) for v in ci):
+            return float(ci[0]), float(ci[1])
+        return None
+
+    @property
+    def accuracy(self) -> float | None:
+        return (self.evaluation or {}).get("accuracy", self.summary.get("best_val_acc"))
+
+
+def compare(runs: list[Path], out: Path) -> str:
+    """Write the comparison of ``runs`` to ``out`` (Markdown) and beside it as .html; return the Markdown.
+
+    Raises FileNotFoundError for a missing run folder or ``config.yaml`` and ConfigError (a ValueError the CLI
+    reports in one line) for an unreadable file, each naming the path, so one bad argument does not silently
+    shrink the table.
+    """
+    out = Path(out)
+    if not runs:
+        raise ValueError("compare needs at least one run folder")
+    if out.suffix.lower() == ".html":
+        raise ValueError(f"{out}: give the Markdown file to write (e.g. results.md); the .html goes beside it")
+    records = sorted((read_run(Path(r)) for r in runs), key=lambda r: (math.isnan(r.auc), -np.nan_to_num(r.auc)))
+    table = results_table(records)
+    markdown = to_markdown(table) + f"\n{BEST_MARK} best validation ROC AUC. {_FOOTNOTE}\n"
+    atomic_write_text(out, markdown)
+    _write_html(out, table, records)
+    return markdown
+
+
+_FOOTNOTE = (
+    "val AUC and val acc come from `evaluate` when the run was evaluated ([95% bootstrap CI] shown), "
+    "otherwise from the best training epoch."
+)
+
+
+def read_run(run: Path) -> RunRecord:
+    """Read a run folder; ``summary.json`` may be missing (a run still training), ``config.yaml`` may not."""
+    if not run.is_dir():
+        raise FileNotFoundError(f"{run}: no such run folder")
+    config_path = run / "config.yaml"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{run}: not a run folder (no config.yaml)")
+    config = _read_mapping(config_path, yaml.safe_load)
+    summary_path = run / "summary.json"
+    summary = _read_mapping(summary_path, json.loads) if summary_path.is_file() else {}
+    evaluation = next(
+        (_read_mapping(run / name, json.loads) for name in EVALUATION_FILES if (run / name).is_file()), None
+    )
+    return RunRecord(run, config, summary, evaluation)
+
+
+def _read_mapping(path: Path, parse: Callable[[str], Any]) -> dict[str, Any]:
+    try:
+        data = parse(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: unreadable ({exc})") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping, found {type(data).__name__}")
+    return data
+
+
+def results_table(records: list[RunRecord]) -> pd.DataFrame:
+    """One display row per run, in the order given; the first is marked best when it has an AUC."""
+    names = [r.path.name for r in records]
+    rows = []
+    for i, r in enumerate(records):
+        name = r.path.name if names.count(r.path.name) == 1 else str(r.path)  # same folder name in two places
+        best = i == 0 and not math.isnan(r.auc)
+        rows.append(_row(f"{BEST_MARK} {name}" if best else name, r))
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def _row(name: str, r: RunRecord) -> dict[str, Any]:
+    c, s = r.config, r.summary
+    return {
+        "run": name,
+        "model": c.get("model", s.get("model", "")),
+        "freeze": c.get("freeze", s.get("freeze", "")),
+        "lr": _num(c.get("lr"), "g"),
+        "batch": _num(c.get("batch_size"), "d"),
+        "optimizer": c.get("optimizer", ""),
+        "image": _num(c.get("image_size"), "d"),
+        "dropout": _num(c.get("dropout"), "g"),
+        "loss": loss_summary(c),
+        "augment": augment_summary(c),
+        "val acc": _num(r.accuracy, ".4f"),
+        "val AUC": _num(r.auc, ".4f") + (f" [{r.auc_ci[0]:.4f}–{r.auc_ci[1]:.4f}]" if r.auc_ci else ""),
+        "epochs": _epochs(s),
+        "wall time": duration(s.get("wall_time_s")),
+        "images/s": _num(s.get("train_images_per_s"), ",.0f"),
+        "notes": notes(r),
+    }
+
+
+def _num(value: Any, spec: str) -> str:
+    """``value`` formatted with ``spec``; "" when not a finite number (YAML may hold "1e-3" as text)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return ""
+    if isinstance(value, bool) or not math.isfinite(number):
+        return ""
+    return format(int(number) if spec == "d" else number, spec)
+
+
+def loss_summary(config: dict[str, Any]) -> str:
+    """The loss and the settings that change it: ``focal γ2 α0.25``, ``bce pos_weight 2 smooth 0.1``."""
+    loss = str(config.get("loss", ""))
+    parts = [loss]
+    if loss == "focal":
+        parts.append(f"γ{config.get('focal_gamma', '?')} α{config.get('focal_alpha', '?')}")
+    if loss == "bce" and config.get("pos_weight") is not None:
+        parts.append(f"pos_weight {config['pos_weight']}")
+    if config.get("label_smoothing"):
+        parts.append(f"smooth {config['label_smoothing']}")
+    return " ".join(p for p in parts if p)
+
+
+def augment_summary(config: dict[str, Any]) -> str:
+    """The augmentations that are on, e.g. ``D4, HED 0.05, mixup 0.2``; ``none`` when all are off."""
+    parts = ["D4"] if config.get("aug_dihedral") else []
+    for key, label in (
+        ("aug_hed", "HED"),
+        ("aug_brightness", "bright"),
+        ("aug_contrast", "contrast"),
+        ("mixup", "mixup"),
+        ("cutmix", "cutmix"),
+    ):
+        if config.get(key):
+            parts.append(f"{label} {config[key]}")
+    return ", ".join(parts) or "none"
+
+
+def _epochs(summary: dict[str, Any]) -> str:
+    run, best = summary.get("epochs_run"), summary.get("best_epoch")
+    if run is None:
+        return ""
+    return f"{run}" + (f" (best {best})" if best is not None else "")
+
+
+def duration(seconds: Any) -> str:
+    """``1h 02m``, ``12m 30s`` or ``45s``: wall times span seconds (tests) to hours (full data on a CPU)."""
+    if not isinstance(seconds, int | float) or not math.isfinite(seconds):
+        return ""
+    total = round(seconds)
+    hours, rest = divmod(total, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h {minutes:02d}m"
+    return f"{minutes}m {secs:02d}s" if minutes else f"{secs}s"
+
+
+def notes(r: RunRecord) -> str:
+    """Context that changes how to read the row: hardware, how training stopped, where the AUC comes from."""
+    s = r.summary
+    parts = []
+    if not s:
+        parts.append("no summary.json (unfinished?)")
+    if s.get("device"):
+        parts.append(str(s["device"]) + (f", {s['precision']}" if s.get("precision") else ""))
+    if s.get("stopped_by") not in (None, "max_epochs"):
+        parts.append(f"stopped by {s['stopped_by']}")
+    if r.evaluation is not None:
+        parts.append("AUC from evaluate" + (f" (tta {r.evaluation['tta']})" if r.evaluation.get("tta") else ""))
+    if r.config.get("preset"):
+        parts.append(f"preset {r.config['preset']}")
+    if r.config.get("notes"):
+        parts.append(str(r.config["notes"]))
+    return "; ".join(parts)
+
+
+def to_markdown(table: pd.DataFrame) -> str:
+    """A GitHub Markdown table; numeric columns right-aligned, ``|`` in cells escaped."""
+    header = "| " + " | ".join(table.columns) + " |"
+    rule = "|" + "|".join("---:" if c in NUMERIC else "---" for c in table.columns) + "|"
+    body = [
+        "| " + " | ".join(str(v).replace("|", "\\|").replace("\n", " ") for v in row) + " |"
+        for row in table.itertuples(index=False)
+    ]
+    return "\n".join([header, rule, *body]) + "\n"
+
+
+def _write_html(out: Path, table: pd.DataFrame, records: list[RunRecord]) -> Path:
+    page = Page(out.parent, "Run comparison", f"{len(records)} run(s), best validation ROC AUC first")
+    section = page.section("Results", _FOOTNOTE)
+    best = [0] if records and not math.isnan(records[0].auc) else []
+    section.table(table, highlight=best, numeric=sorted(NUMERIC))
+    if any(not math.isnan(r.auc) for r in records):
+        section.figure(
+            auc_figure(table["run"].tolist(), records),
+            f"{out.stem}_auc",
+            "Validation ROC AUC per run with its 95% interval where evaluate measured one. Runs whose "
+            "intervals overlap are not told apart by this validation set.",
+            wide=True,
+        )
+    return page.write(out.with_suffix(".html").name)
+
+
+@styled
+def auc_figure(names: list[str], records: list[RunRecord]) -> Figure:
+    """A dot per run at its AUC (value written beside it) with the CI as a bar, best at the top.
+
+    Runs without an AUC yet are left out; ``names`` are the table's labels, aligned with ``records``.
+    """
+    shown = [(name, r) for name, r in zip(names, records, strict=True) if not math.isnan(r.auc)]
+    fig = Figure(figsize=(7.5, 0.45 * len(shown) + 1.2), layout="constrained")
+    ax = fig.subplots()
+    for yi, (_, r) in enumerate(shown):
+        color = BEST_COLOR if yi == 0 else INK
+        if r.auc_ci:
+            ax.plot(r.auc_ci, [yi, yi], color=color, linewidth=2.5, alpha=0.5, solid_capstyle="round")
+        ax.plot([r.auc], [yi], "o", color=color, markersize=7)
+        ax.annotate(
+            f"{r.auc:.4f}",
+            (r.auc, yi),
+            xytext=(0, 7),
+            textcoords="offset points",
+            ha="center",
+            fontsize=8,
+            color=color,
+        )
+    ax.set_yticks(range(len(shown)), [name for name, _ in shown])
+    ax.set_ylim(len(shown) - 0.5, -0.7)  # best on top, room for its label
+    ax.set_xlabel("validation ROC AUC")
+    ax.grid(axis="y", visible=False)
+    return fig

@@ -1,0 +1,1 @@
+"""Training: the typed config, the Lightning module and callbacks, and the run folder."""

@@ -1,0 +1,77 @@
+"""Pick the fast path for the hardware at hand.
+
+Measured on the project's 2-core AVX-512 CPU (tf_efficientnet_lite0, 128 px, batch 64, one training step):
+fp32 36 img/s, fp32 + channels_last 58, bf16 autocast 76, bf16 + channels_last 86. So on a CPU with native bf16
+(AVX512-BF16 or AMX) the default is bf16 autocast with channels_last; on CUDA it is bf16 mixed precision (fp16 where
+bf16 is missing) with channels_last and more loader workers.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from histodetect.train.config import TrainConfig
+
+
+@dataclass(frozen=True)
+class Hardware:
+    accelerator: str  # what Lightning is given: cpu | cuda | mps
+    precision: str  # 32-true | bf16-mixed | 16-mixed
+    channels_last: bool
+    num_workers: int
+    pin_memory: bool
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        return {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(self.precision)
+
+    @property
+    def device_type(self) -> str:
+        return "cuda" if self.accelerator == "cuda" else self.accelerator
+
+
+def cpu_has_bf16() -> bool:
+    """True when the CPU computes bf16 natively; emulated bf16 is slower than fp32."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as fh:
+            flags = fh.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_accelerator(name: str) -> str:
+    if name in ("gpu", "cuda"):
+        return "cuda"
+    if name != "auto":
+        return name
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def resolve_hardware(config: TrainConfig) -> Hardware:
+    accelerator = resolve_accelerator(config.accelerator)
+    precision = config.precision
+    if precision == "auto":
+        if accelerator == "cuda":
+            precision = "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+        elif accelerator == "cpu" and cpu_has_bf16():
+            precision = "bf16-mixed"
+        else:
+            precision = "32-true"
+    elif precision == "32":
+        precision = "32-true"
+    channels_last = config.channels_last if config.channels_last is not None else precision != "32-true"
+    if config.num_workers is not None:
+        workers = config.num_workers
+    elif accelerator == "cuda":
+        workers = min(8, max(1, (os.cpu_count() or 2) - 1))
+    else:
+        workers = 0  # on a small CPU, loader processes take cores from the model; memmap reads are cheap
+    return Hardware(accelerator, precision, channels_last, workers, pin_memory=accelerator == "cuda")

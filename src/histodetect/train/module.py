@@ -1,0 +1,142 @@
+"""The LightningModule: one training step, one validation step, the optimiser and its schedule.
+
+Randomness is re-seeded from (seed, epoch, rank) at the start of every epoch, for the augmentation generator and for
+torch's global generator (dropout). Together with :class:`~histodetect.data.datamodule.EpochShuffle` this makes a
+run resumed from an epoch checkpoint follow exactly the path of one that never stopped.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torchmetrics.classification import BinaryAccuracy, BinaryAUROC, BinaryF1Score
+
+from histodetect.data.augment import BatchAugment, mix_batch, to_float
+from histodetect.data.datamodule import Batch
+from histodetect.loss import build_loss
+from histodetect.models import Classifier
+from histodetect.train.config import TrainConfig
+
+
+class LitClassifier(L.LightningModule):
+    def __init__(self, config: TrainConfig, model: Classifier, *, channels_last: bool = False):
+        super().__init__()
+        self.config = config
+        self.model = model
+        self.channels_last = channels_last
+        # Kept out of the module tree so the weights are saved once, under ``model.``.
+        self.__dict__["forward_fn"] = torch.compile(model) if config.compile else model
+        self.loss_fn = build_loss(config)
+        self.augment = BatchAugment(
+            dihedral=config.aug_dihedral,
+            hed=config.aug_hed,
+            brightness=config.aug_brightness,
+            contrast=config.aug_contrast,
+        )
+        self.val_auc = BinaryAUROC()
+        self.val_acc = BinaryAccuracy()
+        self.val_f1 = BinaryF1Score()
+        self.generator = torch.Generator()
+
+    # ---- set-up and seeding (frozen BatchNorm stays in eval mode: Classifier.train sees to it)
+    def on_fit_start(self) -> None:
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+
+    def on_train_epoch_start(self) -> None:
+        seed = self.config.seed * 1_000_003 + self.current_epoch * 7919 + self.global_rank
+        self.generator.manual_seed(seed)
+        torch.manual_seed(seed)
+
+    # ---- steps
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Logits for a uint8 (B, H, W, 3) batch."""
+        return self.forward_fn(to_float(pixels, channels_last=self.channels_last))
+
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        pixels, targets, _ = batch
+        x = self.augment(to_float(pixels, channels_last=self.channels_last), self.generator)
+        x, targets = mix_batch(x, targets, self.config.mixup, self.config.cutmix, self.generator)
+        logits = self.forward_fn(x)
+        loss = self.loss_fn(logits.float(), targets)
+        self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(targets))
+        return loss
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        pixels, targets, _ = batch
+        logits = self(pixels).float()
+        probs = torch.sigmoid(logits)
+        loss = F.binary_cross_entropy_with_logits(logits, targets)
+        target_int = targets.round().int()
+        self.val_auc.update(probs, target_int)
+        self.val_acc.update(probs, target_int)
+        self.val_f1.update(probs, target_int)
+        n = len(targets)
+        self.log("val_loss", loss, on_epoch=True, prog_bar=False, batch_size=n, sync_dist=True)
+        self.log("val_auc", self.val_auc, on_epoch=True, prog_bar=True, batch_size=n)
+        self.log("val_acc", self.val_acc, on_epoch=True, prog_bar=True, batch_size=n)
+        self.log("val_f1", self.val_f1, on_epoch=True, batch_size=n)
+
+    # ---- optimisation
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """Head and backbone as two groups from the start. Frozen parameters have no gradient, so optimisers skip
+        them; unfreezing (``FreezeUnfreeze``) only flips ``requires_grad`` and every scheduler keeps working."""
+        cfg = self.config
+        head = list(self.model.head.parameters())
+        head_ids = {id(p) for p in head}
+        backbone = [p for p in self.model.parameters() if id(p) not in head_ids]
+        pretrained = cfg.pretrained != "none" and cfg.model != "baseline-cnn"
+        backbone_lr = cfg.lr * (cfg.backbone_lr_scale if pretrained else 1.0)
+        return [
+            {"params": head, "lr": cfg.lr, "name": "head"},
+            {"params": backbone, "lr": backbone_lr, "name": "backbone"},
+        ]
+
+    def configure_optimizers(self) -> Any:
+        cfg = self.config
+        groups = self.parameter_groups()
+        if cfg.optimizer == "adam":
+            optimizer = torch.optim.Adam(groups, weight_decay=cfg.weight_decay)
+        elif cfg.optimizer == "adamw":
+            optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+        elif cfg.optimizer == "rmsprop":
+            optimizer = torch.optim.RMSprop(groups, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
+        else:
+            optimizer = torch.optim.SGD(groups, weight_decay=cfg.weight_decay, momentum=cfg.momentum, nesterov=True)
+        if cfg.scheduler == "plateau":
+            plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                optimizer, mode="max", factor=0.5, patience=max(1, cfg.patience // 2)
+            )
+            return {
+                "optimizer": optimizer,
+                "lr_scheduler": {"scheduler": plateau, "monitor": "val_auc", "interval": "epoch"},
+            }
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        steps_per_epoch = max(1, total // max(1, cfg.epochs))
+        warmup = int(cfg.lr_warmup_epochs * steps_per_epoch)
+        if cfg.scheduler == "onecycle":
+            scheduler: torch.optim.lr_scheduler.LRScheduler = torch.optim.lr_scheduler.OneCycleLR(
+                optimizer,
+                max_lr=[g["lr"] for g in groups],
+                total_steps=total,
+                pct_start=min(0.5, warmup / total) if warmup else 0.3,
+            )
+        else:
+            scheduler = torch.optim.lr_scheduler.LambdaLR(
+                optimizer, lambda step: lr_factor(step, warmup, total, cosine=cfg.scheduler == "cosine")
+            )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def lr_factor(step: int, warmup: int, total: int, *, cosine: bool, floor: float = 0.01) -> float:
+    """Linear warm-up over ``warmup`` steps, then constant or a cosine decay to ``floor`` of the base rate."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if not cosine:
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))

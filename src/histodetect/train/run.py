@@ -1,0 +1,320 @@
+"""``train``: store -> run folder. And ``load_model``: run folder -> network, for every later command.
+
+The run folder (DEVELOPERS.md) holds ``config.yaml``, ``model.safetensors`` (best weights), ``checkpoints/``
+(``last.ckpt`` for ``--resume``, ``best.ckpt``), ``metrics.csv``, ``curves.png``, ``split.csv`` and
+``summary.json``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import platform
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import torch
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_only
+from rich.console import Console
+from safetensors.torch import load_file, save_file
+
+from histodetect import __version__
+from histodetect.data.datamodule import StoreDataModule
+from histodetect.data.store import Store
+from histodetect.io import atomic_path, atomic_write_json
+from histodetect.models import Classifier, create_model
+from histodetect.train.callbacks import AtomicCheckpointIO, EpochLog, FreezeUnfreeze
+from histodetect.train.config import ConfigError, TrainConfig, freeze_top_k
+from histodetect.train.device import Hardware, resolve_hardware
+from histodetect.train.module import LitClassifier
+
+CONFIG = "config.yaml"
+WEIGHTS = "model.safetensors"
+SUMMARY = "summary.json"
+METRICS = "metrics.csv"
+SPLIT = "split.csv"
+CHECKPOINTS = "checkpoints"
+
+
+def train(
+    store: Store,
+    out: str | os.PathLike[str],
+    config: TrainConfig,
+    *,
+    resume: bool = False,
+    callbacks: list[L.Callback] | None = None,
+) -> dict[str, Any]:
+    """Train ``config`` on ``store`` into the run folder ``out``; returns the summary.
+
+    With ``resume`` the run continues from ``checkpoints/last.ckpt`` under the configuration saved in the folder
+    (the one given is ignored, so a resumed run cannot silently change its recipe).
+    """
+    out = Path(out)
+    saved = out / CONFIG
+    if resume:
+        if not saved.exists():
+            raise ConfigError(f"{out}: nothing to resume (no {CONFIG}); start the run without --resume")
+        config = TrainConfig.load(saved)
+    elif saved.exists() and rank_zero_only.rank == 0:  # other DDP ranks start after rank 0 wrote it
+        raise ConfigError(f"{out}: already holds a run; pass --resume to continue it, or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(config.seed, workers=True, verbose=False)
+    hardware = resolve_hardware(config)
+    datamodule = StoreDataModule(store, config, num_workers=hardware.num_workers, pin_memory=hardware.pin_memory)
+    model = create_model(
+        config.model, pretrained=config.pretrained, dropout=config.dropout, image_size=config.image_size
+    )
+    module = LitClassifier(config, model, channels_last=hardware.channels_last)
+    _quiet_lightning()
+    trainer = _trainer(config, hardware, out, has_val=len(datamodule.val_rows) > 0, extra=callbacks or [])
+    if trainer.is_global_zero:
+        config.save(saved)
+        datamodule.write_split(out / SPLIT)
+        Console(stderr=True).print(
+            f"{'resuming' if resume else 'training'} [bold]{config.model}[/] (freeze {config.freeze}) on "
+            f"{len(datamodule.train_rows)} patches, validating on {len(datamodule.val_rows)}; "
+            f"{hardware.accelerator}, {hardware.precision}, channels_last={hardware.channels_last}; run: {out}",
+            highlight=False,
+        )
+    last = out / CHECKPOINTS / "last.ckpt"
+    started = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=last if resume and last.exists() else None, weights_only=True)
+    wall = time.perf_counter() - started
+    if not trainer.is_global_zero:
+        return {}
+    _export_best(trainer, out)
+    summary = _summary(trainer, config, hardware, datamodule, out, wall, resumed=resume)
+    atomic_write_json(out / SUMMARY, summary)
+    _plot_curves(out / METRICS, out / "curves.png")
+    return summary
+
+
+def _trainer(
+    config: TrainConfig, hardware: Hardware, out: Path, *, has_val: bool, extra: list[L.Callback]
+) -> L.Trainer:
+    checkpoints = out / CHECKPOINTS
+    if has_val:
+        checkpoint = ModelCheckpoint(
+            dirpath=checkpoints,
+            filename="best",
+            monitor="val_auc",
+            mode="max",
+            save_top_k=1,
+            save_last=True,
+            enable_version_counter=False,
+        )
+    else:
+        checkpoint = ModelCheckpoint(
+            dirpath=checkpoints, filename="best", save_top_k=1, save_last=True, enable_version_counter=False
+        )
+    callbacks: list[L.Callback] = [checkpoint, EpochLog(out / METRICS), *extra]
+    if has_val and config.patience > 0:
+        callbacks.append(EarlyStopping(monitor="val_auc", mode="max", patience=config.patience))
+    top_k = freeze_top_k(config.freeze)
+    if top_k is not None:
+        callbacks.append(FreezeUnfreeze(top_k, config.warmup_epochs))
+    return L.Trainer(
+        accelerator=hardware.accelerator,
+        devices=_devices(config.devices),
+        num_nodes=config.num_nodes,
+        strategy=config.strategy,
+        precision=hardware.precision,  # type: ignore[arg-type]
+        max_epochs=config.epochs,
+        max_time=dt.timedelta(minutes=config.max_time) if config.max_time else None,
+        callbacks=callbacks,
+        logger=_loggers(config.logger, out),
+        default_root_dir=out,
+        plugins=[AtomicCheckpointIO()],
+        num_sanity_val_steps=0,
+        limit_val_batches=1.0 if has_val else 0,
+        log_every_n_steps=10,
+        enable_model_summary=False,
+        enable_progress_bar=os.isatty(2),
+    )
+
+
+def _quiet_lightning() -> None:
+    """Lightning's start-up banners and tips repeat what the line above says; warnings still show."""
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
+    warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode at the start of training.*")  # frozen BN
+
+
+def _devices(value: str) -> Any:
+    if value == "auto":
+        return "auto"
+    return int(value) if value.isdigit() else value
+
+
+def _loggers(names: str, out: Path) -> list[Any] | bool:
+    """``metrics.csv`` is always written (EpochLog); these add TensorBoard and MLflow on request."""
+    loggers: list[Any] = []
+    for name in (n.strip() for n in names.split(",") if n.strip()):
+        if name == "tensorboard":
+            from lightning.pytorch.loggers import TensorBoardLogger
+
+            loggers.append(TensorBoardLogger(save_dir=out, name="tensorboard", version=""))
+        elif name == "mlflow":
+            try:
+                from lightning.pytorch.loggers import MLFlowLogger
+
+                loggers.append(
+                    MLFlowLogger(
+                        experiment_name="histodetect",
+                        run_name=out.name,
+                        tracking_uri=f"file:{(out / 'mlruns').resolve()}",
+                    )
+                )
+            except ModuleNotFoundError as exc:
+                raise ConfigError("--logger mlflow needs the mlflow package: pip install mlflow") from exc
+        elif name != "csv":
+            raise ConfigError(f"unknown logger {name!r}; choose from csv, tensorboard, mlflow")
+    return loggers or False
+
+
+def _export_best(trainer: L.Trainer, out: Path) -> None:
+    """Best weights of the network alone, as safetensors: what evaluate/predict/export load."""
+    callback = trainer.checkpoint_callback
+    best = Path(callback.best_model_path) if callback and callback.best_model_path else None
+    if best is not None and best.exists():
+        state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
+    else:
+        state = trainer.lightning_module.state_dict()
+    weights = {k.removeprefix("model."): v.contiguous() for k, v in state.items() if k.startswith("model.")}
+    with atomic_path(out / WEIGHTS) as tmp:
+        save_file(weights, str(tmp), metadata={"format": "histodetect-classifier", "version": "1"})
+
+
+def _summary(
+    trainer: L.Trainer,
+    config: TrainConfig,
+    hardware: Hardware,
+    datamodule: StoreDataModule,
+    out: Path,
+    wall: float,
+    *,
+    resumed: bool,
+) -> dict[str, Any]:
+    metrics = pd.read_csv(out / METRICS) if (out / METRICS).exists() else pd.DataFrame()
+    best: dict[str, Any] = {}
+    if len(metrics) and metrics["val_auc"].notna().any():
+        best = metrics.loc[metrics["val_auc"].idxmax()].to_dict()
+    stopped = "max_epochs"
+    if any(isinstance(c, EarlyStopping) and c.stopped_epoch > 0 for c in trainer.callbacks):
+        stopped = "early_stopping"
+    elif config.max_time and trainer.current_epoch < config.epochs and not trainer.interrupted:
+        stopped = "max_time"
+    elif trainer.interrupted:
+        stopped = "interrupted"
+    previous = _read_json(out / SUMMARY)
+    return {
+        "model": config.model,
+        "freeze": config.freeze,
+        "best_epoch": int(best["epoch"]) if best else None,
+        "best_val_auc": _num(best.get("val_auc")),
+        "best_val_acc": _num(best.get("val_acc")),
+        "best_val_loss": _num(best.get("val_loss")),
+        "epochs_run": len(metrics),
+        "stopped_by": stopped,
+        "n_train": len(datamodule.train_rows),
+        "n_val": len(datamodule.val_rows),
+        "wall_time_s": round(wall + (previous.get("wall_time_s", 0.0) if resumed else 0.0), 1),
+        "train_images_per_s": _num(metrics["train_images_per_s"].median()) if len(metrics) else None,
+        "device": _device_name(hardware),
+        "accelerator": hardware.accelerator,
+        "precision": hardware.precision,
+        "channels_last": hardware.channels_last,
+        "world_size": trainer.world_size,
+        "store": str(datamodule.store.path),
+        "finished": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "versions": {
+            "histodetect": __version__,
+            "torch": torch.__version__,
+            "lightning": L.__version__,
+            "python": platform.python_version(),
+            **_optional_versions(),
+        },
+    }
+
+
+def _optional_versions() -> dict[str, str]:
+    import timm
+
+    return {"timm": timm.__version__}
+
+
+def _device_name(hardware: Hardware) -> str:
+    if hardware.accelerator == "cuda":
+        return torch.cuda.get_device_name(0)
+    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+
+def _num(value: Any) -> float | None:
+    return None if value is None or (isinstance(value, float) and np.isnan(value)) else round(float(value), 6)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    import json
+
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+
+
+def _plot_curves(metrics_path: Path, target: Path) -> None:
+    if not metrics_path.exists():
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = pd.read_csv(metrics_path)
+    fig, (ax_loss, ax_auc) = plt.subplots(1, 2, figsize=(10, 3.6), dpi=110)
+    for column, style in (("train_loss", "-"), ("val_loss", "--")):
+        if metrics[column].notna().any():
+            ax_loss.plot(metrics["epoch"], metrics[column], style, marker="o", label=column.replace("_", " "))
+    ax_loss.set(xlabel="epoch", ylabel="loss", title="Loss")
+    for column in ("val_auc", "val_acc"):
+        if metrics[column].notna().any():
+            ax_auc.plot(metrics["epoch"], metrics[column], marker="o", label=column.replace("_", " "))
+    ax_auc.set(xlabel="epoch", title="Validation")
+    for ax in (ax_loss, ax_auc):
+        ax.grid(alpha=0.3)
+        ax.legend(frameon=False)
+    fig.tight_layout()
+    with atomic_path(target) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------------- loading
+def load_config(run: str | os.PathLike[str]) -> TrainConfig:
+    run = Path(run)
+    if not (run / CONFIG).exists():
+        raise FileNotFoundError(f"{run}: not a run folder (no {CONFIG}); create one with `histodetect train`")
+    return TrainConfig.load(run / CONFIG)
+
+
+def load_model(run: str | os.PathLike[str]) -> tuple[Classifier, TrainConfig]:
+    """The run's best network in eval mode, rebuilt from its config; weights come from safetensors only."""
+    run = Path(run)
+    config = load_config(run)
+    weights = run / WEIGHTS
+    if not weights.exists():
+        raise FileNotFoundError(f"{run}: no {WEIGHTS}; the run has not finished an epoch (try `train --resume`)")
+    model = create_model(config.model, pretrained="none", dropout=config.dropout, image_size=config.image_size)
+    try:
+        state = load_file(str(weights))
+    except Exception as exc:  # safetensors raises its own error types for corrupt headers
+        raise ConfigError(f"{weights}: unreadable weights file ({exc})") from exc
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ConfigError(f"{weights}: does not fit {config.model} ({str(exc).splitlines()[0]})") from exc
+    return model.eval(), config

@@ -1,0 +1,635 @@
+"""``histodetect ingest`` on real patches: every layout, every kind of bad input, the issue's done criterion.
+
+Bad inputs are made by corrupting copies of the embedded sample's real files (never synthetic pixels), so the
+checks see exactly what a damaged download or a careless rename would produce.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+import tifffile
+from PIL import Image
+from rich.console import Console
+from typer.testing import CliRunner
+
+from histodetect.cli import app
+from histodetect.data import ingest as ingest_module
+from histodetect.data.ingest import IngestResult, describe_store, ingest
+from histodetect.data.store import Store
+
+N_SAMPLE_TRAIN = 240
+N_SAMPLE_TEST = 16
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def copy_source(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def run(source: Path, tmp_path: Path, **options: object) -> IngestResult:
+    return ingest(source, tmp_path / "out" / "store", progress=False, **options)  # type: ignore[arg-type]
+
+
+def problems(result: IngestResult, kind: str | None = None) -> list[dict[str, str | None]]:
+    return [p for p in result.report["problems"] if kind is None or p["kind"] == kind]
+
+
+def labels_of(root: Path) -> dict[str, int]:
+    table = pd.read_csv(root / "train_labels.csv", dtype={"id": str})
+    return dict(zip(table["id"], table["label"].astype(int), strict=True))
+
+
+def pixels_of(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def sha1(pixels: np.ndarray) -> str:
+    return hashlib.sha1(np.ascontiguousarray(pixels).tobytes()).hexdigest()
+
+
+def train_file(root: Path, id_: str) -> Path:
+    return root / "train" / f"{id_}.tif"
+
+
+def nth_id(root: Path, n: int) -> str:
+    return sorted(labels_of(root))[n]
+
+
+def append_csv(root: Path, line: str, name: str = "train_labels.csv") -> None:
+    path = root / name
+    path.write_text(path.read_text().rstrip("\n") + f"\n{line}\n")
+
+
+def rewrite_csv(root: Path, edit: Callable[[list[str]], list[str]], name: str = "train_labels.csv") -> None:
+    path = root / name
+    path.write_text("\n".join(edit(path.read_text().splitlines())) + "\n")
+
+
+def save_as(root: Path, id_: str, image: Image.Image, fmt: str = "TIFF") -> str:
+    """Overwrite ``train/<id>.tif`` with ``image`` in ``fmt`` (PNG content under a .tif name stays a .tif)."""
+    image.save(train_file(root, id_), format=fmt)
+    return id_
+
+
+def real_image(root: Path, id_: str) -> Image.Image:
+    return Image.open(train_file(root, id_)).convert("RGB")
+
+
+# ------------------------------------------------------------------------------------------------ corruptions
+# Each takes a copy of the sample (competition layout) and returns the id it broke (None: a file-level one).
+def truncated_tiff(root: Path) -> str:
+    id_ = nth_id(root, 0)
+    path = train_file(root, id_)
+    path.write_bytes(path.read_bytes()[:1000])
+    return id_
+
+
+def grayscale_png_named_tif(root: Path) -> str:
+    id_ = nth_id(root, 1)
+    return save_as(root, id_, real_image(root, id_).convert("L"), "PNG")
+
+
+def narrow_patch(root: Path) -> str:
+    id_ = nth_id(root, 2)
+    return save_as(root, id_, Image.fromarray(np.asarray(real_image(root, id_))[:, :95]))
+
+
+def rgba_patch(root: Path) -> str:
+    id_ = nth_id(root, 3)
+    return save_as(root, id_, real_image(root, id_).convert("RGBA"))
+
+
+def sixteen_bit_patch(root: Path) -> str:
+    id_ = nth_id(root, 4)
+    gray = np.asarray(real_image(root, id_).convert("L")).astype(np.uint16) * 257
+    return save_as(root, id_, Image.fromarray(gray))
+
+
+def palette_patch(root: Path) -> str:
+    id_ = nth_id(root, 5)
+    return save_as(root, id_, real_image(root, id_).convert("P"))
+
+
+def cmyk_patch(root: Path) -> str:
+    id_ = nth_id(root, 6)
+    return save_as(root, id_, real_image(root, id_).convert("CMYK"))
+
+
+def empty_file(root: Path) -> str:
+    id_ = nth_id(root, 7)
+    train_file(root, id_).write_bytes(b"")
+    return id_
+
+
+def conflicting_rows(root: Path) -> str:
+    id_ = nth_id(root, 8)
+    append_csv(root, f"{id_},{1 - labels_of(root)[id_]}")
+    return id_
+
+
+def identical_rows(root: Path) -> str:
+    id_ = nth_id(root, 9)
+    append_csv(root, f"{id_},{labels_of(root)[id_]}")
+    return id_
+
+
+def missing_file(root: Path) -> str:
+    id_ = nth_id(root, 10)
+    train_file(root, id_).unlink()
+    return id_
+
+
+def extra_unlabeled_image(root: Path) -> str:
+    flipped = np.ascontiguousarray(np.asarray(real_image(root, nth_id(root, 11)))[::-1])
+    id_ = sha1(flipped)
+    return save_as(root, id_, Image.fromarray(flipped))
+
+
+def label_of_two(root: Path) -> str:
+    id_ = nth_id(root, 12)
+    rewrite_csv(root, lambda lines: [f"{id_},2" if line.startswith(id_) else line for line in lines])
+    return id_
+
+
+def csv_with_bom(root: Path) -> None:
+    path = root / "train_labels.csv"
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+
+
+def csv_with_blank_lines(root: Path) -> None:
+    rewrite_csv(root, lambda lines: [lines[0], "", *lines[1:5], "  ", *lines[5:], ""])
+
+
+def csv_missing_column(root: Path) -> None:
+    rewrite_csv(root, lambda lines: ["id,lbl", *lines[1:]])
+
+
+def csv_missing_header(root: Path) -> None:
+    rewrite_csv(root, lambda lines: lines[1:])
+
+
+def renamed_file(root: Path) -> str:
+    old = nth_id(root, 13)
+    new = old[::-1]
+    train_file(root, old).rename(train_file(root, new))
+    rewrite_csv(root, lambda lines: [line.replace(old, new) for line in lines])
+    return new
+
+
+def duplicate_pixels(root: Path) -> str:
+    """The copy sorts after the original ('f' * 40), so it is the one reported and dropped."""
+    original = nth_id(root, 14)
+    copy = "f" * 40
+    shutil.copy(train_file(root, original), train_file(root, copy))
+    append_csv(root, f"{copy},{labels_of(root)[original]}")
+    return copy
+
+
+def unsafe_csv_id(root: Path) -> str:
+    shutil.copy(train_file(root, nth_id(root, 15)), root.parent / "evil.tif")  # what ../evil would point at
+    append_csv(root, "../evil,1")
+    return "../evil"
+
+
+def unsafe_file_name(root: Path) -> str:
+    shutil.copy(train_file(root, nth_id(root, 16)), root / "train" / "..evil.tif")
+    return "..evil"
+
+
+def stray_text_file(root: Path) -> None:
+    (root / "train" / "notes.txt").write_text("not a patch\n")
+
+
+def stray_root_image(root: Path) -> None:
+    shutil.copy(train_file(root, nth_id(root, 17)), root / "lost.tif")
+
+
+def image_not_in_submission(root: Path) -> str:
+    id_ = sorted(p.stem for p in (root / "test").iterdir())[0]
+    rewrite_csv(root, lambda lines: [line for line in lines if not line.startswith(id_)], "sample_submission.csv")
+    return id_
+
+
+def submission_id_without_image(root: Path) -> str:
+    id_ = sorted(p.stem for p in (root / "test").iterdir())[1]
+    (root / "test" / f"{id_}.tif").unlink()
+    return id_
+
+
+def id_in_two_splits(root: Path) -> str:
+    id_ = sorted(p.stem for p in (root / "test").iterdir())[2]
+    shutil.copy(root / "test" / f"{id_}.tif", train_file(root, id_))
+    append_csv(root, f"{id_},0")
+    return id_
+
+
+CASES = [
+    # corruption, kind, severity, text the detail must contain
+    (truncated_tiff, "unreadable", "error", "truncated"),
+    (grayscale_png_named_tif, "wrong_mode", "error", "'L' (grayscale) in a PNG"),
+    (narrow_patch, "wrong_size", "error", "95x96"),
+    (rgba_patch, "wrong_mode", "error", "'RGBA'"),
+    (sixteen_bit_patch, "wrong_mode", "error", "'I;16'"),
+    (palette_patch, "wrong_mode", "error", "'P' (palette)"),
+    (cmyk_patch, "wrong_mode", "error", "'CMYK'"),
+    (empty_file, "empty_file", "error", "0 bytes"),
+    (conflicting_rows, "duplicate_id", "error", "conflicting labels"),
+    (identical_rows, "duplicate_id", "warning", "kept once"),
+    (missing_file, "missing_image", "error", "no image"),
+    (extra_unlabeled_image, "unlabeled_image", "error", "no row"),
+    (label_of_two, "bad_label", "error", "'2'"),
+    (csv_with_bom, "csv_bom", "warning", "byte-order mark"),
+    (csv_with_blank_lines, "csv_blank_line", "warning", "3 blank line(s)"),
+    (csv_missing_column, "csv_missing_column", "error", "no ['label']"),
+    (csv_missing_header, "csv_missing_header", "error", "looks like data"),
+    (renamed_file, "id_not_sha1", "warning", "renamed"),
+    (duplicate_pixels, "duplicate_pixels", "error", "same pixels as"),
+    (unsafe_csv_id, "unsafe_id", "error", "path separator"),
+    (unsafe_file_name, "unsafe_id", "error", "'..'"),
+    (stray_text_file, "ignored_file", "warning", "not read"),
+    (stray_root_image, "ignored_file", "warning", "outside the layout"),
+    (image_not_in_submission, "unlisted_image", "warning", "ingested anyway"),
+    (submission_id_without_image, "missing_image", "error", "no image in test"),
+    (id_in_two_splits, "duplicate_id", "error", "splits test, train"),
+]
+FATAL = {"csv_missing_column", "csv_missing_header"}
+
+
+@pytest.fixture
+def sample_copy(sample_dir: Path, tmp_path: Path) -> Path:
+    return copy_source(sample_dir, tmp_path / "source")
+
+
+# -------------------------------------------------------------------------------------------- clean inputs
+def test_sample_round_trips_ids_labels_and_pixels(sample_store: Store, sample_dir: Path) -> None:
+    labels = labels_of(sample_dir)
+    assert sample_store.manifest["splits"]["train"] == {
+        "count": N_SAMPLE_TRAIN,
+        "labeled": N_SAMPLE_TRAIN,
+        "unlabeled": 0,
+        "positive": sum(labels.values()),
+        "negative": N_SAMPLE_TRAIN - sum(labels.values()),
+    }
+    assert sample_store.manifest["splits"]["test"]["unlabeled"] == N_SAMPLE_TEST
+    assert sample_store.manifest["problems"]["errors"] == sample_store.manifest["problems"]["warnings"] == 0
+    index = sample_store.index
+    for row in index.itertuples():
+        expected = labels.get(row.id, -1) if row.split == "train" else -1
+        assert (row.label, row.source, row.sha1) == (expected, f"{row.split}/{row.id}.tif", row.id)
+        np.testing.assert_array_equal(sample_store.patches[row.row], pixels_of(sample_dir / row.source))
+    assert sorted(index["id"]) == sorted(p.stem for p in sample_dir.glob("*/*.tif"))
+
+
+def test_pool_and_in_process_decoding_write_the_same_store(
+    sample_dir: Path, sample_store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Force the process pool on the small sample, with several scratch windows and partial chunks."""
+    monkeypatch.setattr(ingest_module, "POOL_MIN_FILES", 0)
+    monkeypatch.setattr(ingest_module, "WINDOW", 100)
+    monkeypatch.setattr(ingest_module, "CHUNK", 7)
+    store = run(sample_dir, tmp_path, workers=2).store
+    assert store is not None
+    pd.testing.assert_frame_equal(store.index, sample_store.index)
+    np.testing.assert_array_equal(store.patches, sample_store.patches)
+
+
+TIFF_VARIANTS = {
+    # name: (writer, whether the raw fast path may take it); every variant must decode to the same pixels
+    "pil-uncompressed": (lambda path, a: Image.fromarray(a).save(path, format="TIFF"), True),
+    "multi-strip": (lambda path, a: tifffile.imwrite(path, a, photometric="rgb", rowsperstrip=10), True),
+    "big-endian": (lambda path, a: tifffile.imwrite(path, a, photometric="rgb", byteorder=">"), True),
+    "lzw": (lambda path, a: Image.fromarray(a).save(path, format="TIFF", compression="tiff_lzw"), False),
+    "deflate": (lambda path, a: tifffile.imwrite(path, a, photometric="rgb", compression="zlib"), False),
+    "png": (lambda path, a: Image.fromarray(a).save(path, format="PNG"), False),
+}
+
+
+@pytest.mark.parametrize("variant", TIFF_VARIANTS)
+def test_every_encoding_decodes_to_the_same_pixels(sample_dir: Path, tmp_path: Path, variant: str) -> None:
+    """The raw TIFF fast path takes only what it can read exactly; everything else goes to PIL."""
+    write, fast = TIFF_VARIANTS[variant]
+    original = next((sample_dir / "train").glob("*.tif"))
+    expected = pixels_of(original)
+    write(tmp_path / "patch.tif", expected)
+    pixels, digest, found = ingest_module.decode_patch(str(tmp_path / "patch.tif"))
+    assert found == [] and digest == original.stem
+    np.testing.assert_array_equal(pixels, expected)
+    assert (ingest_module.raw_tiff_rgb((tmp_path / "patch.tif").read_bytes()) is not None) == fast
+    assert ingest_module.raw_tiff_rgb(original.read_bytes()) is not None  # the competition's own files
+
+
+def test_bare_folder_is_train_with_labels_and_test_without(sample_dir: Path, tmp_path: Path) -> None:
+    folder = copy_source(sample_dir / "train", tmp_path / "images")
+    labeled = run(folder, tmp_path / "a", labels=sample_dir / "train_labels.csv").store
+    unlabeled = run(folder, tmp_path / "b").store
+    assert labeled is not None and unlabeled is not None
+    assert labeled.manifest["splits"]["train"]["labeled"] == N_SAMPLE_TRAIN
+    assert dict(zip(labeled.ids, labeled.labels.tolist(), strict=True)) == labels_of(sample_dir)
+    assert unlabeled.manifest["splits"] == {
+        "test": {
+            "count": N_SAMPLE_TRAIN,
+            "labeled": 0,
+            "unlabeled": N_SAMPLE_TRAIN,
+            "positive": 0,
+            "negative": 0,
+        }
+    }
+
+
+@pytest.mark.parametrize("names", [None, "neg,pos"])
+def test_folder_per_class(sample_dir: Path, tmp_path: Path, names: str | None) -> None:
+    folders = (names or "0,1").split(",")
+    for id_, label in labels_of(sample_dir).items():
+        (tmp_path / "classes" / folders[label]).mkdir(parents=True, exist_ok=True)
+        shutil.copy(train_file(sample_dir, id_), tmp_path / "classes" / folders[label])
+    store = run(tmp_path / "classes", tmp_path, class_dirs=names).store
+    assert store is not None and store.manifest["layout"] == "class-folders"
+    assert dict(zip(store.ids, store.labels.tolist(), strict=True)) == labels_of(sample_dir)
+    assert set(store.index["source"]) == {f"{folders[label]}/{id_}.tif" for id_, label in labels_of(sample_dir).items()}
+
+
+def test_same_id_in_both_class_folders_is_a_conflict(sample_dir: Path, tmp_path: Path) -> None:
+    for name in ("0", "1"):
+        copy_source(sample_dir / "train", tmp_path / "classes" / name)
+    result = run(tmp_path / "classes", tmp_path)
+    assert result.exit_code == 2
+    assert len(problems(result, "duplicate_id")) == N_SAMPLE_TRAIN
+
+
+# ------------------------------------------------------------------------------------------------ PCam HDF5
+def write_pcam(folder: Path, split: str, pixels: np.ndarray, labels: np.ndarray | None) -> Path:
+    """Exactly the PCam layout: uint8 (N, 96, 96, 3) under 'x', uint8 (N, 1, 1, 1) under 'y'."""
+    folder.mkdir(parents=True, exist_ok=True)
+    x = folder / f"camelyonpatch_level_2_split_{split}_x.h5"
+    with h5py.File(x, "w") as fh:
+        fh.create_dataset("x", data=pixels.astype(np.uint8), chunks=(32, 96, 96, 3), compression="gzip")
+    if labels is not None:
+        with h5py.File(folder / f"camelyonpatch_level_2_split_{split}_y.h5", "w") as fh:
+            fh.create_dataset("y", data=labels.astype(np.uint8).reshape(-1, 1, 1, 1))
+    return x
+
+
+@pytest.fixture
+def sample_arrays(sample_store: Store) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The sample's training patches (already checked to equal PIL's decode), their labels and ids."""
+    rows = sample_store.rows("train")
+    return sample_store.read(rows), sample_store.labels[rows], sample_store.ids[rows]
+
+
+def test_pcam_folder_streams_in_chunks_and_keeps_split_names(
+    sample_arrays: tuple[np.ndarray, np.ndarray, np.ndarray], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ingest_module, "H5_CHUNK", 64)
+    pixels, labels, ids = sample_arrays
+    write_pcam(tmp_path / "pcam", "train", pixels[:200], labels[:200])
+    write_pcam(tmp_path / "pcam", "valid", pixels[200:], labels[200:])
+    store = run(tmp_path / "pcam", tmp_path).store
+    assert store is not None and store.splits == ["train", "valid"]
+    assert store.ids.tolist() == ids.tolist()  # competition ids are the SHA-1 of the pixels, as PCam ids here
+    np.testing.assert_array_equal(store.labels, labels)
+    np.testing.assert_array_equal(store.patches, pixels)
+    assert store.index["source"].iloc[201] == "camelyonpatch_level_2_split_valid_x.h5[1]"
+
+
+def test_pcam_single_file_without_labels(
+    sample_arrays: tuple[np.ndarray, np.ndarray, np.ndarray], tmp_path: Path
+) -> None:
+    x = write_pcam(tmp_path / "pcam", "test", sample_arrays[0][:50], None)
+    write_pcam(tmp_path / "pcam", "train", sample_arrays[0][50:], sample_arrays[1][50:])
+    result = run(x, tmp_path)
+    assert result.store is not None and result.store.manifest["splits"]["test"]["unlabeled"] == 50
+    assert result.store.splits == ["test"]
+    assert [p["kind"] for p in problems(result)] == ["missing_labels"]
+
+
+def test_pcam_bad_label_and_duplicate_patch(
+    sample_arrays: tuple[np.ndarray, np.ndarray, np.ndarray], tmp_path: Path
+) -> None:
+    pixels, labels, ids = sample_arrays
+    pixels = np.concatenate([pixels, pixels[:1]])
+    labels = np.concatenate([labels, labels[:1]])
+    labels[5] = 2
+    write_pcam(tmp_path / "pcam", "train", pixels, labels)
+    refused = run(tmp_path / "pcam", tmp_path)
+    assert refused.exit_code == 2 and not (tmp_path / "out" / "store").exists()
+    assert [(p["kind"], p["id"]) for p in problems(refused)] == [
+        ("bad_label", ids[5]),
+        ("duplicate_pixels", ids[0]),
+    ]
+    assert problems(refused)[1]["file"] == f"camelyonpatch_level_2_split_train_x.h5[{len(ids)}]"
+    store = run(tmp_path / "pcam", tmp_path, skip_bad=True).store
+    assert store is not None and len(store) == N_SAMPLE_TRAIN - 1 and ids[5] not in set(store.ids)
+
+
+@pytest.mark.parametrize(
+    ("x", "y", "kind", "detail"),
+    [
+        (lambda p: p.astype(np.float32), lambda y: y, "wrong_mode", "float32, not uint8"),
+        (lambda p: p[:, :, :95], lambda y: y, "wrong_size", "(8, 96, 95, 3)"),
+        (lambda p: p, lambda y: y[:7], "bad_label", "7 labels for 8 patches"),
+    ],
+    ids=["float-pixels", "narrow-patches", "short-labels"],
+)
+def test_pcam_file_level_problems(
+    sample_arrays: tuple[np.ndarray, np.ndarray, np.ndarray],
+    tmp_path: Path,
+    x: Callable[[np.ndarray], np.ndarray],
+    y: Callable[[np.ndarray], np.ndarray],
+    kind: str,
+    detail: str,
+) -> None:
+    folder = tmp_path / "pcam"
+    folder.mkdir()
+    with h5py.File(folder / "camelyonpatch_level_2_split_valid_x.h5", "w") as fh:
+        fh.create_dataset("x", data=x(sample_arrays[0][:8]))
+    with h5py.File(folder / "camelyonpatch_level_2_split_valid_y.h5", "w") as fh:
+        fh.create_dataset("y", data=y(sample_arrays[1][:8].astype(np.uint8).reshape(-1, 1, 1, 1)))
+    result = run(folder, tmp_path)
+    assert result.exit_code == 2
+    assert [(p["kind"], p["id"]) for p in problems(result)] == [(kind, None)]
+    assert detail in str(problems(result)[0]["detail"])
+
+
+# ------------------------------------------------------------------------------------------------ bad inputs
+@pytest.mark.parametrize(("corrupt", "kind", "severity", "detail"), CASES, ids=[c[0].__name__ for c in CASES])
+def test_bad_input_is_reported(
+    corrupt: Callable[[Path], str | None],
+    kind: str,
+    severity: str,
+    detail: str,
+    sample_copy: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    offender = corrupt(sample_copy)
+    if kind in FATAL:  # a CSV without its columns stops ingest before any image is read
+        monkeypatch.setattr(ingest_module, "decode_patch", pytest.fail)
+    result = run(sample_copy, tmp_path)
+    found = [p for p in problems(result, kind) if offender is None or p["id"] == offender]
+    assert found and all(p["severity"] == severity and detail in str(p["detail"]) for p in found), problems(result)
+    out = tmp_path / "out" / "store"
+    if severity == "warning":
+        assert result.exit_code == 0 and result.store is not None
+        assert result.store.manifest["problems"]["kinds"][kind] == {"warning": len(found)}
+        return
+    assert result.exit_code == 2 and result.store is None and not out.exists()
+    assert json.loads((tmp_path / "out" / "store.report.json").read_text()) == result.report
+    assert [p.name for p in out.parent.iterdir()] == ["store.report.json"]  # no partial store folder either
+
+    skipped = run(sample_copy, tmp_path, skip_bad=True)
+    if kind in FATAL:
+        assert skipped.exit_code == 2 and not out.exists()
+        return
+    assert skipped.exit_code == 0 and skipped.store is not None
+    assert offender not in set(skipped.store.ids)
+    assert any(item["id"] == offender and kind in item["kinds"] for item in skipped.store.report["bad_items"])
+    assert skipped.store.manifest["problems"]["skipped"] == len(skipped.store.report["bad_items"]) >= 1
+
+
+def test_unsafe_id_never_reads_outside_source(sample_copy: Path, tmp_path: Path) -> None:
+    unsafe_csv_id(sample_copy)
+    store = run(sample_copy, tmp_path, skip_bad=True).store
+    assert store is not None and len(store) == N_SAMPLE_TRAIN + N_SAMPLE_TEST
+    assert not any("evil" in source for source in store.index["source"])
+    assert [p["kind"] for p in store.report["problems"]] == ["unsafe_id"]  # and no missing_image for it
+
+
+def test_duplicate_pixels_keep_the_first_by_sorted_id(sample_copy: Path, tmp_path: Path) -> None:
+    original = nth_id(sample_copy, 0)
+    first = "0" * 40
+    shutil.copy(train_file(sample_copy, original), train_file(sample_copy, first))
+    append_csv(sample_copy, f"{first},{labels_of(sample_copy)[original]}")
+    result = run(sample_copy, tmp_path, skip_bad=True)
+    assert result.store is not None and first in set(result.store.ids) and original not in set(result.store.ids)
+    dup = problems(result, "duplicate_pixels")
+    assert [(p["id"], p["severity"]) for p in dup] == [(original, "error")] and first in str(dup[0]["detail"])
+
+
+def test_interrupted_ingest_leaves_no_store(sample_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = {"n": 0}
+    real = ingest_module.decode_patch
+
+    def decode_then_interrupt(path: str) -> ingest_module.Decoded:
+        calls["n"] += 1
+        if calls["n"] > 100:
+            raise KeyboardInterrupt
+        return real(path)
+
+    monkeypatch.setattr(ingest_module, "decode_patch", decode_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        run(sample_dir, tmp_path)
+    assert calls["n"] == 101
+    assert list((tmp_path / "out").iterdir()) == []  # neither the store nor its hidden partial folder
+
+
+def test_worker_failure_in_the_pool_leaves_no_store(
+    sample_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def fail(path: str) -> ingest_module.Decoded:
+        raise RuntimeError(f"disk gone while reading {path}")
+
+    monkeypatch.setattr(ingest_module, "POOL_MIN_FILES", 0)
+    monkeypatch.setattr(ingest_module, "decode_patch", fail)  # inherited by the forked workers
+    with pytest.raises(RuntimeError, match="disk gone"):
+        run(sample_dir, tmp_path, workers=2)
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_existing_store_needs_overwrite(sample_dir: Path, tmp_path: Path) -> None:
+    assert run(sample_dir, tmp_path).exit_code == 0
+    again = run(sample_dir, tmp_path)
+    assert again.exit_code == 2 and "already exists" in again.report["error"]
+    assert run(sample_dir, tmp_path, overwrite=True).exit_code == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["store"]
+
+
+def test_nothing_to_ingest_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    result = run(tmp_path / "empty", tmp_path)
+    assert result.exit_code == 2 and "no patches found" in result.report["error"]
+
+
+# ------------------------------------------------------------------------------------------ done criterion
+def break_five(root: Path) -> list[str]:
+    """The issue's five faults: a truncated TIFF, a grayscale PNG renamed .tif, a 95x96 patch, an id listed
+    twice with conflicting labels, and a missing file."""
+    return [
+        corrupt(root)
+        for corrupt in (truncated_tiff, grayscale_png_named_tif, narrow_patch, conflicting_rows, missing_file)
+    ]
+
+
+@pytest.mark.parametrize("source", ["sample_dir", pytest.param("shared_subset", marks=pytest.mark.shared)])
+def test_done_criterion(source: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    root = copy_source(request.getfixturevalue(source), tmp_path / "source")
+    n_train = len(labels_of(root))
+    bad = break_five(root)
+    out, report = tmp_path / "store", tmp_path / "store.report.json"
+    runner = CliRunner()
+
+    refused = runner.invoke(app, ["ingest", str(root), "--out", str(out)])
+    assert refused.exit_code == 2, refused.output
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["source", "store.report.json"]
+    named = {p["id"] for p in json.loads(report.read_text())["problems"]}
+    for id_ in bad:
+        assert id_ in refused.stderr and id_ in named
+
+    kept = runner.invoke(app, ["ingest", str(root), "--out", str(out), "--skip-bad"])
+    assert kept.exit_code == 0, kept.output
+    info = runner.invoke(app, ["info", str(out), "--json"])
+    manifest = json.loads(info.stdout)
+    assert manifest["splits"]["train"]["labeled"] == manifest["splits"]["train"]["count"] == n_train - 5
+    assert manifest["problems"]["skipped"] == 5
+    assert {item["id"] for item in Store(out).report["bad_items"]} == set(bad)
+
+
+@pytest.mark.shared
+def test_shared_subset_ingests_cleanly(shared_subset: Path, tmp_path: Path) -> None:
+    result = run(shared_subset, tmp_path)
+    assert result.exit_code == 0 and result.store is not None
+    splits = result.store.manifest["splits"]
+    assert (splits["train"]["labeled"], splits["train"]["positive"], splits["test"]["unlabeled"]) == (
+        5000,
+        2000,
+        43,
+    )
+    assert result.report["problems"] == [] and result.store.manifest["problems"]["kinds"] == {}
+    index = result.store.index  # ids are the SHA-1 of PIL's decode, so this checks every decoded patch
+    assert (index["sha1"] == index["id"]).all() and (
+        index["source"] == index["split"] + "/" + index["id"] + ".tif"
+    ).all()
+
+
+# ------------------------------------------------------------------------------------------------ info
+def test_describe_store_shows_counts_balance_and_problems(sample_copy: Path, tmp_path: Path) -> None:
+    identical_rows(sample_copy)
+    store = run(sample_copy, tmp_path).store
+    assert store is not None
+    console = Console(record=True, width=120)
+    console.print(describe_store(store))
+    text = console.export_text()
+    positive = 100 * sum(labels_of(sample_copy).values()) / N_SAMPLE_TRAIN
+    for expected in (
+        "train",
+        "test",
+        f"{positive:.1f}%",
+        "duplicate_id: 1 warning(s)",
+        "96 x 96 x 3",
+        "created",
+    ):
+        assert expected in text
+
+
+def test_info_command_prints_the_panel(sample_store: Store) -> None:
+    result = CliRunner().invoke(app, ["info", str(sample_store.path)])
+    assert result.exit_code == 0 and "240" in result.stderr and "problems" in result.stderr

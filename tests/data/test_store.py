@@ -1,0 +1,125 @@
+"""The store format: what StoreWriter commits is what Store reads back; nothing half-written is ever seen."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from histodetect.data.store import INDEX, MANIFEST, PATCHES, UNLABELED, Store, StoreError, StoreWriter
+
+
+def copy_rows(store: Store, rows: np.ndarray, path: Path, **commit: object) -> Store:
+    """A new store holding ``rows`` of ``store`` (real patches), written patch by patch."""
+    with StoreWriter(path, capacity=len(rows) + 3) as writer:  # spare capacity must be truncated away
+        for row in rows:
+            entry = store.index.iloc[row]
+            label = None if entry["label"] == UNLABELED else int(entry["label"])
+            writer.add(store.patches[row], entry["id"], label, entry["split"], entry["source"], entry["sha1"])
+        return writer.commit(source="test", **commit)  # type: ignore[arg-type]
+
+
+def test_commit_round_trips_pixels_index_and_counts(sample_store: Store, tmp_path: Path) -> None:
+    rows = np.concatenate([sample_store.rows("train")[:10], sample_store.rows("test")[:3]])
+    store = copy_rows(sample_store, rows, tmp_path / "s", extra={"note": 1}, report={"problems": []})
+    assert len(store) == 13 and (tmp_path / "s" / PATCHES).stat().st_size == 13 * 96 * 96 * 3
+    np.testing.assert_array_equal(store.patches, sample_store.read(rows))
+    assert store.ids.tolist() == sample_store.ids[rows].tolist()
+    assert store.labels.tolist() == sample_store.labels[rows].tolist()
+    assert store.manifest["splits"]["test"] == {
+        "count": 3,
+        "labeled": 0,
+        "unlabeled": 3,
+        "positive": 0,
+        "negative": 0,
+    }
+    assert store.manifest["note"] == 1 and store.report == {"problems": []}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]  # the hidden build folder is gone
+
+
+def test_rows_and_read_select_by_split_and_label(sample_store: Store) -> None:
+    assert len(sample_store.rows("train", labeled=True)) == 240
+    assert len(sample_store.rows(labeled=False)) == len(sample_store.rows("test")) == 16
+    assert len(sample_store.rows(["train", "test"])) == len(sample_store)
+    rows = np.array([200, 3, 17, 3])
+    np.testing.assert_array_equal(sample_store.read(rows), np.asarray(sample_store.patches)[rows])
+    with pytest.raises(StoreError, match="no split named"):
+        sample_store.rows("valid")
+
+
+def test_store_pickles_as_its_path(sample_store: Store) -> None:
+    assert len(pickle.dumps(sample_store)) < 1000
+    clone = pickle.loads(pickle.dumps(sample_store))
+    assert clone.path == sample_store.path
+    np.testing.assert_array_equal(clone.read([0, 5]), sample_store.read([0, 5]))
+
+
+def test_exception_inside_the_writer_leaves_nothing(sample_store: Store, tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError), StoreWriter(tmp_path / "s", capacity=4) as writer:
+        writer.add(sample_store.patches[0], "a", 0, "train", "x", "y")
+        raise RuntimeError("interrupted")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_writer_refuses_bad_patches_overflow_and_existing_stores(sample_store: Store, tmp_path: Path) -> None:
+    with StoreWriter(tmp_path / "s", capacity=1) as writer:
+        with pytest.raises(StoreError, match="expected"):
+            writer.add(sample_store.patches[0][:95], "a", 0, "train", "x", "y")
+        writer.add(sample_store.patches[0], "a", 0, "train", "x", "y")
+        with pytest.raises(StoreError, match="sized for"):
+            writer.add(sample_store.patches[1], "b", 0, "train", "x", "y")
+        writer.commit(source="test")
+    with pytest.raises(StoreError, match="already exists"):
+        StoreWriter(tmp_path / "s", capacity=1)
+
+
+def test_overwrite_replaces_the_old_store_atomically(sample_store: Store, tmp_path: Path) -> None:
+    copy_rows(sample_store, np.arange(5), tmp_path / "s")
+    with StoreWriter(tmp_path / "s", capacity=2, overwrite=True) as writer:
+        assert len(Store(tmp_path / "s")) == 5  # the old store stays readable until commit
+        writer.add(sample_store.patches[7], "z", 1, "train", "x", "y")
+        store = writer.commit(source="test")
+    assert store.ids.tolist() == ["z"] and sorted(p.name for p in tmp_path.iterdir()) == ["s"]
+
+
+def test_empty_store_commits_and_opens(tmp_path: Path) -> None:
+    with StoreWriter(tmp_path / "s", capacity=0) as writer:
+        store = writer.commit(source="test")
+    assert len(store) == 0 and store.patches.shape == (0, 96, 96, 3) and store.manifest["splits"] == {}
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda p: (p / MANIFEST).unlink(), "not a histodetect store"),
+        (lambda p: (p / MANIFEST).write_text("{"), "unreadable manifest"),
+        (lambda p: _edit_manifest(p, format="other"), "not a histodetect store manifest"),
+        (lambda p: _edit_manifest(p, version=99), "version 99 is not supported"),
+        (lambda p: _truncate(p / PATCHES), "holds"),
+        (lambda p: _truncate(p / INDEX), "holds"),
+    ],
+    ids=["no-manifest", "bad-json", "wrong-format", "future-version", "short-patches", "short-index"],
+)
+def test_damaged_stores_are_refused_with_a_reason(
+    sample_store: Store, tmp_path: Path, damage: Callable[[Path], object], message: str
+) -> None:
+    path = copy_rows(sample_store, np.arange(4), tmp_path / "s").path
+    damage(path)
+    with pytest.raises(StoreError, match=message):
+        Store(path)
+
+
+def _edit_manifest(path: Path, **changes: object) -> None:
+    manifest = json.loads((path / MANIFEST).read_text())
+    (path / MANIFEST).write_text(json.dumps({**manifest, **changes}))
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(
+        data[: len(data) - len(data) // 4] if path.suffix == ".u8" else b"".join(data.splitlines(True)[:-1])
+    )

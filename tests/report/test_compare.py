@@ -1,0 +1,106 @@
+"""The comparison table, from fake run folders laid out like `train` and `evaluate` write them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from histodetect.report.compare import augment_summary, compare, duration, loss_summary
+from histodetect.train.config import ConfigError, TrainConfig
+
+
+def _run(
+    root: Path,
+    name: str,
+    summary: dict[str, Any] | None,
+    evaluation: dict[str, Any] | None = None,
+    **config: Any,
+) -> Path:
+    run = root / name
+    run.mkdir(parents=True)
+    TrainConfig(**config).save(run / "config.yaml")
+    if summary is not None:
+        (run / "summary.json").write_text(json.dumps(summary))
+    if evaluation is not None:
+        (run / "evaluation").mkdir()
+        (run / "evaluation" / "metrics.json").write_text(json.dumps(evaluation))
+    return run
+
+
+def _summary(auc: float, acc: float, **extra: Any) -> dict[str, Any]:
+    return {
+        "best_epoch": 3,
+        "best_val_auc": auc,
+        "best_val_acc": acc,
+        "epochs_run": 5,
+        "wall_time_s": 754.2,
+        "train_images_per_s": 1234.5,
+        "device": "NVIDIA H100",
+        "precision": "bf16-mixed",
+        **extra,
+    }
+
+
+@pytest.fixture
+def runs(tmp_path: Path) -> list[Path]:
+    return [
+        _run(tmp_path, "baseline", _summary(0.91, 0.85), model="baseline-cnn", pretrained="none"),
+        _run(
+            tmp_path,
+            "effnet",
+            _summary(0.95, 0.88, stopped_by="early_stopping"),
+            {"roc_auc": 0.9612, "roc_auc_ci": [0.955, 0.967], "accuracy": 0.901},
+            model="tf_efficientnet_lite0",
+            freeze="top:2",
+            loss="focal",
+            mixup=0.2,
+            notes="lite0 | fast",
+        ),
+        _run(tmp_path, "unfinished", None, lr=3e-4),
+    ]
+
+
+def test_table_sorted_by_auc_with_best_marked(runs: list[Path], tmp_path: Path) -> None:
+    out = tmp_path / "results.md"
+    markdown = compare(runs, out)
+    assert out.read_text() == markdown
+    lines = [line for line in markdown.splitlines() if line.startswith("| ")]
+    assert lines[0].startswith("| run | model | freeze | lr |")
+    names = [line.split("|")[1].strip() for line in lines[1:]]
+    assert names == ["★ effnet", "baseline", "unfinished"]
+    effnet = lines[1]
+    assert "0.9612 [0.9550–0.9670]" in effnet and "0.9010" in effnet  # evaluate's numbers win over training's
+    assert "focal γ2.0 α0.25" in effnet and "mixup 0.2" in effnet and "top:2" in effnet
+    assert "stopped by early_stopping" in effnet and "lite0 \\| fast" in effnet  # pipe escaped
+    assert "12m 34s" in lines[2] and "5 (best 3)" in lines[2] and "1,234" in lines[2]
+    assert "no summary.json" in lines[3] and "0.0003" in lines[3]
+    html = (tmp_path / "results.html").read_text()
+    assert "class=highlight" in html and "★ effnet" in html
+    assert (tmp_path / "results_auc.png").exists()
+
+
+def test_missing_or_broken_run_is_named(runs: list[Path], tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        compare([*runs, tmp_path / "nowhere"], tmp_path / "r.md")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"empty: not a run folder \(no config.yaml\)"):
+        compare([tmp_path / "empty"], tmp_path / "r.md")
+    (runs[0] / "summary.json").write_text("{not json")
+    with pytest.raises(ConfigError, match=r"baseline/summary.json: unreadable"):
+        compare(runs, tmp_path / "r.md")
+    (runs[1] / "config.yaml").write_text("- a list\n")
+    with pytest.raises(ValueError, match=r"config\.yaml: expected a mapping"):
+        compare([runs[1]], tmp_path / "r.md")
+    assert not (tmp_path / "r.md").exists()
+
+
+def test_summaries() -> None:
+    config = yaml.safe_load(yaml.safe_dump(TrainConfig().to_dict()))
+    assert augment_summary(config) == "D4, HED 0.05, bright 0.1, contrast 0.1"
+    assert augment_summary({}) == "none"
+    assert loss_summary({"loss": "bce", "pos_weight": 2.0, "label_smoothing": 0.1}) == "bce pos_weight 2.0 smooth 0.1"
+    assert [duration(s) for s in (4.6, 754.2, 3725, None)] == ["5s", "12m 34s", "1h 02m", ""]

@@ -1,0 +1,39 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from histodetect.data.split import read_groups, split_rows
+from histodetect.train.config import ConfigError
+
+LABELS = np.array([0] * 60 + [1] * 40)
+
+
+def test_holdout_is_stratified_disjoint_and_complete() -> None:
+    train, val = split_rows(LABELS, val_fraction=0.2, seed=0)
+    assert len(val) == 20 and LABELS[val].sum() == 8
+    assert not set(train) & set(val) and len(train) + len(val) == len(LABELS)
+
+
+def test_folds_cover_every_patch_once() -> None:
+    vals = [split_rows(LABELS, val_fraction=0.2, seed=1, folds=5, fold=k)[1] for k in range(5)]
+    assert sorted(np.concatenate(vals)) == list(range(len(LABELS)))
+
+
+def test_groups_never_straddle_the_split() -> None:
+    groups = np.repeat(np.arange(20), 5)
+    rng = np.random.default_rng(0)
+    labels = np.repeat(rng.integers(0, 2, 20), 5)
+    train, val = split_rows(labels, val_fraction=0.25, seed=0, groups=groups)
+    assert not set(groups[train]) & set(groups[val])
+    assert 0.15 <= len(val) / len(labels) <= 0.35
+
+
+def test_read_groups_names_missing_ids(tmp_path: Path) -> None:
+    (tmp_path / "g.csv").write_text("id,group\na,s1\nb,s2\n")
+    assert list(read_groups(tmp_path / "g.csv", np.array(["b", "a"]))) == ["s2", "s1"]
+    with pytest.raises(ConfigError, match="no group"):
+        read_groups(tmp_path / "g.csv", np.array(["a", "c"]))
+    (tmp_path / "bad.csv").write_text("id,slide\na,s1\n")
+    with pytest.raises(ConfigError, match="group"):
+        read_groups(tmp_path / "bad.csv", np.array(["a"]))

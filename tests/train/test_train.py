@@ -1,0 +1,236 @@
+"""Training end to end on the real sample store: every model family, freeze policy, loss and augmentation."""
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from histodetect.data.store import Store
+from histodetect.models import create_model
+from histodetect.train.config import ConfigError, TrainConfig
+from histodetect.train.run import load_model, train
+
+QUICK = dict(epochs=1, batch_size=8, limit_train=16, val_fraction=0.2, image_size=96, num_workers=0, patience=0)
+
+
+def quick(**changes) -> TrainConfig:
+    return TrainConfig(**{**QUICK, **changes})
+
+
+@pytest.mark.parametrize(
+    ("model", "pretrained", "freeze", "loss", "aug"),
+    [
+        ("baseline-cnn", "none", "none", "bce", {}),
+        ("baseline-cnn", "none", "none", "focal", {"mixup": 0.4}),
+        ("baseline-cnn", "none", "none", "bce", {"cutmix": 1.0, "label_smoothing": 0.1, "pos_weight": 1.5}),
+        (
+            "baseline-cnn",
+            "none",
+            "none",
+            "focal",
+            {
+                "mixup": 0.4,
+                "cutmix": 1.0,
+                "aug_dihedral": False,
+                "aug_hed": 0.0,
+                "aug_brightness": 0.0,
+                "aug_contrast": 0.0,
+            },
+        ),
+        ("tf_efficientnet_lite0", "auto", "frozen", "bce", {}),
+        ("tf_efficientnet_lite0", "auto", "top:2", "focal", {"cutmix": 1.0, "warmup_epochs": 0}),
+        ("resnet50", "none", "frozen", "bce", {"optimizer": "sgd", "scheduler": "onecycle"}),
+        ("resnet50", "none", "top:1", "focal", {"optimizer": "rmsprop", "warmup_epochs": 0}),
+        (
+            "efficientnet_b0",
+            "none",
+            "none",
+            "bce",
+            {"optimizer": "adam", "scheduler": "plateau", "mixup": 0.2},
+        ),
+        ("convnext_atto", "none", "top:1", "bce", {"warmup_epochs": 0, "lr_warmup_epochs": 0.5}),
+    ],
+)
+def test_every_family_trains_a_step(sample_store: Store, tmp_path: Path, model, pretrained, freeze, loss, aug) -> None:
+    summary = train(
+        sample_store,
+        tmp_path / "run",
+        quick(model=model, pretrained=pretrained, freeze=freeze, loss=loss, **aug),
+    )
+    assert summary["epochs_run"] == 1
+    assert np.isfinite(summary["best_val_auc"])
+    for name in (
+        "config.yaml",
+        "model.safetensors",
+        "metrics.csv",
+        "split.csv",
+        "summary.json",
+        "curves.png",
+        "checkpoints/last.ckpt",
+        "checkpoints/best.ckpt",
+    ):
+        assert (tmp_path / "run" / name).exists(), name
+    net, config = load_model(tmp_path / "run")
+    assert config.model == model
+    with torch.no_grad():
+        out = net(torch.rand(2, 3, 96, 96))
+    assert out.shape == (2,) and torch.isfinite(out).all()
+
+
+def _backbone_state(net) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in net.backbone.state_dict().items() if v.dtype.is_floating_point}
+
+
+def test_frozen_backbone_does_not_change(sample_store: Store, tmp_path: Path) -> None:
+    before = _backbone_state(create_model("tf_efficientnet_lite0", pretrained="auto"))
+    train(
+        sample_store,
+        tmp_path / "run",
+        quick(model="tf_efficientnet_lite0", pretrained="auto", freeze="frozen", epochs=2),
+    )
+    after, _ = load_model(tmp_path / "run")
+    changed = [k for k, v in _backbone_state(after).items() if not torch.equal(v, before[k])]
+    assert changed == []  # weights and BatchNorm running statistics alike
+    head_before = create_model("tf_efficientnet_lite0", pretrained="auto").head.state_dict()
+    assert any(not torch.equal(v, head_before[k]) for k, v in after.head.state_dict().items())
+
+
+def test_top_k_unfreezes_at_the_set_epoch(sample_store: Store, tmp_path: Path) -> None:
+    train(
+        sample_store,
+        tmp_path / "run",
+        quick(model="tf_efficientnet_lite0", pretrained="auto", freeze="top:1", warmup_epochs=1, epochs=2),
+    )
+    metrics = pd.read_csv(tmp_path / "run" / "metrics.csv")
+    assert metrics["backbone_trainable"].tolist()[0] == 0
+    assert metrics["backbone_trainable"].tolist()[1] > 0
+
+
+def test_existing_run_is_not_overwritten(sample_store: Store, tmp_path: Path) -> None:
+    train(sample_store, tmp_path / "run", quick())
+    with pytest.raises(ConfigError, match="--resume"):
+        train(sample_store, tmp_path / "run", quick())
+
+
+KILL_SCRIPT = textwrap.dedent(
+    """
+    import os, signal, sys
+    import lightning as L
+    from histodetect.data.store import Store
+    from histodetect.train.config import TrainConfig
+    from histodetect.train.run import train
+
+    class KillAt(L.Callback):
+        def __init__(self, step):
+            self.step = step
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step == self.step:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    store, out, kill_at, resume = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1"
+    config = TrainConfig(model="baseline-cnn", epochs=3, batch_size=16, limit_train=96, val_fraction=0.2,
+                         patience=0, seed=7, mixup=0.2, dropout=0.3)
+    train(Store(store), out, config, resume=resume, callbacks=[KillAt(kill_at)] if kill_at >= 0 else [])
+    """
+)
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(sample_store: Store, tmp_path: Path) -> None:
+    script = tmp_path / "kill.py"
+    script.write_text(KILL_SCRIPT)
+
+    def run(out: Path, kill_at: int, resume: bool) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [
+                sys.executable,
+                str(script),
+                str(sample_store.path),
+                str(out),
+                str(kill_at),
+                "1" if resume else "0",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+
+    straight = run(tmp_path / "straight", -1, False)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    killed = run(tmp_path / "killed", 8, False)  # 6 steps per epoch: step 8 is in the middle of epoch 2
+    assert killed.returncode == -9
+    assert not (tmp_path / "killed" / "model.safetensors").exists()
+    assert (tmp_path / "killed" / "checkpoints" / "last.ckpt").exists()
+    resumed = run(tmp_path / "killed", -1, True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a = load_file(tmp_path / "straight" / "model.safetensors")
+    b = load_file(tmp_path / "killed" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+    assert len(pd.read_csv(tmp_path / "killed" / "metrics.csv")) == 3
+    summary = json.loads((tmp_path / "killed" / "summary.json").read_text())
+    assert summary["epochs_run"] == 3
+
+
+DDP_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    from pathlib import Path
+    import lightning as L
+    from histodetect.data.store import Store
+    from histodetect.train.config import TrainConfig
+    from histodetect.train.run import train
+
+    class RecordRows(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            path = Path(sys.argv[2] + f".rank{trainer.global_rank}.jsonl")
+            with path.open("a") as fh:
+                fh.write(json.dumps({"epoch": trainer.current_epoch, "rows": batch[2].tolist()}) + "\\n")
+
+    config = TrainConfig(model="baseline-cnn", epochs=1, batch_size=8, limit_train=64, val_fraction=0.2,
+                         patience=0, accelerator="cpu", devices="2", strategy="ddp", precision="32")
+    train(Store(sys.argv[1]), sys.argv[2], config, callbacks=[RecordRows()])
+    """
+)
+
+
+def test_ddp_two_cpu_processes_see_disjoint_data_and_save_once(sample_store: Store, tmp_path: Path) -> None:
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    out = tmp_path / "run"
+    done = subprocess.run(
+        [sys.executable, str(script), str(sample_store.path), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = [
+        [row for line in Path(f"{out}.rank{rank}.jsonl").read_text().splitlines() for row in json.loads(line)["rows"]]
+        for rank in (0, 1)
+    ]
+    assert seen[0] and seen[1]
+    assert not set(seen[0]) & set(seen[1])
+    split = pd.read_csv(out / "split.csv")
+    assert len(set(seen[0]) | set(seen[1])) == (split["part"] == "train").sum() == 64
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == sorted(
+        [
+            "checkpoints",
+            "config.yaml",
+            "curves.png",
+            "metrics.csv",
+            "model.safetensors",
+            "split.csv",
+            "summary.json",
+        ]
+    )
