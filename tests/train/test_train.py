@@ -6,6 +6,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pandas as pd
 import pytest
@@ -234,3 +235,93 @@ def test_ddp_two_cpu_processes_see_disjoint_data_and_save_once(sample_store: Sto
             "summary.json",
         ]
     )
+
+
+class FrozenBatchNormModes(L.Callback):
+    """Records, at every training step, whether any BatchNorm with frozen weights is in training mode."""
+
+    def __init__(self) -> None:
+        self.training_frozen_bn: list[int] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.training_frozen_bn.append(
+            sum(
+                isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                and m.training
+                and not any(p.requires_grad for p in m.parameters())
+                for m in pl_module.model.modules()
+            )
+        )
+
+
+def test_frozen_batchnorm_normalises_with_its_pretrained_statistics(sample_store: Store, tmp_path: Path) -> None:
+    """A frozen BatchNorm in training mode would normalise by batch statistics in training and by running
+    statistics in validation: the head would learn features it never sees again (validation AUC near 0.5)."""
+    probe = FrozenBatchNormModes()
+    train(
+        sample_store,
+        tmp_path / "run",
+        quick(model="tf_efficientnet_lite0", pretrained="auto", freeze="top:1", warmup_epochs=1, epochs=2),
+        callbacks=[probe],
+    )
+    assert probe.training_frozen_bn and all(n == 0 for n in probe.training_frozen_bn)
+
+
+def test_cli_trains_a_run_and_refuses_a_weights_file_that_does_not_fit(sample_store: Store, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from histodetect.cli import app
+
+    runner = CliRunner()
+    ok = runner.invoke(
+        app,
+        [
+            "train",
+            str(sample_store.path),
+            "--out",
+            str(tmp_path / "run"),
+            "--epochs",
+            "1",
+            "--batch-size",
+            "16",
+            "--limit-train",
+            "32",
+            "--no-aug-dihedral",
+            "--optimizer",
+            "sgd",
+        ],
+    )
+    assert ok.exit_code == 0, ok.output
+    saved = TrainConfig.load(tmp_path / "run" / "config.yaml")
+    assert (saved.epochs, saved.batch_size, saved.aug_dihedral, saved.optimizer) == (1, 16, False, "sgd")
+    again = runner.invoke(
+        app,
+        [
+            "train",
+            str(sample_store.path),
+            "--out",
+            str(tmp_path / "run2"),
+            "--config",
+            str(tmp_path / "run" / "config.yaml"),
+            "--epochs",
+            "1",
+        ],
+    )
+    assert again.exit_code == 0, again.output
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"not a checkpoint at all")
+    refused = runner.invoke(
+        app,
+        [
+            "train",
+            str(sample_store.path),
+            "--out",
+            str(tmp_path / "run3"),
+            "--model",
+            "resnet18",
+            "--pretrained",
+            str(bad),
+        ],
+    )
+    assert refused.exit_code == 2
+    assert "bad.pth" in refused.output

@@ -1,0 +1,1 @@
+"""Using a run: predict, evaluate, explain, export."""

@@ -1,0 +1,218 @@
+"""The one batched inference path: runs (or exported ``.onnx`` files) x uint8 patches -> probabilities.
+
+Every command that scores patches (predict, evaluate, the benchmark) goes through :class:`Predictor`, so
+batching, precision, test-time augmentation and ensembling are decided once. Patches stay uint8 NHWC until a
+batch is on its way into the model: 57,458 test patches are 1.6 GB as uint8 but 6.4 GB as float, so only one
+batch at a time is ever converted.
+
+Averaging is over probabilities, not logits: an ensemble or TTA mean of sigmoid outputs is what the
+competition's AUC sees, and it keeps one over-confident member from dominating the way a logit mean can.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from histodetect.data.augment import dihedral, to_float
+from histodetect.errors import UserError
+from histodetect.models import Classifier
+from histodetect.train.device import cpu_has_bf16, resolve_accelerator
+
+# Indices into histodetect.data.augment.dihedral: k % 4 quarter turns, then a left-right flip when k >= 4.
+# flips = identity, left-right (4), top-bottom (6 = half turn + left-right), both (2 = half turn).
+TTA_TRANSFORMS: dict[str, tuple[int, ...]] = {"none": (0,), "flips": (0, 4, 6, 2), "d4": tuple(range(8))}
+PRECISIONS = ("auto", "fp32", "bf16")
+# On a CPU small batches stay in cache: on the project's 2-core AVX-512 machine (bf16, 96 px) 64 runs
+# tf_efficientnet_lite0 at ~1,600 images/s and 256 at ~850 (resnet18: ~990 vs ~760). A GPU needs large batches.
+DEFAULT_BATCH = {"cpu": 64, "cuda": 1024}
+ONNX_SUFFIX = ".onnx"
+
+
+class InferError(UserError, ValueError):
+    """Input to predict, evaluate, explain or export that cannot be used as given (one line, exit code 2)."""
+
+
+class PatchReader(Protocol):
+    """What the engine reads from: a numpy array or memmap ``(N, 96, 96, 3)`` uint8, or any object that hands
+    out such arrays for slices (a store's rows, a folder of image files decoded on demand)."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: slice) -> np.ndarray: ...
+
+
+class _Member(Protocol):
+    """One ensemble member: the summed probabilities of a uint8 NHWC batch over the TTA transforms ``ks``."""
+
+    def __call__(self, pixels: torch.Tensor, ks: Sequence[int]) -> torch.Tensor: ...
+
+
+class Predictor:
+    """Probabilities from one or more runs, averaged over runs and over TTA transforms.
+
+    ``runs``: run folders (loaded with :func:`histodetect.train.run.load_model`), ``.onnx`` files written by
+    ``histodetect export``, or ``Classifier`` objects already in memory (benchmarks, notebooks; they are put in
+    eval mode and moved to the device and memory layout in place).
+
+    ``precision``: ``auto`` is bf16 autocast with channels_last on CUDA and on CPUs with native bf16 (about 2.8x
+    fp32 for tf_efficientnet_lite0 at 96 px on the project's AVX-512 machines) and fp32 elsewhere; ``fp32`` forces
+    full precision (exact comparisons with an ONNX export). ONNX members always run in fp32 on onnxruntime's CPU
+    provider.
+    """
+
+    def __init__(
+        self,
+        runs: Sequence[str | os.PathLike[str] | Classifier],
+        *,
+        tta: str = "none",
+        batch_size: int | None = None,
+        precision: str = "auto",
+        device: str = "auto",
+        progress: bool = True,
+    ) -> None:
+        if not runs:
+            raise InferError("no run given: pass at least one run folder or .onnx file")
+        if tta not in TTA_TRANSFORMS:
+            raise InferError(f"--tta {tta!r}: choose from {', '.join(TTA_TRANSFORMS)}")
+        if precision not in PRECISIONS:
+            raise InferError(f"precision {precision!r}: choose from {', '.join(PRECISIONS)}")
+        if batch_size is not None and batch_size < 1:
+            raise InferError(f"--batch-size {batch_size}: need at least 1")
+        self.device = torch.device(resolve_accelerator(device))
+        self.autocast_dtype = _autocast_dtype(self.device, precision)
+        self.channels_last = self.autocast_dtype is not None
+        self.transforms = TTA_TRANSFORMS[tta]
+        self.batch_size = batch_size or DEFAULT_BATCH.get(self.device.type, DEFAULT_BATCH["cpu"])
+        self.progress = progress
+        self.members: list[_Member] = [self._load(run) for run in runs]
+
+    @property
+    def precision(self) -> str:
+        """What the PyTorch members compute in: ``bf16`` or ``fp16`` (autocast), or ``fp32``."""
+        return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.autocast_dtype, "fp32")
+
+    def _load(self, run: str | os.PathLike[str] | Classifier) -> _Member:
+        if isinstance(run, Classifier):
+            return _TorchMember(run, self.device, self.autocast_dtype, self.channels_last)
+        run = Path(run)
+        if run.suffix.lower() == ONNX_SUFFIX:
+            if not run.is_file():
+                raise FileNotFoundError(f"{run}: no such ONNX file")
+            return OnnxMember(run)
+        from histodetect.train.run import load_model  # Lightning is imported only when a run folder is used
+
+        model, _ = load_model(run)
+        return _TorchMember(model, self.device, self.autocast_dtype, self.channels_last)
+
+    def predict(self, patches: PatchReader, *, label: str = "predict") -> np.ndarray:
+        """float32 probabilities ``(N,)`` for uint8 ``(N, H, W, 3)`` patches, read one batch at a time."""
+        n = len(patches)
+        total = np.zeros(n, dtype=np.float64)
+        with _progress(self.progress, n, label) as advance:
+            for start in range(0, n, self.batch_size):
+                batch = np.asarray(patches[start : start + self.batch_size])
+                _check_batch(batch)
+                pixels = torch.from_numpy(np.ascontiguousarray(batch))
+                with torch.inference_mode():
+                    for member in self.members:
+                        total[start : start + len(batch)] += member(pixels, self.transforms).double().cpu().numpy()
+                advance(len(batch))
+        return (total / (len(self.members) * len(self.transforms))).astype(np.float32)
+
+
+def _autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and cpu_has_bf16():
+        return torch.bfloat16
+    return None
+
+
+def _check_batch(batch: np.ndarray) -> None:
+    if batch.dtype != np.uint8 or batch.ndim != 4 or batch.shape[-1] != 3:
+        raise InferError(f"patches must be uint8 (N, H, W, 3) RGB, got {batch.dtype} {batch.shape}")
+
+
+class _TorchMember:
+    def __init__(
+        self, model: Classifier, device: torch.device, autocast_dtype: torch.dtype | None, channels_last: bool
+    ) -> None:
+        self.model = model.eval().to(device)
+        if channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.device = device
+        self.autocast_dtype = autocast_dtype
+        self.channels_last = channels_last
+
+    def __call__(self, pixels: torch.Tensor, ks: Sequence[int]) -> torch.Tensor:
+        x = to_float(pixels.to(self.device, non_blocking=True), channels_last=self.channels_last)
+        autocast = (
+            torch.autocast(self.device.type, dtype=self.autocast_dtype)
+            if self.autocast_dtype is not None
+            else contextlib.nullcontext()
+        )
+        total = torch.zeros(len(x), dtype=torch.float32, device=self.device)
+        with autocast:
+            for k in ks:
+                total += torch.sigmoid(self.model(self._view(x, k)).float())
+        return total
+
+    def _view(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        """The ``k``-th dihedral view in the memory layout the model runs in; the identity costs no copy
+        (``torch.rot90`` by 0 would copy into NCHW)."""
+        if k == 0:
+            return x
+        view = dihedral(x, k)
+        return view.contiguous(memory_format=torch.channels_last) if self.channels_last else view
+
+
+class OnnxMember:
+    """An exported model (uint8 NHWC in, probability out, see :mod:`histodetect.infer.export`) on onnxruntime;
+    ``model`` is an ``.onnx`` file or its bytes (export checks a graph before writing it)."""
+
+    def __init__(self, model: Path | bytes) -> None:
+        import onnxruntime as ort
+
+        try:
+            self.session = ort.InferenceSession(
+                model if isinstance(model, bytes) else str(model), providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:  # onnxruntime raises its own exception types for unreadable models
+            raise InferError(
+                f"{model if isinstance(model, Path) else 'export'}: not a loadable ONNX model ({exc})"
+            ) from exc
+        self.input = self.session.get_inputs()[0].name
+
+    def __call__(self, pixels: torch.Tensor, ks: Sequence[int]) -> torch.Tensor:
+        nchw = pixels.permute(0, 3, 1, 2)  # dihedral acts on the last two axes
+        total = np.zeros(len(pixels), dtype=np.float32)
+        for k in ks:
+            batch = dihedral(nchw, k).permute(0, 2, 3, 1).contiguous().numpy()
+            total += self.session.run(None, {self.input: batch})[0].reshape(-1)
+        return torch.from_numpy(total)
+
+
+@contextlib.contextmanager
+def _progress(enabled: bool, total: int, label: str) -> Iterator[Callable[[int], None]]:
+    """A progress bar on an interactive stderr; silent in pipes, CI logs and tests."""
+    console = Console(stderr=True)
+    if not (enabled and console.is_terminal):
+        yield lambda _n: None
+        return
+    columns = (TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task(label, total=total)
+        yield lambda n: bar.advance(task, n)
