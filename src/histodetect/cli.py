@@ -151,6 +151,9 @@ def train(
     pretrained: Annotated[str | None, typer.Option(help="auto | none | path to .safetensors/.pth.")] = None,
     freeze: Annotated[str | None, typer.Option(help="none | frozen | top:K.")] = None,
     warmup_epochs: Annotated[int | None, typer.Option(help="Head-only epochs before top:K unfreezes.")] = None,
+    backbone_lr_scale: Annotated[
+        float | None, typer.Option(help="Learning rate of a pretrained backbone, as a fraction of --lr.")
+    ] = None,
     dropout: Annotated[float | None, typer.Option()] = None,
     image_size: Annotated[int | None, typer.Option(help="Resize patches to this many pixels (96 = native).")] = None,
     optimizer: Annotated[str | None, typer.Option(help="adam | adamw | rmsprop | sgd.")] = None,
@@ -229,9 +232,11 @@ def compare(
 ) -> None:
     """A results table, one row per run, built from the run folders."""
     from histodetect.report.compare import compare as run_compare
+    from histodetect.report.compare import terminal_table
 
-    table = run_compare(runs, out)
-    typer.echo(table)
+    run_compare(runs, out)
+    console.print(terminal_table(runs))
+    console.print(f"full table: [bold]{out}[/] and [bold]{out.with_suffix('.html')}[/]")
 
 
 @app.command()

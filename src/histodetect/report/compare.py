@@ -20,6 +20,8 @@ import numpy as np
 import pandas as pd
 import yaml
 from matplotlib.figure import Figure
+from rich import box
+from rich.table import Table
 
 from histodetect.io import atomic_write_text
 from histodetect.report.figures import INK, styled
@@ -78,12 +80,30 @@ def compare(runs: list[Path], out: Path) -> str:
         raise ValueError("compare needs at least one run folder")
     if out.suffix.lower() == ".html":
         raise ValueError(f"{out}: give the Markdown file to write (e.g. results.md); the .html goes beside it")
-    records = sorted((read_run(Path(r)) for r in runs), key=lambda r: (math.isnan(r.auc), -np.nan_to_num(r.auc)))
+    records = read_runs(runs)
     table = results_table(records)
     markdown = to_markdown(table) + f"\n{BEST_MARK} best validation ROC AUC. {_FOOTNOTE}\n"
     atomic_write_text(out, markdown)
     _write_html(out, table, records)
     return markdown
+
+
+def read_runs(runs: list[Path]) -> list[RunRecord]:
+    """The runs, best validation AUC first (runs without one last)."""
+    return sorted((read_run(Path(r)) for r in runs), key=lambda r: (math.isnan(r.auc), -np.nan_to_num(r.auc)))
+
+
+TERMINAL_COLUMNS = ["run", "freeze", "val AUC", "val acc", "wall time", "images/s"]
+
+
+def terminal_table(runs: list[Path]) -> Table:
+    """The key columns of the comparison for a terminal; the Markdown and HTML files hold all of them."""
+    table = Table(title="Run comparison (best validation ROC AUC first)", title_justify="left", box=box.SIMPLE_HEAD)
+    for column in TERMINAL_COLUMNS:
+        table.add_column(column, justify="right" if column in NUMERIC else "left", no_wrap=column in ("run", "val AUC"))
+    for row in results_table(read_runs(runs))[TERMINAL_COLUMNS].itertuples(index=False):
+        table.add_row(*(str(v) for v in row))
+    return table
 
 
 _FOOTNOTE = (
