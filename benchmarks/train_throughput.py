@@ -5,7 +5,7 @@ Baseline: a per-image PIL ``Dataset`` over the TIFF files (torchvision flips + T
 tensor augmentation, bf16 autocast and channels_last where the CPU has native bf16), as a user runs it.
 Both train every layer at 96 px with batch 64. Prints one JSON object; the target is a ratio of at least 2.
 
-    python benchmarks/train_throughput.py [--models baseline-cnn resnet50 tf_efficientnet_lite0] [--images 512]
+    python benchmarks/train_throughput.py [--models baseline-cnn resnet50 tf_efficientnet_lite0] [--images 1024]
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ def histodetect_images_per_s(model_name: str, store: Store, n: int, work: Path) 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["baseline-cnn", "resnet50", "tf_efficientnet_lite0"])
-    parser.add_argument("--images", type=int, default=512, help="training images per measurement")
+    parser.add_argument("--images", type=int, default=1024, help="training images per measurement")
     args = parser.parse_args()
     folder = SHARED if SHARED.exists() else sample_dir()
     labels = pd.read_csv(folder / "train_labels.csv").iloc[: args.images]

@@ -332,3 +332,11 @@ def test_tensorboard_logger_writes_events_and_unknown_logger_is_refused(sample_s
     assert list((tmp_path / "run" / "tensorboard").rglob("events.out.tfevents.*"))
     with pytest.raises(ConfigError, match="unknown logger"):
         train(sample_store, tmp_path / "run2", quick(logger="wandb"))
+
+
+def test_max_time_stops_cleanly_and_keeps_the_best_weights(sample_store: Store, tmp_path: Path) -> None:
+    summary = train(sample_store, tmp_path / "run", quick(epochs=200, limit_train=None, max_time=0.25))
+    assert summary["stopped_by"] == "max_time"
+    assert 1 <= summary["epochs_run"] < 200
+    net, _ = load_model(tmp_path / "run")  # the best epoch's weights, exported when the budget ran out
+    assert net(torch.rand(1, 3, 96, 96)).shape == (1,)

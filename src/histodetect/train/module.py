@@ -20,14 +20,19 @@ from histodetect.data.datamodule import Batch
 from histodetect.loss import build_loss
 from histodetect.models import Classifier
 from histodetect.train.config import TrainConfig
+from histodetect.train.device import depthwise_in_fp32
 
 
 class LitClassifier(L.LightningModule):
-    def __init__(self, config: TrainConfig, model: Classifier, *, channels_last: bool = False):
+    def __init__(
+        self, config: TrainConfig, model: Classifier, *, channels_last: bool = False, depthwise_fp32: bool = False
+    ):
         super().__init__()
         self.config = config
         self.model = model
         self.channels_last = channels_last
+        if depthwise_fp32:
+            depthwise_in_fp32(model)
         # Kept out of the module tree so the weights are saved once, under ``model.``.
         self.__dict__["forward_fn"] = torch.compile(model) if config.compile else model
         self.loss_fn = build_loss(config)

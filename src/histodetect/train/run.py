@@ -8,6 +8,7 @@ The run folder (DEVELOPERS.md) holds ``config.yaml``, ``model.safetensors`` (bes
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import os
 import platform
@@ -19,6 +20,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import pandas as pd
+import timm
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
@@ -71,7 +73,7 @@ def train(
     model = create_model(
         config.model, pretrained=config.pretrained, dropout=config.dropout, image_size=config.image_size
     )
-    module = LitClassifier(config, model, channels_last=hardware.channels_last)
+    module = LitClassifier(config, model, channels_last=hardware.channels_last, depthwise_fp32=hardware.depthwise_fp32)
     _quiet_lightning()
     trainer = _trainer(config, hardware, out, has_val=len(datamodule.val_rows) > 0, extra=callbacks or [])
     if trainer.is_global_zero:
@@ -239,15 +241,9 @@ def _summary(
             "torch": torch.__version__,
             "lightning": L.__version__,
             "python": platform.python_version(),
-            **_optional_versions(),
+            "timm": timm.__version__,
         },
     }
-
-
-def _optional_versions() -> dict[str, str]:
-    import timm
-
-    return {"timm": timm.__version__}
 
 
 def _device_name(hardware: Hardware) -> str:
@@ -261,8 +257,6 @@ def _num(value: Any) -> float | None:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    import json
-
     return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
 
 
