@@ -107,7 +107,7 @@ def main() -> None:
     sampler.start()
     summary = train(store, run, config)
     sampler.stop.set()
-    util = np.array(sampler.samples) if sampler.samples else np.array([np.nan])
+    util = np.array(sampler.samples, dtype=float)  # empty where nvidia-smi is missing (a CPU check)
     print(
         json.dumps(
             {
@@ -119,8 +119,8 @@ def main() -> None:
                 "store_build_s": round(build_s, 1),
                 "train_images_per_s": summary.get("train_images_per_s"),
                 "target_images_per_s": 10_000,
-                "gpu_util_mean": round(float(np.nanmean(util)), 1),
-                "gpu_util_median": round(float(np.nanmedian(util)), 1),
+                "gpu_util_mean": round(float(util.mean()), 1) if len(util) else None,
+                "gpu_util_median": round(float(np.median(util)), 1) if len(util) else None,
                 "device": summary.get("device"),
                 "precision": summary.get("precision"),
                 "wall_time_s": summary.get("wall_time_s"),

@@ -160,7 +160,7 @@ def freeze_top_k(freeze: str) -> int | None:
 PRESETS: dict[str, dict[str, Any]] = {
     "cpu": {
         # Measured on 2 cores with the 5,000-patch hcd-subset (random 80/20 split): val AUC 0.95 by epoch 3 and
-        # 0.96 from epoch 5, about 48 s an epoch; a head-only start or top:2 fine-tuning learned more slowly.
+        # 0.96 from epoch 5, about 45 s an epoch; a head-only start or top:2 fine-tuning learned more slowly.
         "model": "tf_efficientnet_lite0",
         "pretrained": "auto",
         "freeze": "none",
