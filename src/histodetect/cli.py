@@ -204,6 +204,51 @@ def train(
     console.print(f"run: [bold]{out}[/]  best val AUC {summary.get('best_val_auc', float('nan')):.4f}")
 
 
+@app.command()
+@friendly
+def tune(
+    store: Annotated[Path, typer.Argument(help="A store folder with a labeled split.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the trials, study.db, trials.csv, best.yaml.")],
+    trials: Annotated[int, typer.Option(help="Finished trials the study should hold (re-running continues it).")] = 20,
+    storage: Annotated[
+        str | None, typer.Option(help="Optuna storage URL shared by workers (default: sqlite in --out).")
+    ] = None,
+    study_name: Annotated[str, typer.Option(help="Study name inside the storage.")] = "histodetect",
+    timeout: Annotated[float | None, typer.Option(help="Stop starting trials after this many minutes.")] = None,
+    preset: Annotated[str | None, typer.Option(help="Base settings: cpu | gpu.")] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="Base settings from a config.yaml.")] = None,
+    model: Annotated[str | None, typer.Option(help="baseline-cnn or any timm model name.")] = None,
+    pretrained: Annotated[str | None, typer.Option(help="auto | none | path to weights.")] = None,
+    freeze: Annotated[str | None, typer.Option(help="none | frozen | top:K.")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Epochs per trial.")] = None,
+    image_size: Annotated[int | None, typer.Option()] = None,
+    limit_train: Annotated[int | None, typer.Option(help="Training patches per trial, at most.")] = None,
+) -> None:
+    """Search learning rate, dropout, optimiser and batch size with Optuna; resumable and shareable by workers."""
+    from histodetect.data.store import Store
+    from histodetect.train.config import build_config
+    from histodetect.train.tune import tune as run_tune
+
+    base = build_config(
+        preset=preset,
+        config_file=config,
+        model=model,
+        pretrained=pretrained,
+        freeze=freeze,
+        epochs=epochs,
+        image_size=image_size,
+        limit_train=limit_train,
+    )
+    study = run_tune(
+        Store(store), out, base, trials=trials, storage=storage, study_name=study_name, timeout_minutes=timeout
+    )
+    best = study.best_trial if any(t.value is not None for t in study.trials) else None
+    if best is not None:
+        console.print(
+            f"best val AUC {best.value:.4f} (trial {best.number}): {best.params}; config: {out / 'best.yaml'}"
+        )
+
+
 # ---------------------------------------------------------------------------------------------------- use a run
 @app.command()
 @friendly
