@@ -55,6 +55,7 @@ class EpochLog(L.Callback):
         self.rows: list[dict[str, Any]] = []
         self._start = 0.0
         self._images = 0
+        self._train_seconds: float | None = None  # set when validation starts, so it is not counted
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.path.exists():  # resumed: rows past the restored epoch are dropped when training starts
@@ -75,7 +76,7 @@ class EpochLog(L.Callback):
             self._train_seconds = time.perf_counter() - self._start
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        seconds = getattr(self, "_train_seconds", None) or (time.perf_counter() - self._start)
+        seconds = self._train_seconds or (time.perf_counter() - self._start)
         self._train_seconds = None
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
         optimizer = trainer.optimizers[0]
