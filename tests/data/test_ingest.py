@@ -633,3 +633,11 @@ def test_describe_store_shows_counts_balance_and_problems(sample_copy: Path, tmp
 def test_info_command_prints_the_panel(sample_store: Store) -> None:
     result = CliRunner().invoke(app, ["info", str(sample_store.path)])
     assert result.exit_code == 0 and "240" in result.stderr and "problems" in result.stderr
+
+
+def test_labels_flag_on_a_competition_folder_points_to_the_image_folder(sample_dir: Path, tmp_path: Path) -> None:
+    refused = ingest(sample_dir, tmp_path / "s", labels=sample_dir / "train_labels.csv", progress=False)
+    assert refused.exit_code == 2 and refused.store is None
+    assert "train_labels.csv" in refused.report["error"] and not (tmp_path / "s").exists()
+    stored = ingest(sample_dir / "train", tmp_path / "t", labels=sample_dir / "train_labels.csv", progress=False)
+    assert stored.exit_code == 0 and len(stored.store) == 240

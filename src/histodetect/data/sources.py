@@ -142,8 +142,13 @@ def discover(source: Path, *, labels: Path | None = None, class_dirs: str | None
     elif class_dirs is not None or all((source / name).is_dir() for name in DEFAULT_CLASS_DIRS):
         plan = _class_folders(source, _class_names(class_dirs))
     elif labels is not None:
+        if _is_competition(source) and not any(p.suffix.lower() in IMAGE_SUFFIXES for p in source.iterdir()):
+            raise IngestError(
+                f"{source}: a competition folder (train/, test/) takes its labels from train_labels.csv; --labels is "
+                f"for a bare folder of images, e.g. {source / 'train'}"
+            )
         plan = _bare_folder(source, labels)
-    elif (source / "train").is_dir() or (source / "test").is_dir():
+    elif _is_competition(source):
         plan = _competition(source)
     else:
         plan = _bare_folder(source, None)
@@ -152,6 +157,10 @@ def discover(source: Path, *, labels: Path | None = None, class_dirs: str | None
     plan.problems.extend(_ids_in_several_splits(plan.items))
     plan.items.sort(key=lambda item: (split_rank(item.split), item.id))
     return plan
+
+
+def _is_competition(source: Path) -> bool:
+    return (source / "train").is_dir() or (source / "test").is_dir()
 
 
 def unsafe_reason(name: str) -> str | None:
