@@ -8,15 +8,15 @@ per session; treat it as read-only.
 
 from __future__ import annotations
 
-from importlib.resources import files
 from pathlib import Path
 
 import pytest
 
 from histodetect.data.ingest import ingest
 from histodetect.data.store import Store
+from histodetect.demo import sample_dir
 
-SAMPLE_DIR = Path(str(files("histodetect") / "assets" / "sample"))
+SAMPLE_DIR = sample_dir()
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_SUBSET = REPO_ROOT.parent / "shared/data/hcd-subset"
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +18,9 @@ import pytest
 from PIL import Image
 
 from histodetect.data.store import Store, StoreWriter
+from histodetect.demo import sample_dir
 
-SAMPLE = Path(str(files("histodetect") / "assets" / "sample"))
+SAMPLE = sample_dir()
 
 
 @dataclass(frozen=True)
@@ -59,10 +59,7 @@ def make_report_store(tmp_path: Path, sample_items: list[Item]) -> Callable[...,
         copies: int = 1,
     ) -> Store:
         items = [item for item in sample_items if keep(item)] * copies
-        with StoreWriter(tmp_path / name, capacity=len(items)) as writer:
-            for item in items:
-                writer.add(item.pixels, item.id, item.label, item.split, item.source, item.sha1)
-            return writer.commit(source=str(SAMPLE), report=report, extra=extra)
+        return _write(tmp_path / name, items, report=report, extra=extra)
 
     return make
 
@@ -70,8 +67,11 @@ def make_report_store(tmp_path: Path, sample_items: list[Item]) -> Callable[...,
 @pytest.fixture(scope="session")
 def report_store(tmp_path_factory: pytest.TempPathFactory, sample_items: list[Item]) -> Store:
     """The whole embedded sample as one store, built once per session."""
-    path = tmp_path_factory.mktemp("report") / "sample"
-    with StoreWriter(path, capacity=len(sample_items)) as writer:
-        for item in sample_items:
+    return _write(tmp_path_factory.mktemp("report") / "sample", sample_items)
+
+
+def _write(path: Path, items: list[Item], **commit: Any) -> Store:
+    with StoreWriter(path, capacity=len(items)) as writer:
+        for item in items:
             writer.add(item.pixels, item.id, item.label, item.split, item.source, item.sha1)
-        return writer.commit(source=str(SAMPLE))
+        return writer.commit(source=str(SAMPLE), **commit)

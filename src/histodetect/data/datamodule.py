@@ -47,10 +47,8 @@ class PatchDataset(Dataset[Batch]):
         return pixels, torch.from_numpy(self.labels[idx]), torch.from_numpy(rows)
 
 
-def collate_batch(batch: Batch | list[Batch]) -> Batch:
-    """The dataset already returns a collated batch; single items (``__getitem__``) are concatenated."""
-    if isinstance(batch, list):
-        return tuple(torch.cat(parts) for parts in zip(*batch, strict=True))  # type: ignore[return-value]
+def collate_batch(batch: Batch) -> Batch:
+    """The DataLoader hands ``__getitems__``'s result here: already a batch, so nothing is left to collate."""
     return batch
 
 

@@ -280,7 +280,3 @@ class StoreWriter:
         if hasattr(self, "_pixels"):
             del self._pixels
         shutil.rmtree(self.tmp, ignore_errors=True)
-
-
-def open_store(path: str | os.PathLike[str]) -> Store:
-    return Store(path)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import os
 import warnings
-from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from torch import nn
 
 from histodetect.data.augment import to_float
 from histodetect.data.store import PATCH_SHAPE, Store
+from histodetect.demo import sample_dir
 from histodetect.infer.engine import ONNX_SUFFIX, InferError, OnnxMember
 from histodetect.infer.sources import ImageFiles, store_patches
 from histodetect.io import atomic_write_bytes
@@ -29,7 +29,6 @@ from histodetect.train.run import load_model
 
 MAX_ABS_DIFF = 1e-4  # fp32 probabilities; real exports agree to ~1e-6
 CHECK_PATCHES = 64
-SAMPLE_TRAIN = Path(str(files("histodetect") / "assets" / "sample" / "train"))
 
 
 class ProbabilityModel(nn.Module):
@@ -124,7 +123,7 @@ def _check_patches(check_store: str | os.PathLike[str] | None) -> np.ndarray:
         if len(source) == 0:
             raise InferError(f"{check_store}: the store is empty; nothing to check the export on")
     else:
-        source = ImageFiles(sorted(SAMPLE_TRAIN.glob("*.tif")))
+        source = ImageFiles(sorted((sample_dir() / "train").glob("*.tif")))
     return source[: min(len(source), CHECK_PATCHES)]
 
 

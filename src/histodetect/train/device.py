@@ -32,14 +32,6 @@ class Hardware:
     pin_memory: bool
 
     @property
-    def autocast_dtype(self) -> torch.dtype | None:
-        return {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(self.precision)
-
-    @property
-    def device_type(self) -> str:
-        return "cuda" if self.accelerator == "cuda" else self.accelerator
-
-    @property
     def depthwise_fp32(self) -> bool:
         return self.accelerator == "cpu" and self.precision == "bf16-mixed"
 

@@ -22,16 +22,9 @@ from histodetect.io import atomic_path
 from histodetect.train.config import TrainConfig
 from histodetect.train.run import train
 
-# What the search varies; everything else comes from the base configuration.
-SEARCH_SPACE = {
-    "lr": "log-uniform 1e-4 .. 3e-3",
-    "dropout": "uniform 0 .. 0.5",
-    "optimizer": "adam | adamw | rmsprop | sgd",
-    "batch_size": "32 | 64 | 128",
-}
-
 
 def suggest(trial: optuna.Trial) -> dict[str, Any]:
+    """What the search varies; everything else comes from the base configuration."""
     return {
         "lr": trial.suggest_float("lr", 1e-4, 3e-3, log=True),
         "dropout": trial.suggest_float("dropout", 0.0, 0.5),
