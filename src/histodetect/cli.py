@@ -181,6 +181,12 @@ def train(
     patience: Annotated[int | None, typer.Option(help="Early stopping patience on val AUC (0 = off).")] = None,
     max_time: Annotated[float | None, typer.Option(help="Time budget in minutes.")] = None,
     limit_train: Annotated[int | None, typer.Option(help="Use at most this many training patches.")] = None,
+    epoch_patches: Annotated[
+        int | None, typer.Option(help="Training patches per epoch, drawn afresh each epoch (default: all).")
+    ] = None,
+    val_patches: Annotated[
+        int | None, typer.Option(help="Validate each epoch on a stratified subset of this size (default: all).")
+    ] = None,
     seed: Annotated[int | None, typer.Option()] = None,
     accelerator: Annotated[str | None, typer.Option(help="auto | cpu | cuda | mps.")] = None,
     devices: Annotated[str | None, typer.Option(help="auto, a count, or a list like 0,1.")] = None,

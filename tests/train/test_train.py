@@ -340,3 +340,46 @@ def test_max_time_stops_cleanly_and_keeps_the_best_weights(sample_store: Store, 
     assert 1 <= summary["epochs_run"] < 200
     net, _ = load_model(tmp_path / "run")  # the best epoch's weights, exported when the budget ran out
     assert net(torch.rand(1, 3, 96, 96)).shape == (1,)
+
+
+class SeenRows(L.Callback):
+    """The store rows each training epoch and each validation pass saw."""
+
+    def __init__(self) -> None:
+        self.train: dict[int, list[int]] = {}
+        self.val: set[int] = set()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.train.setdefault(trainer.current_epoch, []).extend(batch[2].tolist())
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self.val.update(batch[2].tolist())
+
+
+def test_epoch_patches_and_val_patches_bound_an_epoch_on_a_large_store(sample_store: Store, tmp_path: Path) -> None:
+    seen = SeenRows()
+    summary = train(
+        sample_store,
+        tmp_path / "run",
+        quick(limit_train=None, epochs=2, epoch_patches=40, val_patches=20),
+        callbacks=[seen],
+    )
+    assert [len(rows) for rows in seen.train.values()] == [40, 40]  # whole batches of 8
+    assert set(seen.train[0]) != set(seen.train[1])  # a fresh draw each epoch, not the same 40 patches
+    split = pd.read_csv(tmp_path / "run" / "split.csv")
+    held_out = set(sample_store.ids[list(seen.val)])
+    assert len(seen.val) == 20 and held_out <= set(split.loc[split["part"] == "val", "id"])
+    assert summary["n_val"] == 48 and summary["n_val_monitored"] == 20  # split.csv still lists every held-out patch
+    labels = sample_store.labels[list(seen.val)]
+    assert 6 <= labels.sum() <= 10  # stratified: the sample is 40% positive
+
+
+def test_epoch_patches_beyond_the_split_changes_nothing(sample_store: Store, tmp_path: Path) -> None:
+    seen = SeenRows()
+    train(sample_store, tmp_path / "run", quick(limit_train=None, epoch_patches=10_000), callbacks=[seen])
+    assert len(seen.train[0]) == 192  # 240 patches, 48 held out, 24 whole batches
+
+
+def test_patch_limits_must_be_positive() -> None:
+    with pytest.raises(ConfigError, match="epoch_patches"):
+        quick(epoch_patches=0)

@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from histodetect.data.split import read_groups, split_rows
+from histodetect.data.split import read_groups, split_rows, stratified_subset
 from histodetect.data.store import Store, StoreError
 from histodetect.io import atomic_path
 from histodetect.train.config import TrainConfig
@@ -71,7 +71,11 @@ class EpochShuffle(Sampler[int]):
 
 
 class StoreDataModule(L.LightningDataModule):
-    """Splits a store's labeled patches into train/validation and serves them as uint8 batches."""
+    """Splits a store's labeled patches into train/validation and serves them as uint8 batches.
+
+    ``val_rows`` are all the held-out patches (``split.csv`` lists them, ``evaluate`` scores them); each epoch
+    validates on ``monitor_rows``, the ``val_patches``-sized stratified subset of them when one is set.
+    """
 
     def __init__(self, store: Store, config: TrainConfig, *, num_workers: int = 0, pin_memory: bool = False):
         super().__init__()
@@ -80,6 +84,10 @@ class StoreDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self.train_rows, self.val_rows = self._split()
+        self.monitor_rows = self.val_rows
+        if config.val_patches is not None and config.val_patches < len(self.val_rows):
+            labels = self.store.labels[self.val_rows].astype(np.int64)
+            self.monitor_rows = self.val_rows[stratified_subset(labels, config.val_patches, config.seed)]
 
     def _split(self) -> tuple[np.ndarray, np.ndarray]:
         cfg = self.config
@@ -134,4 +142,4 @@ class StoreDataModule(L.LightningDataModule):
         return self._loader(self.train_rows, shuffle=True)
 
     def val_dataloader(self) -> DataLoader[Batch]:
-        return self._loader(self.val_rows, shuffle=False)
+        return self._loader(self.monitor_rows, shuffle=False)

@@ -77,3 +77,12 @@ def split_rows(
         return np.sort(train), np.sort(val)
     train, val = train_test_split(positions, test_size=val_fraction, stratify=labels, random_state=seed)
     return np.sort(train), np.sort(val)
+
+
+def stratified_subset(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
+    """Sorted positions of ``size`` of ``labels``, with the class balance of the whole (all when ``size`` covers
+    them): a smaller validation set that still measures the same thing."""
+    if size >= len(labels):
+        return np.arange(len(labels))
+    keep, _ = train_test_split(np.arange(len(labels)), train_size=size, stratify=labels, random_state=seed)
+    return np.sort(keep)

@@ -75,13 +75,14 @@ def train(
     )
     module = LitClassifier(config, model, channels_last=hardware.channels_last, depthwise_fp32=hardware.depthwise_fp32)
     _quiet_lightning()
-    trainer = _trainer(config, hardware, out, has_val=len(datamodule.val_rows) > 0, extra=callbacks or [])
+    trainer = _trainer(config, hardware, out, datamodule, extra=callbacks or [])
     if trainer.is_global_zero:
         config.save(saved)
         datamodule.write_split(out / SPLIT)
         Console(stderr=True).print(
             f"{'resuming' if resume else 'training'} [bold]{config.model}[/] (freeze {config.freeze}) on "
-            f"{len(datamodule.train_rows)} patches, validating on {len(datamodule.val_rows)}; "
+            f"{len(datamodule.train_rows)} patches{_epoch_note(config, datamodule)}, validating on "
+            f"{_val_note(datamodule)}; "
             f"{hardware.accelerator}, {hardware.precision}, channels_last={hardware.channels_last}; run: {out}",
             highlight=False,
         )
@@ -98,9 +99,29 @@ def train(
     return summary
 
 
+def _epoch_note(config: TrainConfig, datamodule: StoreDataModule) -> str:
+    if config.epoch_patches is None or config.epoch_patches >= len(datamodule.train_rows):
+        return ""
+    return f" ({_train_batches(config, datamodule) * config.batch_size} per epoch)"
+
+
+def _val_note(datamodule: StoreDataModule) -> str:
+    if len(datamodule.monitor_rows) == len(datamodule.val_rows):
+        return str(len(datamodule.val_rows))
+    return f"{len(datamodule.monitor_rows)} of {len(datamodule.val_rows)} held out"
+
+
+def _train_batches(config: TrainConfig, datamodule: StoreDataModule) -> int | float:
+    """Lightning's ``limit_train_batches``: ``epoch_patches`` in whole batches (at least one), else 1.0 = all."""
+    if config.epoch_patches is None or config.epoch_patches >= len(datamodule.train_rows):
+        return 1.0
+    return max(1, config.epoch_patches // config.batch_size)
+
+
 def _trainer(
-    config: TrainConfig, hardware: Hardware, out: Path, *, has_val: bool, extra: list[L.Callback]
+    config: TrainConfig, hardware: Hardware, out: Path, datamodule: StoreDataModule, *, extra: list[L.Callback]
 ) -> L.Trainer:
+    has_val = len(datamodule.monitor_rows) > 0
     checkpoints = out / CHECKPOINTS
     if has_val:
         checkpoint = ModelCheckpoint(
@@ -135,6 +156,7 @@ def _trainer(
         default_root_dir=out,
         plugins=[AtomicCheckpointIO()],
         num_sanity_val_steps=0,
+        limit_train_batches=_train_batches(config, datamodule),
         limit_val_batches=1.0 if has_val else 0,
         log_every_n_steps=10,
         enable_model_summary=False,
@@ -228,6 +250,7 @@ def _summary(
         "stopped_by": stopped,
         "n_train": len(datamodule.train_rows),
         "n_val": len(datamodule.val_rows),
+        "n_val_monitored": len(datamodule.monitor_rows),
         "wall_time_s": round(wall + (previous.get("wall_time_s", 0.0) if resumed else 0.0), 1),
         "train_images_per_s": _num(metrics["train_images_per_s"].median()) if len(metrics) else None,
         "device": _device_name(hardware),
