@@ -11,7 +11,21 @@ from typer.testing import CliRunner
 from histodetect.cli import app
 from histodetect.demo import MARKER, run_demo, sample_dir
 
-COMMANDS = ["ingest", "info", "eda", "train", "tune", "evaluate", "compare", "predict", "explain", "export", "demo"]
+COMMANDS = [
+    "ingest",
+    "info",
+    "eda",
+    "train",
+    "tune",
+    "evaluate",
+    "compare",
+    "predict",
+    "slide",
+    "serve",
+    "explain",
+    "export",
+    "demo",
+]
 
 
 def test_demo_makes_every_output_and_a_submission_in_the_sample_order(tmp_path: Path) -> None:

@@ -27,6 +27,9 @@ app = typer.Typer(
 )
 console = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
+# Options shared by the commands that score patches.
+Tta = Annotated[str, typer.Option(help="Test-time augmentation: none | flips | d4.")]
+BatchSize = Annotated[int | None, typer.Option(help="Patches per batch (default: 64 on CPU, 1024 on GPU).")]
 
 
 def friendly(fn: F) -> F:
@@ -41,6 +44,13 @@ def friendly(fn: F) -> F:
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _runs_then(inputs: list[Path], command: str, what: str) -> tuple[list[Path], Path]:
+    """``RUN [RUN...] X`` arguments: the runs, and the last one."""
+    if len(inputs) < 2:
+        raise UserError(f"{command} needs at least one RUN and {what}")
+    return inputs[:-1], inputs[-1]
 
 
 def _version(value: bool) -> None:
@@ -265,7 +275,7 @@ def evaluate(
     split: Annotated[
         str, typer.Option(help="'val' (the run's own held-out patches), 'all', or a store split name.")
     ] = "val",
-    tta: Annotated[str, typer.Option(help="none | flips | d4.")] = "none",
+    tta: Tta = "none",
     threshold: Annotated[float, typer.Option(help="Decision threshold for accuracy, sensitivity, specificity.")] = 0.5,
 ) -> None:
     """Metrics with confidence intervals, ROC/PR/calibration plots and the worst mistakes, as HTML."""
@@ -301,9 +311,9 @@ def predict(
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Submission CSV (id,label).")],
     sample_submission: Annotated[Path | None, typer.Option(help="Write exactly these ids, in this order.")] = None,
-    tta: Annotated[str, typer.Option(help="none | flips | d4.")] = "none",
+    tta: Tta = "none",
     threshold: Annotated[float | None, typer.Option(help="Write 0/1 decisions instead of probabilities.")] = None,
-    batch_size: Annotated[int | None, typer.Option()] = None,
+    batch_size: BatchSize = None,
     split: Annotated[
         str | None, typer.Option(help="With a store: which split to predict (default: test, or all).")
     ] = None,
@@ -311,11 +321,10 @@ def predict(
     """Predict probabilities for a test folder, store or image; ensembles several runs; writes a submission."""
     from histodetect.infer.predict import predict as run_predict
 
-    if len(inputs) < 2:
-        raise UserError("predict needs at least one RUN and a SOURCE")
+    runs, source = _runs_then(inputs, "predict", "a SOURCE")
     frame = run_predict(
-        inputs[:-1],
-        inputs[-1],
+        runs,
+        source,
         out,
         sample_submission=sample_submission,
         tta=tta,
@@ -324,6 +333,65 @@ def predict(
         split=split,
     )
     console.print(f"{len(frame)} predictions: [bold]{out}[/]")
+
+
+@app.command()
+@friendly
+def slide(
+    inputs: Annotated[
+        list[Path], typer.Argument(help="RUN [RUN...] IMAGE: run folders or .onnx files, then one large image.")
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for heatmap.png/.npy, cells.csv, summary.json.")],
+    level: Annotated[int, typer.Option(help="Pyramid level of a TIFF/SVS (0 = full resolution).")] = 0,
+    stride: Annotated[int, typer.Option(help="Cell size in pixels; each is scored by the 96 px window on it.")] = 32,
+    min_tissue: Annotated[float, typer.Option(help="Score cells with at least this share of tissue.")] = 0.1,
+    tta: Tta = "none",
+    threshold: Annotated[float, typer.Option(help="Probability counted as tumour in the summary.")] = 0.5,
+    batch_size: BatchSize = None,
+) -> None:
+    """A tumour heatmap over a large image (a slide region or a pyramid level at ~1 micron a pixel)."""
+    from histodetect.infer.slide import score_slide
+
+    runs, image = _runs_then(inputs, "slide", "an IMAGE")
+    summary = score_slide(
+        runs,
+        image,
+        out,
+        level=level,
+        stride=stride,
+        min_tissue=min_tissue,
+        tta=tta,
+        threshold=threshold,
+        batch_size=batch_size,
+    )
+    console.print(
+        f"{summary['cells_scored']} tissue cells scored, {summary['cells_at_or_above_threshold']} at P >= "
+        f"{threshold:g} (max {summary['max_probability'] or 0:.3f}): [bold]{out / 'heatmap.png'}[/]"
+    )
+
+
+@app.command()
+@friendly
+def serve(
+    runs: Annotated[list[Path], typer.Argument(help="Run folders or .onnx files (several: their mean).")],
+    host: Annotated[str, typer.Option(help="Address to listen on; 0.0.0.0 exposes it (no authentication).")] = (
+        "127.0.0.1"
+    ),
+    port: Annotated[int, typer.Option(help="Port (0 picks a free one).")] = 8000,
+    tta: Tta = "none",
+    batch_size: BatchSize = None,
+) -> None:
+    """Serve runs over HTTP: POST a patch image or a .npy batch to /predict, get probabilities; GET /health."""
+    from histodetect.infer.serve import make_server
+
+    server = make_server(runs, host=host, port=port, tta=tta, batch_size=batch_size)
+    console.print(f"serving on [bold]http://{host}:{server.server_port}[/] (POST /predict, GET /health); Ctrl-C stops")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
 
 
 @app.command()

@@ -195,19 +195,25 @@ DDP_SCRIPT = textwrap.dedent(
             with path.open("a") as fh:
                 fh.write(json.dumps({"epoch": trainer.current_epoch, "rows": batch[2].tolist()}) + "\\n")
 
+    epoch_patches = int(sys.argv[3]) if sys.argv[3] != "all" else None
     config = TrainConfig(model="baseline-cnn", epochs=1, batch_size=8, limit_train=64, val_fraction=0.2,
-                         patience=0, accelerator="cpu", devices="2", strategy="ddp", precision="32")
+                         patience=0, accelerator="cpu", devices="2", strategy="ddp", precision="32",
+                         epoch_patches=epoch_patches)
     train(Store(sys.argv[1]), sys.argv[2], config, callbacks=[RecordRows()])
     """
 )
 
 
-def test_ddp_two_cpu_processes_see_disjoint_data_and_save_once(sample_store: Store, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("epoch_patches", "seen_in_epoch"), [("all", 64), ("32", 32)])
+def test_ddp_two_cpu_processes_see_disjoint_data_and_save_once(
+    sample_store: Store, tmp_path: Path, epoch_patches: str, seen_in_epoch: int
+) -> None:
+    """With ``epoch_patches`` the two processes share one epoch's draw between them, not one each."""
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT)
     out = tmp_path / "run"
     done = subprocess.run(
-        [sys.executable, str(script), str(sample_store.path), str(out)],
+        [sys.executable, str(script), str(sample_store.path), str(out), epoch_patches],
         capture_output=True,
         text=True,
         timeout=600,
@@ -221,7 +227,8 @@ def test_ddp_two_cpu_processes_see_disjoint_data_and_save_once(sample_store: Sto
     assert seen[0] and seen[1]
     assert not set(seen[0]) & set(seen[1])
     split = pd.read_csv(out / "split.csv")
-    assert len(set(seen[0]) | set(seen[1])) == (split["part"] == "train").sum() == 64
+    assert (split["part"] == "train").sum() == 64
+    assert len(set(seen[0]) | set(seen[1])) == seen_in_epoch
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == sorted(

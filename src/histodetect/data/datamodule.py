@@ -54,20 +54,26 @@ def collate_batch(batch: Batch) -> Batch:
 
 class EpochShuffle(Sampler[int]):
     """A permutation that depends only on (seed, epoch): a run resumed at an epoch boundary sees the same order
-    as one that never stopped. Lightning calls ``set_epoch`` each epoch (and wraps it for DDP)."""
+    as one that never stopped. Lightning calls ``set_epoch`` each epoch (and wraps it for DDP, which then splits
+    what it yields among the processes).
 
-    def __init__(self, n: int, seed: int):
+    ``size`` (``epoch_patches``) cuts each epoch's permutation to its first ``size`` indices: a fresh random draw
+    of that many patches per epoch.
+    """
+
+    def __init__(self, n: int, seed: int, size: int | None = None):
         self.n, self.seed, self.epoch = n, seed, 0
+        self.size = n if size is None else min(size, n)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(self.n, generator=generator).tolist())
+        return iter(torch.randperm(self.n, generator=generator)[: self.size].tolist())
 
     def __len__(self) -> int:
-        return self.n
+        return self.size
 
 
 class StoreDataModule(L.LightningDataModule):
@@ -124,10 +130,11 @@ class StoreDataModule(L.LightningDataModule):
 
     def _loader(self, rows: np.ndarray, *, shuffle: bool) -> DataLoader[Batch]:
         dataset = PatchDataset(self.store, rows)
+        sampler = EpochShuffle(len(dataset), self.config.seed, self.config.epoch_patches) if shuffle else None
         return DataLoader(
             dataset,
             batch_size=self.config.batch_size,
-            sampler=EpochShuffle(len(dataset), self.config.seed) if shuffle else None,
+            sampler=sampler,
             collate_fn=collate_batch,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
@@ -135,7 +142,7 @@ class StoreDataModule(L.LightningDataModule):
             # Its own generator: creating an iterator must not draw from torch's global generator (dropout's), or a
             # resumed run would see other dropout masks than the run it continues.
             generator=torch.Generator().manual_seed(self.config.seed),
-            drop_last=shuffle and len(dataset) > self.config.batch_size,
+            drop_last=sampler is not None and len(sampler) > self.config.batch_size,
         )
 
     def train_dataloader(self) -> DataLoader[Batch]:

@@ -196,6 +196,11 @@ def decode_patch(path: str) -> Decoded:
         data = Path(path).read_bytes()
     except OSError as exc:
         return None, None, [("unreadable", f"cannot read the file ({exc.strerror or exc})")]
+    return decode_bytes(data)
+
+
+def decode_bytes(data: bytes) -> Decoded:
+    """:func:`decode_patch` for an image already in memory (an upload to ``serve``): the same checks."""
     if not data:
         return None, None, [("empty_file", "0 bytes")]
     pixels = raw_tiff_rgb(data)
@@ -206,6 +211,8 @@ def decode_patch(path: str) -> Decoded:
         warnings.simplefilter("ignore")
         try:
             return _decode_with_pil(data)
+        except Image.UnidentifiedImageError:  # its message names the in-memory buffer, which helps nobody
+            return None, None, [("unreadable", "not an image format Pillow recognises (TIFF, PNG, JPEG...)")]
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
             return None, None, [("unreadable", f"not a decodable image ({exc})")]
 

@@ -121,7 +121,8 @@ class Predictor:
             for start in range(0, n, self.batch_size):
                 batch = np.asarray(patches[start : start + self.batch_size])
                 _check_batch(batch)
-                pixels = torch.from_numpy(np.ascontiguousarray(batch))
+                # Decoded images are often read-only views (PIL, the raw-TIFF fast path); torch wants its own.
+                pixels = torch.from_numpy(batch.copy() if not batch.flags.writeable else np.ascontiguousarray(batch))
                 with torch.inference_mode():
                     for member in self.members:
                         total[start : start + len(batch)] += member(pixels, self.transforms).double().cpu().numpy()

@@ -102,20 +102,13 @@ def train(
 def _epoch_note(config: TrainConfig, datamodule: StoreDataModule) -> str:
     if config.epoch_patches is None or config.epoch_patches >= len(datamodule.train_rows):
         return ""
-    return f" ({_train_batches(config, datamodule) * config.batch_size} per epoch)"
+    return f" ({config.epoch_patches} per epoch)"
 
 
 def _val_note(datamodule: StoreDataModule) -> str:
     if len(datamodule.monitor_rows) == len(datamodule.val_rows):
         return str(len(datamodule.val_rows))
     return f"{len(datamodule.monitor_rows)} of {len(datamodule.val_rows)} held out"
-
-
-def _train_batches(config: TrainConfig, datamodule: StoreDataModule) -> int | float:
-    """Lightning's ``limit_train_batches``: ``epoch_patches`` in whole batches (at least one), else 1.0 = all."""
-    if config.epoch_patches is None or config.epoch_patches >= len(datamodule.train_rows):
-        return 1.0
-    return max(1, config.epoch_patches // config.batch_size)
 
 
 def _trainer(
@@ -156,7 +149,6 @@ def _trainer(
         default_root_dir=out,
         plugins=[AtomicCheckpointIO()],
         num_sanity_val_steps=0,
-        limit_train_batches=_train_batches(config, datamodule),
         limit_val_batches=1.0 if has_val else 0,
         log_every_n_steps=10,
         enable_model_summary=False,
