@@ -30,6 +30,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 # Options shared by the commands that score patches.
 Tta = Annotated[str, typer.Option(help="Test-time augmentation: none | flips | d4.")]
 BatchSize = Annotated[int | None, typer.Option(help="Patches per batch (default: 64 on CPU, 1024 on GPU).")]
+Precision = Annotated[
+    str, typer.Option(help="auto (bf16 where the hardware has it: fast, same AUC) | fp32 (exact) | bf16.")
+]
 
 
 def friendly(fn: F) -> F:
@@ -276,12 +279,13 @@ def evaluate(
         str, typer.Option(help="'val' (the run's own held-out patches), 'all', or a store split name.")
     ] = "val",
     tta: Tta = "none",
+    precision: Precision = "auto",
     threshold: Annotated[float, typer.Option(help="Decision threshold for accuracy, sensitivity, specificity.")] = 0.5,
 ) -> None:
     """Metrics with confidence intervals, ROC/PR/calibration plots and the worst mistakes, as HTML."""
     from histodetect.infer.evaluate import evaluate as run_evaluate
 
-    metrics = run_evaluate(run, store, out, split=split, tta=tta, threshold=threshold)
+    metrics = run_evaluate(run, store, out, split=split, tta=tta, threshold=threshold, precision=precision)
     console.print(f"ROC AUC {metrics['roc_auc']:.4f}  accuracy {metrics['accuracy']:.4f}  report: [bold]{out}[/]")
 
 
@@ -312,6 +316,7 @@ def predict(
     out: Annotated[Path, typer.Option("--out", "-o", help="Submission CSV (id,label).")],
     sample_submission: Annotated[Path | None, typer.Option(help="Write exactly these ids, in this order.")] = None,
     tta: Tta = "none",
+    precision: Precision = "auto",
     threshold: Annotated[float | None, typer.Option(help="Write 0/1 decisions instead of probabilities.")] = None,
     batch_size: BatchSize = None,
     split: Annotated[
@@ -331,6 +336,7 @@ def predict(
         threshold=threshold,
         batch_size=batch_size,
         split=split,
+        precision=precision,
     )
     console.print(f"{len(frame)} predictions: [bold]{out}[/]")
 
@@ -346,6 +352,7 @@ def slide(
     stride: Annotated[int, typer.Option(help="Cell size in pixels; each is scored by the 96 px window on it.")] = 32,
     min_tissue: Annotated[float, typer.Option(help="Score cells with at least this share of tissue.")] = 0.1,
     tta: Tta = "none",
+    precision: Precision = "auto",
     threshold: Annotated[float, typer.Option(help="Probability counted as tumour in the summary.")] = 0.5,
     batch_size: BatchSize = None,
 ) -> None:
@@ -363,6 +370,7 @@ def slide(
         tta=tta,
         threshold=threshold,
         batch_size=batch_size,
+        precision=precision,
     )
     console.print(
         f"{summary['cells_scored']} tissue cells scored, {summary['cells_at_or_above_threshold']} at P >= "
@@ -379,12 +387,13 @@ def serve(
     ),
     port: Annotated[int, typer.Option(help="Port (0 picks a free one).")] = 8000,
     tta: Tta = "none",
+    precision: Precision = "auto",
     batch_size: BatchSize = None,
 ) -> None:
     """Serve runs over HTTP: POST a patch image or a .npy batch to /predict, get probabilities; GET /health."""
     from histodetect.infer.serve import make_server
 
-    server = make_server(runs, host=host, port=port, tta=tta, batch_size=batch_size)
+    server = make_server(runs, host=host, port=port, tta=tta, batch_size=batch_size, precision=precision)
     console.print(f"serving on [bold]http://{host}:{server.server_port}[/] (POST /predict, GET /health); Ctrl-C stops")
     try:
         server.serve_forever()

@@ -31,8 +31,11 @@ def test_held_out_patches_give_metrics_with_a_ci_and_a_report(
 
 
 def test_all_and_named_splits(baseline_run: Path, sample_store: Store, tmp_path: Path) -> None:
-    every = evaluate(baseline_run, sample_store.path, tmp_path / "all", split="all", tta="flips", threshold=0.4)
+    every = evaluate(
+        baseline_run, sample_store.path, tmp_path / "all", split="all", tta="flips", threshold=0.4, precision="fp32"
+    )
     assert every["n"] == 240 and every["threshold"] == 0.4 and every["tta"] == "flips"
+    assert every["numeric_precision"] == "fp32" and 0 <= every["precision"] <= 1  # arithmetic, and the PPV
     assert evaluate(baseline_run, sample_store.path, tmp_path / "train", split="train")["n"] == 240
     with pytest.raises(InferError, match="16 unlabeled"):
         evaluate(baseline_run, sample_store.path, tmp_path / "test", split="test")

@@ -36,6 +36,7 @@ def evaluate(
     split: str = "val",
     tta: str = "none",
     threshold: float = 0.5,
+    precision: str = "auto",
 ) -> dict[str, Any]:
     """Score ``run`` on ``split`` of ``store`` and write the report into ``out``; returns the metrics.
 
@@ -49,7 +50,8 @@ def evaluate(
     data = Store(store)
     rows = _rows(run, data, split)
     patches = StoreRows(data, rows)
-    p = Predictor([run], tta=tta).predict(patches, label="evaluate")
+    predictor = Predictor([run], tta=tta, precision=precision)
+    p = predictor.predict(patches, label="evaluate")
     y = data.labels[rows].astype(np.int64)
     metrics = {
         **binary_metrics(y, p, threshold=threshold),
@@ -58,6 +60,7 @@ def evaluate(
         "store": str(data.path),
         "split": split,
         "tta": tta,
+        "numeric_precision": predictor.precision,  # not "precision": that is the PPV
     }
     write_evaluation_report(
         out,
