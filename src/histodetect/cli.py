@@ -20,13 +20,14 @@ from histodetect.errors import UserError
 
 app = typer.Typer(
     name="histodetect",
-    help="Find metastatic cancer in histopathology patches: ingest, explore, train, evaluate, explain, predict.",
+    help="Metastatic cancer in histopathology patches: ingest, explore, train, tune, evaluate, predict, slide, serve.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
 console = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
+IMAGE_SIZE_HELP = "Pixels the network sees: 96 = native, or auto = the backbone's pretrained size (224 for most)."
 # Options shared by the commands that score patches.
 Tta = Annotated[str, typer.Option(help="Test-time augmentation: none | flips | d4.")]
 BatchSize = Annotated[int | None, typer.Option(help="Patches per batch (default: 64 on CPU, 1024 on GPU).")]
@@ -168,7 +169,7 @@ def train(
         float | None, typer.Option(help="Learning rate of a pretrained backbone, as a fraction of --lr.")
     ] = None,
     dropout: Annotated[float | None, typer.Option()] = None,
-    image_size: Annotated[int | None, typer.Option(help="Resize patches to this many pixels (96 = native).")] = None,
+    image_size: Annotated[str | None, typer.Option(help=IMAGE_SIZE_HELP)] = None,
     optimizer: Annotated[str | None, typer.Option(help="adam | adamw | rmsprop | sgd.")] = None,
     lr: Annotated[float | None, typer.Option()] = None,
     weight_decay: Annotated[float | None, typer.Option()] = None,
@@ -240,7 +241,7 @@ def tune(
     pretrained: Annotated[str | None, typer.Option(help="auto | none | path to weights.")] = None,
     freeze: Annotated[str | None, typer.Option(help="none | frozen | top:K.")] = None,
     epochs: Annotated[int | None, typer.Option(help="Epochs per trial.")] = None,
-    image_size: Annotated[int | None, typer.Option()] = None,
+    image_size: Annotated[str | None, typer.Option(help=IMAGE_SIZE_HELP)] = None,
     limit_train: Annotated[int | None, typer.Option(help="Training patches per trial, at most.")] = None,
 ) -> None:
     """Search learning rate, dropout, optimiser and batch size with Optuna; resumable and shareable by workers."""

@@ -62,6 +62,12 @@ def test_resizes_to_image_size(patches: tuple[torch.Tensor, torch.Tensor]) -> No
     torch.testing.assert_close(resized, native)
 
 
+def test_auto_image_size_is_the_backbones_pretrained_input_size() -> None:
+    resnet = create_model("resnet18", image_size="auto")
+    assert resnet.image_size == resnet.backbone.pretrained_cfg["input_size"][-1] == 224
+    assert create_model("baseline-cnn", image_size="auto").image_size == 96
+
+
 def test_normalises_with_the_backbones_own_statistics() -> None:
     model = create_model("resnet18")
     cfg = model.backbone.pretrained_cfg

@@ -33,6 +33,9 @@ def test_precedence_defaults_preset_file_flags(tmp_path: Path) -> None:
         {"folds": 5, "fold": 5},
         {"lr": 0},
         {"dropout": 1.0},
+        {"image_size": 0},
+        {"image_size": "large"},
+        {"epoch_patches": 0},
     ],
 )
 def test_bad_values_are_refused(change: dict) -> None:
@@ -53,3 +56,10 @@ def test_unknown_preset() -> None:
 
 def test_freeze_policy_parsing() -> None:
     assert (freeze_top_k("none"), freeze_top_k("frozen"), freeze_top_k("top:3")) == (None, 0, 3)
+
+
+def test_image_size_takes_pixels_or_auto(tmp_path: Path) -> None:
+    assert TrainConfig(image_size="128").image_size == 128  # as the command line hands it over
+    config = TrainConfig(image_size="auto")
+    config.save(tmp_path / "c.yaml")
+    assert TrainConfig.load(tmp_path / "c.yaml").image_size == "auto"

@@ -390,3 +390,10 @@ def test_epoch_patches_beyond_the_split_changes_nothing(sample_store: Store, tmp
 def test_patch_limits_must_be_positive() -> None:
     with pytest.raises(ConfigError, match="epoch_patches"):
         quick(epoch_patches=0)
+
+
+def test_auto_image_size_is_resolved_in_the_summary_and_on_reload(sample_store: Store, tmp_path: Path) -> None:
+    summary = train(sample_store, tmp_path / "run", quick(image_size="auto"))
+    assert summary["image_size"] == 96  # the baseline CNN's own size
+    net, config = load_model(tmp_path / "run")
+    assert config.image_size == "auto" and net.image_size == 96

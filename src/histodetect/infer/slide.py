@@ -159,7 +159,7 @@ def score_slide(
     image = read_image(image_path, level=level)
     predictor = Predictor(runs, tta=tta, batch_size=batch_size, precision=precision)
     fraction = tissue_fraction(image, stride)
-    scored = fraction >= min_tissue if min_tissue > 0 else np.ones_like(fraction, dtype=bool)
+    scored = fraction >= min_tissue  # all cells when min_tissue is 0
     cells = np.argwhere(scored)
     probabilities = predictor.predict(CellWindows(image, cells, stride), label="slide")
     heatmap = np.full(fraction.shape, np.nan, dtype=np.float32)

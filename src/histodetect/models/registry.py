@@ -19,6 +19,7 @@ from timm.data import resolve_model_data_config
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from histodetect.data.store import PATCH_SHAPE
 from histodetect.models.baseline import MEAN as BASELINE_MEAN
 from histodetect.models.baseline import STD as BASELINE_STD
 from histodetect.models.baseline import BaselineCNN
@@ -117,8 +118,13 @@ def _is_frozen(module: nn.Module) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------- building
-def create_model(name: str, *, pretrained: str = "none", dropout: float = 0.0, image_size: int = 96) -> Classifier:
+def create_model(
+    name: str, *, pretrained: str = "none", dropout: float = 0.0, image_size: int | str = 96
+) -> Classifier:
     """Build ``name`` (``baseline-cnn`` or a timm model name) and load weights as ``pretrained`` says.
+
+    ``image_size``: pixels a side the network sees; ``"auto"`` takes the backbone's pretrained input size (the
+    baseline CNN's is the native 96).
 
     ``pretrained``: ``"none"`` (random init), ``"auto"`` (the weights available offline for this model, see
     ``histodetect.models.pretrained``) or a path to a ``.safetensors``/``.pth`` file. Raises ``ModelError`` (a
@@ -135,7 +141,7 @@ def list_models(pattern: str = "*") -> list[str]:
     return own + timm.list_models(pattern)
 
 
-def _build_baseline(dropout: float, image_size: int) -> Classifier:
+def _build_baseline(dropout: float, image_size: int | str) -> Classifier:
     backbone = BaselineCNN()
     blocks = [f"blocks.{i}" for i in range(len(backbone.blocks))]
     return Classifier(
@@ -144,19 +150,19 @@ def _build_baseline(dropout: float, image_size: int) -> Classifier:
         num_features=backbone.num_features,
         mean=BASELINE_MEAN,
         std=BASELINE_STD,
-        image_size=image_size,
+        image_size=PATCH_SHAPE[0] if image_size == "auto" else int(image_size),
         dropout=dropout,
         stage_names=[[block] for block in blocks],
         cam_name=blocks[-1],
     )
 
 
-def _build_timm(name: str, dropout: float, image_size: int) -> Classifier:
+def _build_timm(name: str, dropout: float, image_size: int | str) -> Classifier:
     if not timm.is_model(name):
         raise ModelError(_unknown_name_message(name))
     # num_classes=0: timm keeps its own global pooling and returns (B, num_features); the head is ours.
     backbone = timm.create_model(name, pretrained=False, num_classes=0)
-    # mean/std from the backbone's pretrained_cfg (timm's defaults for the rare model without one).
+    # mean/std and input size from the backbone's pretrained_cfg (timm's defaults for the rare model without one).
     data = resolve_model_data_config(backbone)
     features = _feature_modules(backbone)
     return Classifier(
@@ -166,7 +172,7 @@ def _build_timm(name: str, dropout: float, image_size: int) -> Classifier:
         num_features=getattr(backbone, "head_hidden_size", None) or backbone.num_features,
         mean=data["mean"],
         std=data["std"],
-        image_size=image_size,
+        image_size=int(data["input_size"][-1]) if image_size == "auto" else int(image_size),
         dropout=dropout,
         stage_names=_partition(backbone, features) if features else [[""]],
         cam_name=features[-1] if features else "",

@@ -158,7 +158,7 @@ def _row(name: str, r: RunRecord) -> dict[str, Any]:
         "lr": _num(c.get("lr"), "g"),
         "batch": _num(c.get("batch_size"), "d"),
         "optimizer": c.get("optimizer", ""),
-        "image": _num(c.get("image_size"), "d"),
+        "image": _num(s.get("image_size", c.get("image_size")), "d"),
         "dropout": _num(c.get("dropout"), "g"),
         "loss": loss_summary(c),
         "augment": augment_summary(c),

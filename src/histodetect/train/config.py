@@ -40,7 +40,9 @@ class TrainConfig:
     warmup_epochs: int = 1  # epochs of head-only training before top:K stages are unfrozen
     backbone_lr_scale: float = 0.1  # learning rate of unfrozen backbone layers, as a fraction of lr
     dropout: float = 0.3
-    image_size: int = 96  # patches are resized to this (bilinear) before the network; 96 = native
+    # Pixels a side the network sees (patches are resized, bilinear): 96 = native; "auto" = the backbone's own
+    # pretrained input size (224 for most ImageNet models: ~5x the compute of 96).
+    image_size: int | str = 96
     # optimisation
     optimizer: str = "adamw"
     lr: float = 1e-3
@@ -93,6 +95,8 @@ class TrainConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if isinstance(self.image_size, str) and self.image_size.isdigit():  # from the command line
+            self.image_size = int(self.image_size)
         self.validate()
 
     def validate(self) -> None:
@@ -107,7 +111,9 @@ class TrainConfig:
             raise ConfigError(f"val_fraction must be in [0, 1), not {self.val_fraction}")
         if self.folds < 1 or not 0 <= self.fold < max(self.folds, 1):
             raise ConfigError(f"fold must be in [0, folds), got fold={self.fold} folds={self.folds}")
-        for name in ("lr", "batch_size", "epochs", "image_size"):
+        if self.image_size != "auto" and not (isinstance(self.image_size, int) and self.image_size > 0):
+            raise ConfigError(f"image_size must be a positive number of pixels or auto, not {self.image_size!r}")
+        for name in ("lr", "batch_size", "epochs"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, not {getattr(self, name)}")
         for name in ("limit_train", "epoch_patches", "val_patches"):

@@ -234,6 +234,7 @@ def _summary(
     return {
         "model": config.model,
         "freeze": config.freeze,
+        "image_size": trainer.lightning_module.model.image_size,  # resolved: config.yaml may say "auto"
         "best_epoch": int(best["epoch"]) if best else None,
         "best_val_auc": _num(best.get("val_auc")),
         "best_val_acc": _num(best.get("val_acc")),
