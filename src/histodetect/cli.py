@@ -121,14 +121,22 @@ def ingest(
 @app.command()
 @friendly
 def info(
-    store: Annotated[Path, typer.Argument(help="A store folder written by `histodetect ingest`.")],
-    as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False,
+    path: Annotated[Path, typer.Argument(help="A store (from `ingest`) or a run folder (from `train`).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the manifest (or the run's summary) as JSON.")] = False,
 ) -> None:
-    """Show what a store holds: patches per split, label balance, problems found at ingest."""
+    """Show what a store holds (patches per split, label balance, problems at ingest), or how a run did."""
     from histodetect.data.ingest import describe_store
     from histodetect.data.store import Store
 
-    s = Store(store)
+    if (path / "config.yaml").is_file():  # a run folder
+        from histodetect.report.compare import read_run, terminal_table
+
+        if as_json:
+            typer.echo(json.dumps(read_run(path).summary, indent=2))
+        else:
+            console.print(terminal_table([path], title=f"run {path}"))
+        return
+    s = Store(path)
     if as_json:
         typer.echo(json.dumps(s.manifest, indent=2))
     else:

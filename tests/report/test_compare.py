@@ -8,7 +8,9 @@ from typing import Any
 
 import pytest
 import yaml
+from typer.testing import CliRunner
 
+from histodetect.cli import app
 from histodetect.report.compare import augment_summary, compare, duration, loss_summary
 from histodetect.train.config import ConfigError, TrainConfig
 
@@ -104,3 +106,11 @@ def test_summaries() -> None:
     assert augment_summary({}) == "none"
     assert loss_summary({"loss": "bce", "pos_weight": 2.0, "label_smoothing": 0.1}) == "bce pos_weight 2.0 smooth 0.1"
     assert [duration(s) for s in (4.6, 754.2, 3725, None)] == ["5s", "12m 34s", "1h 02m", ""]
+
+
+def test_info_on_a_run_folder_shows_its_row_and_its_summary(tmp_path: Path) -> None:
+    run = _run(tmp_path, "lite0", _summary(0.9621, 0.9012), model="tf_efficientnet_lite0")
+    shown = CliRunner().invoke(app, ["info", str(run)])
+    assert shown.exit_code == 0 and "0.9621" in shown.stderr and "lite0" in shown.stderr
+    as_json = CliRunner().invoke(app, ["info", str(run), "--json"])
+    assert as_json.exit_code == 0 and json.loads(as_json.stdout)["best_val_auc"] == 0.9621

@@ -397,3 +397,13 @@ def test_auto_image_size_is_resolved_in_the_summary_and_on_reload(sample_store: 
     assert summary["image_size"] == 96  # the baseline CNN's own size
     net, config = load_model(tmp_path / "run")
     assert config.image_size == "auto" and net.image_size == 96
+
+
+def test_compile_trains_and_saves_the_plain_networks_weights(sample_store: Store, tmp_path: Path) -> None:
+    """``--compile`` wraps the network for speed; what is saved and reloaded is the network itself."""
+    summary = train(sample_store, tmp_path / "run", quick(compile=True))
+    assert np.isfinite(summary["best_val_auc"])
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert all(key.startswith("model.") for key in state) and not any("_orig_mod" in key for key in state)
+    net, _ = load_model(tmp_path / "run")
+    assert net(torch.rand(1, 3, 96, 96)).shape == (1,)

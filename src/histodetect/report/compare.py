@@ -96,9 +96,9 @@ def read_runs(runs: list[Path]) -> list[RunRecord]:
 TERMINAL_COLUMNS = ["run", "freeze", "val AUC", "val acc", "wall time", "images/s"]
 
 
-def terminal_table(runs: list[Path]) -> Table:
+def terminal_table(runs: list[Path], title: str = "Run comparison (best validation ROC AUC first)") -> Table:
     """The key columns of the comparison for a terminal; the Markdown and HTML files hold all of them."""
-    table = Table(title="Run comparison (best validation ROC AUC first)", title_justify="left", box=box.SIMPLE_HEAD)
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD)
     for column in TERMINAL_COLUMNS:
         table.add_column(column, justify="right" if column in NUMERIC else "left", no_wrap=column in ("run", "val AUC"))
     for row in results_table(read_runs(runs))[TERMINAL_COLUMNS].itertuples(index=False):
