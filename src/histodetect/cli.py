@@ -200,6 +200,12 @@ def train(
     groups: Annotated[str | None, typer.Option(help="CSV of id,group for a grouped split.")] = None,
     folds: Annotated[int | None, typer.Option()] = None,
     fold: Annotated[int | None, typer.Option()] = None,
+    all_folds: Annotated[
+        bool,
+        typer.Option(
+            "--all-folds", help="Train every fold of --folds K into OUT/fold-I, with out-of-fold predictions."
+        ),
+    ] = False,
     patience: Annotated[int | None, typer.Option(help="Early stopping patience on val AUC (0 = off).")] = None,
     max_time: Annotated[float | None, typer.Option(help="Time budget in minutes.")] = None,
     limit_train: Annotated[int | None, typer.Option(help="Use at most this many training patches.")] = None,
@@ -226,8 +232,21 @@ def train(
     from histodetect.train.config import build_config
     from histodetect.train.run import train as run_train
 
-    overrides = {k: v for k, v in flags.items() if k not in {"store", "out", "preset", "config", "resume"}}
+    overrides = {k: v for k, v in flags.items() if k not in {"store", "out", "preset", "config", "resume", "all_folds"}}
     cfg = build_config(preset=preset, config_file=config, **overrides)
+    if all_folds:  # re-running continues by itself: finished folds are kept, an interrupted one resumes
+        from histodetect.report.compare import terminal_table
+        from histodetect.train.crossval import cross_validate
+
+        result = cross_validate(Store(store), out, cfg)
+        if not result:  # a DDP process other than rank zero
+            return
+        console.print(terminal_table(sorted(out.glob("fold-*")), title=f"{cfg.folds} folds in {out}"))
+        console.print(
+            f"out-of-fold ROC AUC [bold]{result['oof_auc']:.4f}[/] over {result['oof_patches']:,} patches "
+            f"(folds {result['fold_auc_mean']:.4f} ± {result['fold_auc_std']:.4f}): {out / 'cv.json'}"
+        )
+        return
     summary = run_train(Store(store), out, cfg, resume=resume)
     console.print(f"run: [bold]{out}[/]  best val AUC {summary.get('best_val_auc', float('nan')):.4f}")
 
