@@ -3,7 +3,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from histodetect.data.split import read_groups, split_rows
+from histodetect.data.split import read_groups, split_rows, stratified_subset
 from histodetect.train.config import ConfigError
 
 LABELS = np.array([0] * 60 + [1] * 40)
@@ -37,3 +37,10 @@ def test_read_groups_names_missing_ids(tmp_path: Path) -> None:
     (tmp_path / "bad.csv").write_text("id,slide\na,s1\n")
     with pytest.raises(ConfigError, match="group"):
         read_groups(tmp_path / "bad.csv", np.array(["a"]))
+
+
+def test_stratified_subset_keeps_the_balance_and_copes_with_tiny_sizes() -> None:
+    keep = stratified_subset(LABELS, 50, seed=0)
+    assert len(keep) == len(set(keep)) == 50 and LABELS[keep].sum() == 20
+    assert len(stratified_subset(LABELS, 1, seed=0)) == 1
+    assert list(stratified_subset(LABELS, 500, seed=0)) == list(range(len(LABELS)))

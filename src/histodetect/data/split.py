@@ -84,5 +84,8 @@ def stratified_subset(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
     them): a smaller validation set that still measures the same thing."""
     if size >= len(labels):
         return np.arange(len(labels))
-    keep, _ = train_test_split(np.arange(len(labels)), train_size=size, stratify=labels, random_state=seed)
+    try:
+        keep, _ = train_test_split(np.arange(len(labels)), train_size=size, stratify=labels, random_state=seed)
+    except ValueError:  # too few to hold every class in proportion (size below the number of classes)
+        keep = np.random.default_rng(seed).choice(len(labels), size, replace=False)
     return np.sort(keep)

@@ -79,6 +79,7 @@ class PatchService:
 class _Handler(BaseHTTPRequestHandler):
     service: PatchService  # set on the subclass that make_server builds
     server_version = f"histodetect/{__version__}"
+    timeout = 60  # seconds a client may stall mid-request before its connection is dropped
 
     def do_GET(self) -> None:
         if self.path.split("?", 1)[0] == "/health":

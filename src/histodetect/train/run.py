@@ -75,7 +75,7 @@ def train(
     )
     module = LitClassifier(config, model, channels_last=hardware.channels_last, depthwise_fp32=hardware.depthwise_fp32)
     _quiet_lightning()
-    trainer = _trainer(config, hardware, out, datamodule, extra=callbacks or [])
+    trainer = _trainer(config, hardware, out, has_val=len(datamodule.monitor_rows) > 0, extra=callbacks or [])
     if trainer.is_global_zero:
         config.save(saved)
         datamodule.write_split(out / SPLIT)
@@ -112,9 +112,8 @@ def _val_note(datamodule: StoreDataModule) -> str:
 
 
 def _trainer(
-    config: TrainConfig, hardware: Hardware, out: Path, datamodule: StoreDataModule, *, extra: list[L.Callback]
+    config: TrainConfig, hardware: Hardware, out: Path, *, has_val: bool, extra: list[L.Callback]
 ) -> L.Trainer:
-    has_val = len(datamodule.monitor_rows) > 0
     checkpoints = out / CHECKPOINTS
     if has_val:
         checkpoint = ModelCheckpoint(
