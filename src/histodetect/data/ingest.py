@@ -307,9 +307,13 @@ def _decoder(workers: int, n_files: int) -> Iterator[Callable[[list[Item]], Iter
             return
         with multiprocessing.Pool(workers) as pool:
             yield functools.partial(_decode_files, window=window, map_=pool.imap)
+            pool.close()  # done without an error: the workers exit by themselves rather than by SIGTERM
+            pool.join()
 
 
-def _decode_files(items: list[Item], *, window: Path, map_: Callable[..., Iterable[ChunkResult]]) -> Iterator[Record]:
+def _decode_files(
+    items: list[Item], *, window: Path, map_: Callable[..., Iterable[ChunkResult | Exception]]
+) -> Iterator[Record]:
     """Records for image files, a window at a time: a window is refilled only once all of it was consumed."""
     pixels = np.memmap(window, dtype=np.uint8, mode="r").reshape(-1, *PATCH_SHAPE)
     for start in range(0, len(items), len(pixels)):
@@ -318,23 +322,38 @@ def _decode_files(items: list[Item], *, window: Path, map_: Callable[..., Iterab
             (str(window), first, [str(item.path) for item in batch[first : first + CHUNK]])
             for first in range(0, len(batch), CHUNK)
         ]
-        decoded = itertools.chain.from_iterable(map_(decode_chunk, tasks))
-        for slot, (item, (sha1, found)) in enumerate(zip(batch, decoded, strict=True)):
-            yield _file_record(item, pixels[slot] if sha1 is not None else None, sha1, found)
+        results = map_(decode_chunk, tasks)
+        slot = 0
+        for chunk in results:
+            if isinstance(chunk, Exception):
+                # Let the pool finish the window before raising: tearing down a multiprocessing.Pool whose task
+                # thread is still feeding workers can deadlock in Pool.terminate (seen once in this suite).
+                for _ in results:
+                    pass
+                raise chunk
+            for sha1, found in chunk:
+                yield _file_record(batch[slot], pixels[slot] if sha1 is not None else None, sha1, found)
+                slot += 1
+        if slot != len(batch):
+            raise RuntimeError(f"decoding returned {slot} results for {len(batch)} files")
 
 
-def decode_chunk(task: tuple[str, int, list[str]]) -> ChunkResult:
+def decode_chunk(task: tuple[str, int, list[str]]) -> ChunkResult | Exception:
     """Worker task: decode files into consecutive rows of the scratch window from ``first`` on; return their
-    SHA-1s (None when unusable) and problems."""
+    SHA-1s (None when unusable) and problems. An unexpected failure is returned, not raised, so that the parent
+    raises it only once the pool has finished the window (see ``_decode_files``)."""
     window_path, first, paths = task
-    window = np.memmap(window_path, dtype=np.uint8, mode="r+").reshape(-1, *PATCH_SHAPE)
-    results = []
-    for slot, path in enumerate(paths, first):
-        pixels, sha1, found = decode_patch(path)
-        if pixels is not None:
-            window[slot] = pixels
-        results.append((sha1, found))
-    return results
+    try:
+        window = np.memmap(window_path, dtype=np.uint8, mode="r+").reshape(-1, *PATCH_SHAPE)
+        results = []
+        for slot, path in enumerate(paths, first):
+            pixels, sha1, found = decode_patch(path)
+            if pixels is not None:
+                window[slot] = pixels
+            results.append((sha1, found))
+        return results
+    except Exception as exc:
+        return exc
 
 
 def _file_record(item: Item, pixels: np.ndarray | None, sha1: str | None, found: list[tuple[str, str]]) -> Record:
