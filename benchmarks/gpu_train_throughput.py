@@ -26,12 +26,12 @@ import shutil
 import subprocess
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from histodetect.data.augment import mix_batch, to_float
 from histodetect.data.datamodule import StoreDataModule
 from histodetect.data.store import Store, StoreWriter
 from histodetect.demo import sample_dir
@@ -112,30 +112,34 @@ def loader_images_per_s(store: Store, config: TrainConfig, hardware: Hardware, d
 def step_images_per_s(
     store: Store, config: TrainConfig, hardware: Hardware, device: torch.device, steps: int, warmup: int
 ) -> float:
-    """The training step of ``LitClassifier`` (same augmentation, precision, layout, optimiser family) on a batch
-    that never leaves the device."""
+    """``LitClassifier.training_step`` itself (augmentation, mixing, forward, loss), then backward and an optimiser
+    step, on a batch that never leaves the device."""
     model = create_model(config.model, pretrained="none", dropout=config.dropout, image_size=config.image_size)
-    module = LitClassifier(config, model, depthwise_fp32=hardware.depthwise_fp32).to(device)
+    module = LitClassifier(
+        config, model, channels_last=hardware.channels_last, depthwise_fp32=hardware.depthwise_fp32
+    ).to(device)
     if hardware.channels_last:
-        module.to(memory_format=torch.channels_last)
+        module.to(memory_format=torch.channels_last)  # what on_fit_start does under a Trainer
     module.train()
     rows = np.arange(min(len(store), config.batch_size))
-    pixels = torch.from_numpy(store.read(rows)).to(device)
-    targets = torch.from_numpy(store.labels[rows].astype(np.float32)).to(device)
+    batch = (
+        torch.from_numpy(store.read(rows)).to(device),
+        torch.from_numpy(store.labels[rows].astype(np.float32)).to(device),
+        torch.from_numpy(rows),
+    )
     optimizer = torch.optim.AdamW(module.parameters(), lr=config.lr, fused=device.type == "cuda")
     dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(hardware.precision)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
     def step() -> None:
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            x = module.augment(to_float(pixels, channels_last=hardware.channels_last), module.generator)
-            x, y = mix_batch(x, targets, config.mixup, config.cutmix, module.generator)
-            loss = module.loss_fn(module.forward_fn(x).float(), y)
+            loss = module.training_step(batch, 0)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
 
+    warnings.filterwarnings("ignore", message=".*self.log\\(\\)` but the `self.trainer` reference.*")  # no Trainer here
     for _ in range(warmup):
         step()
     _sync(device)

@@ -241,7 +241,8 @@ def train(
         result = cross_validate(Store(store), out, cfg)
         if not result:  # a DDP process other than rank zero
             return
-        console.print(terminal_table(sorted(out.glob("fold-*")), title=f"{cfg.folds} folds in {out}"))
+        runs = [Path(fold["run"]) for fold in result["folds"]]
+        console.print(terminal_table(runs, title=f"{cfg.folds} folds in {out}"))
         console.print(
             f"out-of-fold ROC AUC [bold]{result['oof_auc']:.4f}[/] over {result['oof_patches']:,} patches "
             f"(folds {result['fold_auc_mean']:.4f} ± {result['fold_auc_std']:.4f}): {out / 'cv.json'}"

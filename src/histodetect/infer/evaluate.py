@@ -80,7 +80,7 @@ def evaluate(
 def _rows(run: Path, store: Store, split: str) -> np.ndarray:
     """Store rows to score, sorted (sequential reads); every one labeled."""
     if split == "val":
-        return _held_out_rows(run, store)
+        return held_out_rows(run, store)
     if split == "all":
         rows = store.rows(labeled=True)
         if len(rows) == 0:
@@ -96,7 +96,7 @@ def _rows(run: Path, store: Store, split: str) -> np.ndarray:
     return rows
 
 
-def _held_out_rows(run: Path, store: Store) -> np.ndarray:
+def held_out_rows(run: Path, store: Store) -> np.ndarray:
     """Rows of the run's validation ids; an id the store lacks means it is not the store the run was trained
     on."""
     path = run / SPLIT

@@ -23,10 +23,11 @@ from sklearn.metrics import roc_auc_score
 
 from histodetect.data.store import Store
 from histodetect.infer.engine import Predictor
+from histodetect.infer.evaluate import held_out_rows
 from histodetect.infer.sources import StoreRows
 from histodetect.io import atomic_path, atomic_write_json
 from histodetect.train.config import ConfigError, TrainConfig
-from histodetect.train.run import CONFIG, SPLIT, SUMMARY, train
+from histodetect.train.run import CONFIG, SUMMARY, train
 
 OOF = "oof.csv"
 CV_SUMMARY = "cv.json"
@@ -71,9 +72,7 @@ def cross_validate(store: Store, out: str | os.PathLike[str], config: TrainConfi
 
 def _held_out_predictions(store: Store, run: Path, fold: int) -> pd.DataFrame:
     """The fold's model on every patch its ``split.csv`` held out (not only the per-epoch validation subset)."""
-    split = pd.read_csv(run / SPLIT, dtype={"id": str})
-    held_out = set(split.loc[split["part"] == "val", "id"])
-    rows = np.flatnonzero(np.isin(store.ids, list(held_out)))
+    rows = held_out_rows(run, store)
     probabilities = Predictor([run]).predict(StoreRows(store, rows), label=f"fold {fold}")
     return pd.DataFrame(
         {"id": store.ids[rows], "label": store.labels[rows], "probability": probabilities, "fold": fold}
