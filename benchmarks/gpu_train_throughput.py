@@ -32,14 +32,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from histodetect.data.datamodule import StoreDataModule
 from histodetect.data.store import Store, StoreWriter
-from histodetect.demo import sample_dir
+from histodetect.device import Hardware
 from histodetect.models import create_model
+from histodetect.sample import sample_dir
 from histodetect.train.config import TrainConfig, build_config
-from histodetect.train.device import Hardware, resolve_hardware
+from histodetect.train.datamodule import StoreDataModule
 from histodetect.train.module import LitClassifier
-from histodetect.train.run import train
+from histodetect.train.run import hardware_for, train
 
 
 def synthetic_store(path: Path, n: int) -> Store:
@@ -176,7 +176,7 @@ def main() -> None:
         num_workers=args.workers,
         mixup=0.0,
     )
-    hardware = resolve_hardware(config)
+    hardware = hardware_for(config)
     device = torch.device("cuda" if hardware.accelerator == "cuda" else hardware.accelerator)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # as train() has Lightning do

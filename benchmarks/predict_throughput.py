@@ -36,11 +36,11 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
 from histodetect.data.store import StoreWriter
-from histodetect.demo import sample_dir
 from histodetect.infer.engine import Predictor
 from histodetect.infer.export import to_onnx
 from histodetect.infer.sources import ImageFiles, open_source
 from histodetect.models import Classifier, create_model
+from histodetect.sample import sample_dir
 
 SHARED_TRAIN = Path(__file__).resolve().parents[2] / "shared" / "data" / "hcd-subset" / "train"
 MODEL = "tf_efficientnet_lite0"

@@ -24,8 +24,8 @@ from torchvision import transforms
 
 from histodetect.data.ingest import ingest
 from histodetect.data.store import Store
-from histodetect.demo import sample_dir
 from histodetect.models import create_model
+from histodetect.sample import sample_dir
 from histodetect.train.config import TrainConfig
 from histodetect.train.run import train
 

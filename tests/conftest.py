@@ -14,7 +14,7 @@ import pytest
 
 from histodetect.data.ingest import ingest
 from histodetect.data.store import Store
-from histodetect.demo import sample_dir
+from histodetect.sample import sample_dir
 
 SAMPLE_DIR = sample_dir()
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -9,7 +9,8 @@ import pytest
 from typer.testing import CliRunner
 
 from histodetect.cli import app
-from histodetect.demo import MARKER, run_demo, sample_dir
+from histodetect.demo import MARKER, run_demo
+from histodetect.sample import sample_dir
 
 COMMANDS = [
     "ingest",

@@ -235,8 +235,8 @@ def train(
     overrides = {k: v for k, v in flags.items() if k not in {"store", "out", "preset", "config", "resume", "all_folds"}}
     cfg = build_config(preset=preset, config_file=config, **overrides)
     if all_folds:  # re-running continues by itself: finished folds are kept, an interrupted one resumes
+        from histodetect.infer.crossval import cross_validate
         from histodetect.report.compare import terminal_table
-        from histodetect.train.crossval import cross_validate
 
         result = cross_validate(Store(store), out, cfg)
         if not result:  # a DDP process other than rank zero

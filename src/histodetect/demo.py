@@ -9,18 +9,14 @@ from __future__ import annotations
 
 import shutil
 import time
-from importlib import resources
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
+from histodetect.sample import sample_dir
+
 MARKER = ".histodetect-demo"
-
-
-def sample_dir() -> Path:
-    """The embedded real sample: 240 labeled training patches, 16 test patches and their sample submission."""
-    return Path(str(resources.files("histodetect") / "assets" / "sample"))
 
 
 def _prepare(out: Path) -> None:

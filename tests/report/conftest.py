@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from histodetect.data.store import Store, StoreWriter
-from histodetect.demo import sample_dir
+from histodetect.sample import sample_dir
 
 SAMPLE = sample_dir()
 

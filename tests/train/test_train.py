@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 from histodetect.data.store import Store
 from histodetect.models import create_model
 from histodetect.train.config import ConfigError, TrainConfig
-from histodetect.train.run import load_model, train
+from histodetect.train.run import train
+from histodetect.train.runfolder import load_model
 
 QUICK = dict(epochs=1, batch_size=8, limit_train=16, val_fraction=0.2, image_size=96, num_workers=0, patience=0)
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import h5py
 
 from histodetect.data.store import PATCH_SHAPE
-from histodetect.errors import UserError
+from histodetect.errors import IngestError
 
 IMAGE_SUFFIXES = frozenset({".tif", ".tiff", ".png", ".jpg", ".jpeg"})
 SPLIT_ORDER = ("train", "valid", "test")
@@ -40,10 +40,6 @@ ERROR = "error"
 WARNING = "warning"
 # CSV problems that make the labels unknowable: ingest stops before decoding, even with --skip-bad.
 FATAL_KINDS = frozenset({"csv_missing_header", "csv_missing_column", "csv_unreadable"})
-
-
-class IngestError(UserError):
-    """SOURCE or an option cannot be ingested at all (no such folder, unknown layout, store already there)."""
 
 
 @dataclass(frozen=True)

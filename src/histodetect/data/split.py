@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, train_test_split
 
-from histodetect.train.config import ConfigError
+from histodetect.errors import ConfigError
 
 
 def read_groups(path: str | os.PathLike[str], ids: np.ndarray) -> np.ndarray:

@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from histodetect import __version__
-from histodetect.errors import UserError
+from histodetect.errors import StoreError
 from histodetect.io import atomic_write_json, atomic_write_text
 
 STORE_FORMAT = "histodetect-store"
@@ -40,10 +40,6 @@ PATCHES = "patches.u8"
 INDEX = "index.csv"
 REPORT = "report.json"
 INDEX_COLUMNS = ["row", "id", "label", "split", "source", "sha1"]
-
-
-class StoreError(UserError):
-    """A store folder that is missing, incomplete, or of a format this version cannot read."""
 
 
 class Store:

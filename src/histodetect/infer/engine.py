@@ -23,9 +23,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from histodetect.data.augment import dihedral, to_float
-from histodetect.errors import UserError
+from histodetect.device import cpu_has_bf16, resolve_accelerator
+from histodetect.errors import InferError
 from histodetect.models import Classifier
-from histodetect.train.device import cpu_has_bf16, resolve_accelerator
 
 # Indices into histodetect.data.augment.dihedral: k % 4 quarter turns, then a left-right flip when k >= 4.
 # flips = identity, left-right (4), top-bottom (6 = half turn + left-right), both (2 = half turn).
@@ -35,10 +35,6 @@ PRECISIONS = ("auto", "fp32", "bf16")
 # tf_efficientnet_lite0 at ~1,600 images/s and 256 at ~850 (resnet18: ~990 vs ~760). A GPU needs large batches.
 DEFAULT_BATCH = {"cpu": 64, "cuda": 1024}
 ONNX_SUFFIX = ".onnx"
-
-
-class InferError(UserError, ValueError):
-    """Input to predict, evaluate, explain or export that cannot be used as given (one line, exit code 2)."""
 
 
 class PatchReader(Protocol):
@@ -108,7 +104,7 @@ class Predictor:
             if not run.is_file():
                 raise FileNotFoundError(f"{run}: no such ONNX file")
             return OnnxMember(run)
-        from histodetect.train.run import load_model  # Lightning is imported only when a run folder is used
+        from histodetect.train.runfolder import load_model  # Lightning is imported only when a run folder is used
 
         model, _ = load_model(run)
         return _TorchMember(model, self.device, self.autocast_dtype, self.channels_last)

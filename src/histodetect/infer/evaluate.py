@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
 from histodetect.data.store import Store
 from histodetect.infer.engine import InferError, Predictor
@@ -22,7 +21,7 @@ from histodetect.infer.sources import StoreRows
 from histodetect.io import atomic_write_json
 from histodetect.report.evaluation import json_safe, write_evaluation_report
 from histodetect.report.metrics import binary_metrics
-from histodetect.train.run import SPLIT, load_config
+from histodetect.train.runfolder import held_out_rows, load_config
 
 RUN_EVALUATION = Path("evaluation") / "metrics.json"  # inside the run folder; read by histodetect compare
 SHOWN_IDS = 5
@@ -93,28 +92,4 @@ def _rows(run: Path, store: Store, split: str) -> np.ndarray:
             f"{store.path}: split {split!r} has {unlabeled} unlabeled patch(es) of {len(rows)}; "
             "evaluation needs labels (try --split all for every labeled patch)"
         )
-    return rows
-
-
-def held_out_rows(run: Path, store: Store) -> np.ndarray:
-    """Rows of the run's validation ids; an id the store lacks means it is not the store the run was trained
-    on."""
-    path = run / SPLIT
-    if not path.is_file():
-        raise FileNotFoundError(f"{run}: no {SPLIT}, so its held-out patches are unknown; pass --split all or a split")
-    table = pd.read_csv(path, dtype={"id": str, "part": str}, keep_default_na=False)
-    ids = table.loc[table["part"] == "val", "id"].to_numpy()
-    if len(ids) == 0:
-        raise InferError(f"{path}: the run held out no patches (val_fraction 0?); pass --split all or a split")
-    row_of = pd.Series(np.arange(len(store)), index=store.ids)
-    missing = [i for i in ids if i not in row_of.index]
-    if missing:
-        shown = ", ".join(missing[:SHOWN_IDS]) + (", ..." if len(missing) > SHOWN_IDS else "")
-        raise InferError(
-            f"{store.path}: lacks {len(missing)} of the {len(ids)} held-out ids of {run} ({shown}); "
-            "evaluate on the store the run was trained on, or pass --split"
-        )
-    rows = np.sort(row_of.loc[ids].to_numpy())
-    if (store.labels[rows] < 0).any():
-        raise InferError(f"{store.path}: some held-out ids of {run} are unlabeled in this store")
     return rows

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import sigmoid_focal_loss
 
-from histodetect.train.config import ConfigError
+from histodetect.errors import ConfigError
 
 
 def smooth_labels(targets: torch.Tensor, smoothing: float) -> torch.Tensor:

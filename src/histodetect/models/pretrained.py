@@ -24,7 +24,7 @@ import safetensors.torch
 import torch
 from huggingface_hub import try_to_load_from_cache
 
-from histodetect.train.config import ConfigError
+from histodetect.errors import ModelError
 
 if TYPE_CHECKING:
     from histodetect.models.registry import Classifier
@@ -33,10 +33,6 @@ log = logging.getLogger(__name__)
 
 SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 _SHOWN = 3  # keys quoted in an error message
-
-
-class ModelError(ConfigError):
-    """A model name or weights that cannot make the requested model; the message names the file, if any."""
 
 
 @dataclass(frozen=True)

@@ -23,10 +23,10 @@ from matplotlib.figure import Figure
 from rich import box
 from rich.table import Table
 
+from histodetect.errors import ConfigError
 from histodetect.io import atomic_write_text
 from histodetect.report.figures import INK, styled
 from histodetect.report.html import Page
-from histodetect.train.config import ConfigError
 
 EVALUATION_FILES = (
     "evaluation/metrics.json",

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from histodetect.errors import UserError
+from histodetect.errors import ConfigError
 from histodetect.io import atomic_write_text
 
 CONFIG_VERSION = 1
@@ -23,10 +23,6 @@ CONFIG_VERSION = 1
 OPTIMIZERS = ("adam", "adamw", "rmsprop", "sgd")
 SCHEDULERS = ("cosine", "onecycle", "plateau", "none")
 LOSSES = ("bce", "focal")
-
-
-class ConfigError(UserError, ValueError):
-    """A configuration value or file that cannot describe a run."""
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """The LightningModule: one training step, one validation step, the optimiser and its schedule.
 
 Randomness is re-seeded from (seed, epoch, rank) at the start of every epoch, for the augmentation generator and for
-torch's global generator (dropout). Together with :class:`~histodetect.data.datamodule.EpochShuffle` this makes a
+torch's global generator (dropout). Together with :class:`~histodetect.train.datamodule.EpochShuffle` this makes a
 run resumed from an epoch checkpoint follow exactly the path of one that never stopped.
 """
 
@@ -16,11 +16,11 @@ import torch.nn.functional as F
 from torchmetrics.classification import BinaryAccuracy, BinaryAUROC, BinaryF1Score
 
 from histodetect.data.augment import BatchAugment, mix_batch, to_float
-from histodetect.data.datamodule import Batch
+from histodetect.device import depthwise_in_fp32
 from histodetect.loss import build_loss
 from histodetect.models import Classifier
 from histodetect.train.config import TrainConfig
-from histodetect.train.device import depthwise_in_fp32
+from histodetect.train.datamodule import Batch
 
 
 class LitClassifier(L.LightningModule):

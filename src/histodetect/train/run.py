@@ -25,24 +25,18 @@ import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 from rich.console import Console
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from histodetect import __version__
-from histodetect.data.datamodule import StoreDataModule
 from histodetect.data.store import Store
+from histodetect.device import Hardware, resolve_hardware
 from histodetect.io import atomic_path, atomic_write_json
-from histodetect.models import Classifier, create_model
+from histodetect.models import create_model
 from histodetect.train.callbacks import AtomicCheckpointIO, EpochLog, FreezeUnfreeze
 from histodetect.train.config import ConfigError, TrainConfig, freeze_top_k
-from histodetect.train.device import Hardware, resolve_hardware
+from histodetect.train.datamodule import StoreDataModule
 from histodetect.train.module import LitClassifier
-
-CONFIG = "config.yaml"
-WEIGHTS = "model.safetensors"
-SUMMARY = "summary.json"
-METRICS = "metrics.csv"
-SPLIT = "split.csv"
-CHECKPOINTS = "checkpoints"
+from histodetect.train.runfolder import CHECKPOINTS, CONFIG, METRICS, SPLIT, SUMMARY, WEIGHTS
 
 
 def train(
@@ -68,7 +62,7 @@ def train(
         raise ConfigError(f"{out}: already holds a run; pass --resume to continue it, or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     L.seed_everything(config.seed, workers=True, verbose=False)
-    hardware = resolve_hardware(config)
+    hardware = hardware_for(config)
     datamodule = StoreDataModule(store, config, num_workers=hardware.num_workers, pin_memory=hardware.pin_memory)
     model = create_model(
         config.model, pretrained=config.pretrained, dropout=config.dropout, image_size=config.image_size
@@ -109,6 +103,11 @@ def _val_note(datamodule: StoreDataModule) -> str:
     if len(datamodule.monitor_rows) == len(datamodule.val_rows):
         return str(len(datamodule.val_rows))
     return f"{len(datamodule.monitor_rows)} of {len(datamodule.val_rows)} held out"
+
+
+def hardware_for(config: TrainConfig) -> Hardware:
+    """The hardware settings a run's config asks for, resolved on this machine."""
+    return resolve_hardware(config.accelerator, config.precision, config.channels_last, config.num_workers)
 
 
 def _trainer(
@@ -303,30 +302,3 @@ def _plot_curves(metrics_path: Path, target: Path) -> None:
     with atomic_path(target) as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)
-
-
-# ---------------------------------------------------------------------------------------------------- loading
-def load_config(run: str | os.PathLike[str]) -> TrainConfig:
-    run = Path(run)
-    if not (run / CONFIG).exists():
-        raise FileNotFoundError(f"{run}: not a run folder (no {CONFIG}); create one with `histodetect train`")
-    return TrainConfig.load(run / CONFIG)
-
-
-def load_model(run: str | os.PathLike[str]) -> tuple[Classifier, TrainConfig]:
-    """The run's best network in eval mode, rebuilt from its config; weights come from safetensors only."""
-    run = Path(run)
-    config = load_config(run)
-    weights = run / WEIGHTS
-    if not weights.exists():
-        raise FileNotFoundError(f"{run}: no {WEIGHTS}; the run has not finished an epoch (try `train --resume`)")
-    model = create_model(config.model, pretrained="none", dropout=config.dropout, image_size=config.image_size)
-    try:
-        state = load_file(str(weights))
-    except Exception as exc:  # safetensors raises its own error types for corrupt headers
-        raise ConfigError(f"{weights}: unreadable weights file ({exc})") from exc
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise ConfigError(f"{weights}: does not fit {config.model} ({str(exc).splitlines()[0]})") from exc
-    return model.eval(), config

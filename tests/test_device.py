@@ -1,9 +1,8 @@
 import torch
 from torch import nn
 
+from histodetect.device import depthwise_in_fp32, resolve_hardware
 from histodetect.models import create_model
-from histodetect.train.config import TrainConfig
-from histodetect.train.device import depthwise_in_fp32, resolve_hardware
 
 
 def test_depthwise_convolutions_run_in_fp32_under_cpu_autocast_and_keep_their_weights() -> None:
@@ -21,12 +20,12 @@ def test_depthwise_convolutions_run_in_fp32_under_cpu_autocast_and_keep_their_we
 
 
 def test_precision_and_layout_follow_the_hardware() -> None:
-    cpu32 = resolve_hardware(TrainConfig(accelerator="cpu", precision="32"))
+    cpu32 = resolve_hardware(accelerator="cpu", precision="32")
     assert (cpu32.precision, cpu32.channels_last, cpu32.depthwise_fp32, cpu32.num_workers) == (
         "32-true",
         False,
         False,
         0,
     )
-    bf16 = resolve_hardware(TrainConfig(accelerator="cpu", precision="bf16-mixed"))
+    bf16 = resolve_hardware(accelerator="cpu", precision="bf16-mixed")
     assert (bf16.channels_last, bf16.depthwise_fp32) == (True, True)

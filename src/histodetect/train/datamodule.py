@@ -18,7 +18,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from histodetect.data.split import read_groups, split_rows, stratified_subset
-from histodetect.data.store import Store, StoreError
+from histodetect.data.store import Store
+from histodetect.errors import StoreError
 from histodetect.io import atomic_path
 from histodetect.train.config import TrainConfig
 

@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 
 from histodetect.cli import app
 from histodetect.data.store import Store
+from histodetect.infer.crossval import cross_validate
 from histodetect.train.config import ConfigError, TrainConfig
-from histodetect.train.crossval import cross_validate
 
 QUICK = dict(model="baseline-cnn", epochs=1, batch_size=8, limit_train=24, patience=0, num_workers=0)
 

@@ -20,8 +20,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from histodetect.train.config import TrainConfig
-
 
 @dataclass(frozen=True)
 class Hardware:
@@ -58,9 +56,14 @@ def resolve_accelerator(name: str) -> str:
     return "cpu"
 
 
-def resolve_hardware(config: TrainConfig) -> Hardware:
-    accelerator = resolve_accelerator(config.accelerator)
-    precision = config.precision
+def resolve_hardware(
+    accelerator: str = "auto",
+    precision: str = "auto",
+    channels_last: bool | None = None,
+    num_workers: int | None = None,
+) -> Hardware:
+    """The training settings for this machine; ``None`` and ``auto`` mean "what is fast here"."""
+    accelerator = resolve_accelerator(accelerator)
     if precision == "auto":
         if accelerator == "cuda":
             precision = "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
@@ -70,9 +73,10 @@ def resolve_hardware(config: TrainConfig) -> Hardware:
             precision = "32-true"
     elif precision == "32":
         precision = "32-true"
-    channels_last = config.channels_last if config.channels_last is not None else precision != "32-true"
-    if config.num_workers is not None:
-        workers = config.num_workers
+    if channels_last is None:
+        channels_last = precision != "32-true"
+    if num_workers is not None:
+        workers = num_workers
     elif accelerator == "cuda":
         workers = min(8, max(1, (os.cpu_count() or 2) - 1))
     else:

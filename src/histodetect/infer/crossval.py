@@ -23,11 +23,11 @@ from sklearn.metrics import roc_auc_score
 
 from histodetect.data.store import Store
 from histodetect.infer.engine import Predictor
-from histodetect.infer.evaluate import held_out_rows
 from histodetect.infer.sources import StoreRows
 from histodetect.io import atomic_path, atomic_write_json
 from histodetect.train.config import ConfigError, TrainConfig
-from histodetect.train.run import CONFIG, SUMMARY, train
+from histodetect.train.run import train
+from histodetect.train.runfolder import CONFIG, SUMMARY, held_out_rows
 
 OOF = "oof.csv"
 CV_SUMMARY = "cv.json"
