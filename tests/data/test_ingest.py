@@ -504,15 +504,34 @@ def test_unsafe_id_never_reads_outside_source(sample_copy: Path, tmp_path: Path)
     assert [p["kind"] for p in store.report["problems"]] == ["unsafe_id"]  # and no missing_image for it
 
 
-def test_duplicate_pixels_keep_the_first_by_sorted_id(sample_copy: Path, tmp_path: Path) -> None:
+def test_duplicate_pixels_keep_the_one_named_by_its_sha1(sample_copy: Path, tmp_path: Path) -> None:
+    """The altered copy sorts first ('000...'), yet the patch under its own SHA-1 is the one kept, and the
+    report says which and why (the old code kept the first in sort order: the copy)."""
     original = nth_id(sample_copy, 0)
-    first = "0" * 40
-    shutil.copy(train_file(sample_copy, original), train_file(sample_copy, first))
-    append_csv(sample_copy, f"{first},{labels_of(sample_copy)[original]}")
+    copy = "0" * 40
+    shutil.copy(train_file(sample_copy, original), train_file(sample_copy, copy))
+    append_csv(sample_copy, f"{copy},{labels_of(sample_copy)[original]}")
     result = run(sample_copy, tmp_path, skip_bad=True)
-    assert result.store is not None and first in set(result.store.ids) and original not in set(result.store.ids)
+    assert result.store is not None and original in set(result.store.ids) and copy not in set(result.store.ids)
+    kept = result.store.index.set_index("id").loc[original]
+    assert (kept["source"], kept["sha1"]) == (f"train/{original}.tif", original)
+    np.testing.assert_array_equal(result.store.patches[kept["row"]], pixels_of(train_file(sample_copy, original)))
     dup = problems(result, "duplicate_pixels")
-    assert [(p["id"], p["severity"]) for p in dup] == [(original, "error")] and first in str(dup[0]["detail"])
+    assert [(p["id"], p["severity"]) for p in dup] == [(copy, "error")]
+    assert f"same pixels as '{original}'" in str(dup[0]["detail"]) and "SHA-1 of the pixels" in str(dup[0]["detail"])
+
+
+def test_duplicate_pixels_under_two_other_names_keep_the_first(sample_copy: Path, tmp_path: Path) -> None:
+    original = nth_id(sample_copy, 0)
+    label = labels_of(sample_copy)[original]
+    train_file(sample_copy, original).rename(train_file(sample_copy, "b-copy"))
+    shutil.copy(train_file(sample_copy, "b-copy"), train_file(sample_copy, "a-copy"))
+    rewrite_csv(sample_copy, lambda lines: [line for line in lines if not line.startswith(original)])
+    append_csv(sample_copy, f"a-copy,{label}\nb-copy,{label}")
+    result = run(sample_copy, tmp_path, skip_bad=True)
+    assert result.store is not None and "a-copy" in set(result.store.ids) and "b-copy" not in set(result.store.ids)
+    (dup,) = problems(result, "duplicate_pixels")
+    assert dup["id"] == "b-copy" and "'a-copy'" in str(dup["detail"]) and "first one read" in str(dup["detail"])
 
 
 def test_interrupted_ingest_leaves_no_store(sample_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
