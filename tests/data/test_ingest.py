@@ -8,7 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -660,3 +667,209 @@ def test_labels_flag_on_a_competition_folder_points_to_the_image_folder(sample_d
     assert "train_labels.csv" in refused.report["error"] and not (tmp_path / "s").exists()
     stored = ingest(sample_dir / "train", tmp_path / "t", labels=sample_dir / "train_labels.csv", progress=False)
     assert stored.exit_code == 0 and len(stored.store) == 240
+
+
+# ------------------------------------------------------------------------------------------ safe outputs
+@pytest.mark.parametrize("what", ["unrelated-folder", "source-itself", "parent-of-source", "file", "store-plus-file"])
+def test_overwrite_replaces_only_a_store(
+    what: str, sample_dir: Path, sample_store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = copy_source(sample_dir, tmp_path / "data" / "source")
+    out = {
+        "unrelated-folder": tmp_path / "thesis",
+        "source-itself": source,
+        "parent-of-source": tmp_path / "data",
+        "file": tmp_path / "notes.txt",
+        "store-plus-file": tmp_path / "store",
+    }[what]
+    if what == "unrelated-folder":
+        out.mkdir()
+        (out / "chapter1.tex").write_text("months of work\n")
+    elif what == "file":
+        out.write_text("keep me\n")
+    elif what == "store-plus-file":
+        shutil.copytree(sample_store.path, out)
+        (out / "mine.txt").write_text("not ingest's\n")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    monkeypatch.setattr(ingest_module, "decode_patch", pytest.fail)
+    result = ingest(source, out, overwrite=True, progress=False)
+    assert result.exit_code == 2 and result.store is None
+    assert str(out) in result.report["error"] and "\n" not in result.report["error"]
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing deleted or added
+
+
+def test_overwrite_still_replaces_a_store(sample_dir: Path, sample_store: Store, tmp_path: Path) -> None:
+    out = tmp_path / "store"
+    shutil.copytree(sample_store.path, out)
+    (out / "patches.u8").write_bytes(b"")  # a damaged store of ours is still ours to replace
+    result = ingest(sample_dir, out, overwrite=True, progress=False)
+    assert result.exit_code == 0 and result.store is not None and len(result.store) == len(sample_store)
+
+
+@pytest.mark.parametrize("args", [["--out", "{file}", "--overwrite"], ["--out", "{out}", "--report", "{folder}"]])
+def test_cli_refuses_an_output_path_in_one_line(
+    args: list[str], sample_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "file").write_text("x\n")
+    (tmp_path / "folder").mkdir()
+    paths = {"file": tmp_path / "file", "folder": tmp_path / "folder", "out": tmp_path / "out"}
+    monkeypatch.setattr(ingest_module, "decode_patch", pytest.fail)
+    result = CliRunner().invoke(app, ["ingest", str(sample_dir), *[a.format(**paths) for a in args]])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error:"), result.stderr
+    assert (tmp_path / "file").read_text() == "x\n" and not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------------------------ CSV
+def test_quoted_field_holding_a_line_break_is_a_csv_problem_shown_alone(sample_copy: Path, tmp_path: Path) -> None:
+    """An unclosed quote swallows the rows after it: one fatal problem, not 240 unlabeled_image lines."""
+    rewrite_csv(sample_copy, lambda lines: [lines[0], '"' + lines[1], *lines[2:]])
+    out = tmp_path / "store"
+    result = CliRunner().invoke(app, ["ingest", str(sample_copy), "--out", str(out)])
+    assert result.exit_code == 2 and not out.exists()
+    report = json.loads((tmp_path / "store.report.json").read_text())
+    assert [p["kind"] for p in report["problems"] if p["severity"] == "error"] == ["csv_multiline_field"]
+    assert "unlabeled_image" not in result.stderr and "csv_multiline_field" in result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_field_over_the_csv_limit_is_a_csv_problem(sample_copy: Path, tmp_path: Path) -> None:
+    append_csv(sample_copy, "x" * 200_000 + ",1")
+    result = run(sample_copy, tmp_path)
+    assert result.exit_code == 2
+    (fatal,) = [p for p in problems(result) if p["severity"] == "error"]
+    assert fatal["kind"] == "csv_field_too_large" and f"line {N_SAMPLE_TRAIN + 2}" in str(fatal["detail"])
+
+
+def test_ids_with_surrounding_spaces_are_read_without_them(sample_copy: Path, tmp_path: Path) -> None:
+    id_ = nth_id(sample_copy, 0)
+    rewrite_csv(
+        sample_copy, lambda lines: [f" {line.replace(',', ' ,')}" if line.startswith(id_) else line for line in lines]
+    )
+    result = run(sample_copy, tmp_path)
+    assert result.exit_code == 0 and result.store is not None and id_ in set(result.store.ids)
+    assert [(p["kind"], p["id"]) for p in problems(result)] == [("csv_spaces", id_)]
+    assert f"' {id_} '" in str(problems(result)[0]["detail"])
+
+
+# ------------------------------------------------------------------------------------------ hostile images
+def sixteen_bit_rgb(root: Path) -> str:
+    """12-bit data in 16-bit RGB: PIL opens it as 'RGB' and keeps the top 8 bits (a nearly black patch)."""
+    id_ = nth_id(root, 20)
+    pixels = np.asarray(real_image(root, id_)).astype(np.uint16) * 16
+    tifffile.imwrite(train_file(root, id_), pixels, photometric="rgb")
+    return id_
+
+
+def sixteen_bit_rgb_png(root: Path) -> str:
+    id_ = nth_id(root, 21)
+    pixels = np.asarray(real_image(root, id_)).astype(np.uint16) * 257
+    raw = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in pixels)
+    header = struct.pack(">IIBBBBB", 96, 96, 16, 2, 0, 0, 0)
+    chunks = b"".join(
+        struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+        for tag, data in ((b"IHDR", header), (b"IDAT", zlib.compress(raw)), (b"IEND", b""))
+    )
+    train_file(root, id_).write_bytes(b"\x89PNG\r\n\x1a\n" + chunks)
+    return id_
+
+
+def two_page_tiff(root: Path) -> str:
+    """The first page is the real patch (what the raw fast path would read), the second another one."""
+    id_ = nth_id(root, 22)
+    pages = [np.asarray(real_image(root, id_)), np.asarray(real_image(root, nth_id(root, 23)))]
+    with tifffile.TiffWriter(train_file(root, id_)) as tif:
+        for page in pages:
+            tif.write(page, photometric="rgb")
+    return id_
+
+
+def fifo_named_tif(root: Path) -> str:
+    id_ = nth_id(root, 24)
+    train_file(root, id_).unlink()
+    os.mkfifo(train_file(root, id_))
+    return id_
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "kind", "detail"),
+    [
+        (sixteen_bit_rgb, "wrong_depth", "16 bits per channel in a TIFF"),
+        (sixteen_bit_rgb_png, "wrong_depth", "16 bits per channel in a PNG"),
+        (two_page_tiff, "multi_page", "2 pages"),
+        pytest.param(
+            fifo_named_tif,
+            "not_a_file",
+            "not a regular file",
+            marks=pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here"),
+        ),
+    ],
+    ids=["16-bit-rgb-tiff", "16-bit-rgb-png", "two-page-tiff", "fifo"],
+)
+@pytest.mark.timeout(60)
+def test_hostile_image_is_refused_with_its_own_kind(
+    corrupt: Callable[[Path], str], kind: str, detail: str, sample_copy: Path, tmp_path: Path
+) -> None:
+    offender = corrupt(sample_copy)
+    result = run(sample_copy, tmp_path, skip_bad=True)
+    assert result.store is not None and offender not in set(result.store.ids)
+    assert [(p["kind"], p["id"]) for p in problems(result)] == [(kind, offender)]
+    assert detail in str(problems(result)[0]["detail"])
+
+
+# ------------------------------------------------------------------------------------------ interruptions
+SLOW_INGEST = """
+import sys, time
+from histodetect.data import ingest as m
+real = m.decode_patch
+def slow(path):
+    time.sleep(0.05)
+    return real(path)
+m.decode_patch = slow
+m.POOL_MIN_FILES = 10**9
+print("started", flush=True)
+m.ingest(sys.argv[1], sys.argv[2], progress=False, workers=1)
+"""
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="POSIX signals")
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_during_ingest_removes_the_partial_store_and_the_window(
+    sig: signal.Signals, sample_dir: Path, tmp_path: Path
+) -> None:
+    out, scratch = tmp_path / "out" / "store", tmp_path / "scratch"
+    scratch.mkdir()
+    env = {**os.environ, "TMPDIR": str(scratch), "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SLOW_INGEST, str(sample_dir), str(out)], env=env, stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "started"
+    deadline = time.monotonic() + 30
+    while not any(p.name.startswith(".store.partial-") for p in out.parent.glob(".*")):  # decoding has begun
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.02)
+    assert list(scratch.iterdir())  # the window is there too
+    proc.send_signal(sig)
+    assert proc.wait(timeout=30) != 0
+    assert list(out.parent.iterdir()) == [] and list(scratch.iterdir()) == []
+
+
+def test_next_ingest_removes_partials_of_dead_processes_only(sample_dir: Path, tmp_path: Path) -> None:
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    out = tmp_path / "store"
+    leftovers = [f".store.partial-{dead.stdout.strip()}", ".store.partial-1", ".other.partial-999999999"]
+    for name in leftovers:  # PID 1 is alive (and never ours): left alone; another store's partial: left alone
+        (tmp_path / name).mkdir()
+    result = ingest(sample_dir, out, progress=False)
+    assert result.exit_code == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["store", *leftovers[1:]])
+
+
+# ------------------------------------------------------------------------------------------ the terminal
+def test_ids_are_shown_escaped_and_quoted(sample_copy: Path, tmp_path: Path) -> None:
+    shutil.copy(train_file(sample_copy, nth_id(sample_copy, 0)), sample_copy / "train" / " padded .tif")
+    append_csv(sample_copy, '"\x1b[2J\x1b[31mred",1')
+    result = CliRunner().invoke(app, ["ingest", str(sample_copy), "--out", str(tmp_path / "store")])
+    assert result.exit_code == 2
+    assert "\x1b" not in result.stderr
+    assert r"'\x1b[2J\x1b[31mred'" in result.stderr and "' padded '" in result.stderr

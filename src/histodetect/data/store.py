@@ -238,14 +238,18 @@ class StoreWriter:
         remove_dead_leftovers(self.path.parent, re.compile(re.escape(prefix) + r"(?P<pid>\d+)"))
         if self.tmp.exists():
             shutil.rmtree(self.tmp)
-        self.tmp.mkdir()
         self._records: list[tuple[str, int, str, str, str]] = []
         nbytes = max(self.capacity, 1) * int(np.prod(self.patch_shape))
-        with open(self.tmp / PATCHES, "wb") as fh:
-            fh.truncate(nbytes)
-        self._pixels = np.memmap(
-            self.tmp / PATCHES, dtype=np.uint8, mode="r+", shape=(max(self.capacity, 1), *self.patch_shape)
-        )
+        try:  # an interrupt here, before the with block is entered, must not leave the folder behind
+            self.tmp.mkdir()
+            with open(self.tmp / PATCHES, "wb") as fh:
+                fh.truncate(nbytes)
+            self._pixels = np.memmap(
+                self.tmp / PATCHES, dtype=np.uint8, mode="r+", shape=(max(self.capacity, 1), *self.patch_shape)
+            )
+        except BaseException:
+            self.abort()
+            raise
 
     def __enter__(self) -> StoreWriter:
         return self
