@@ -13,12 +13,14 @@ interrupted ingest leaves nothing that looks like a store.
 Problem kinds in the report (``{kind, severity, split, id, file, detail}``):
 
 - errors: ``missing_image``, ``unlabeled_image``, ``duplicate_id`` (conflicting rows, several files or
-  splits), ``duplicate_pixels``, ``unreadable``, ``empty_file``, ``wrong_size``, ``wrong_mode``,
-  ``bad_label``, ``unsafe_id``; and ``csv_missing_header``, ``csv_missing_column``, ``csv_unreadable``,
-  which stop ingest before any image is read, even with ``skip_bad``;
+  splits), ``duplicate_pixels`` (the copy not kept: see :func:`_fill`), ``unreadable``, ``empty_file``,
+  ``not_a_file`` (a FIFO, socket or device), ``wrong_size``, ``wrong_mode``, ``wrong_depth`` (more than 8 bits
+  per channel), ``multi_page``, ``bad_label``, ``unsafe_id``; and ``csv_missing_header``,
+  ``csv_missing_column``, ``csv_unreadable``, ``csv_multiline_field``, ``csv_field_too_large``, which stop
+  ingest before any image is read, even with ``skip_bad``, and are then shown alone;
 - warnings: ``duplicate_id`` (identical rows, kept once), ``id_not_sha1``, ``unlisted_image`` (a test image
   not in the sample submission), ``ignored_file``, ``missing_labels`` (a PCam split without ``_y.h5``),
-  ``csv_bom``, ``csv_blank_line``.
+  ``csv_bom``, ``csv_blank_line``, ``csv_spaces`` (an id read without its surrounding spaces).
 """
 
 from __future__ import annotations
