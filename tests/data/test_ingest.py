@@ -698,10 +698,16 @@ def test_overwrite_replaces_only_a_store(
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing deleted or added
 
 
-def test_overwrite_still_replaces_a_store(sample_dir: Path, sample_store: Store, tmp_path: Path) -> None:
+@pytest.mark.parametrize("what", ["damaged-store", "empty-folder"])
+def test_overwrite_still_replaces_a_store_or_an_empty_folder(
+    what: str, sample_dir: Path, sample_store: Store, tmp_path: Path
+) -> None:
     out = tmp_path / "store"
-    shutil.copytree(sample_store.path, out)
-    (out / "patches.u8").write_bytes(b"")  # a damaged store of ours is still ours to replace
+    if what == "damaged-store":
+        shutil.copytree(sample_store.path, out)
+        (out / "patches.u8").write_bytes(b"")  # a damaged store of ours is still ours to replace
+    else:
+        out.mkdir()
     result = ingest(sample_dir, out, overwrite=True, progress=False)
     assert result.exit_code == 0 and result.store is not None and len(result.store) == len(sample_store)
 

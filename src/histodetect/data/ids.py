@@ -7,6 +7,7 @@ to open with one, and every message that quotes an id shows it escaped and quote
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 SHA1_HEX = re.compile(r"^[0-9a-f]{40}$")
 # What makes an id unsafe, and why: each could make a path built from the id point outside its folder.
@@ -17,12 +18,26 @@ UNSAFE = (
     (re.compile(r"\.\."), "'..' in id"),
     (re.compile(r"^[A-Za-z]:"), "drive letter in id"),
 )
-ANY_UNSAFE = re.compile("|".join(f"(?:{pattern.pattern})" for pattern, _ in UNSAFE))
+# Every unsafe id holds one of these (or is empty, or holds a line break): a screen that is cheap over all ids at once.
+SCREEN = (*(chr(code) for code in range(32) if chr(code) != "\n"), "\x7f", "/", "\\", "..", ":")
 
 
 def unsafe_reason(name: str) -> str | None:
     """Why ``name`` cannot be a patch id (it could name a path outside the folder); None when it is safe."""
     return next((reason for pattern, reason in UNSAFE if pattern.search(name)), None)
+
+
+def first_unsafe(names: Sequence[str]) -> int | None:
+    """Position of the first unsafe name, or None when all are safe.
+
+    A store holds up to 220,025 ids, and a regular expression per id takes about a second: the ids are screened
+    at once instead (substring searches, in C, over all of them joined by line breaks), and checked one by one
+    only when the screen finds something that could be unsafe.
+    """
+    joined = "\n".join(names)
+    if all(names) and joined.count("\n") == len(names) - 1 and not any(mark in joined for mark in SCREEN):
+        return None
+    return next((position for position, name in enumerate(names) if unsafe_reason(name)), None)
 
 
 def looks_like_sha1(name: str) -> bool:

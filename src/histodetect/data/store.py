@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from histodetect import __version__
-from histodetect.data.ids import ANY_UNSAFE, shown, unsafe_reason
+from histodetect.data.ids import first_unsafe, shown, unsafe_reason
 from histodetect.errors import StoreError
 from histodetect.io import atomic_write_json, atomic_write_text, fsync_path, remove_dead_leftovers
 
@@ -43,13 +43,13 @@ INDEX = "index.csv"
 REPORT = "report.json"
 INDEX_COLUMNS = ["row", "id", "label", "split", "source", "sha1"]
 STORE_FILES = frozenset({MANIFEST, PATCHES, INDEX, REPORT})
-LABEL_TEXT = {"": UNLABELED, "0": 0, "1": 1}
+LABEL_TEXT = ("", "0", "1")  # how index.csv writes unknown, negative, positive
 
 
 def why_not_replaceable(path: str | os.PathLike[str], source: str | os.PathLike[str] | None = None) -> str | None:
     """Why ``--overwrite`` must not replace ``path``; None when it is a histodetect store and nothing else.
 
-    Only a folder holding a store manifest and no file a store does not have is replaced, and never the folder
+    Only an empty folder or one holding a store manifest and no file a store does not have is replaced, never the folder
     being ingested or one that contains it: ``--overwrite`` deletes what ingest made, never the user's data.
     """
     path = Path(path)
@@ -57,6 +57,8 @@ def why_not_replaceable(path: str | os.PathLike[str], source: str | os.PathLike[
         return f"is the source being ingested, or contains it ({source}); choose another --out"
     if not path.is_dir():
         return "is not a folder; --overwrite replaces only a store folder"
+    if not any(path.iterdir()):  # an empty folder: nothing to lose
+        return None
     try:
         manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -196,16 +198,17 @@ def read_index(path: Path) -> pd.DataFrame:
     ids, labels, splits = index["id"], index["label"], index["split"]
     if (at := first(index["row"] != pd.Series(np.arange(len(index)).astype(str)))) is not None:
         raise refuse(at, f"row {shown(index['row'].iloc[at])}, expected {at}")
-    if (at := first(ids.str.contains(ANY_UNSAFE))) is not None:
+    if (at := first_unsafe(ids.tolist())) is not None:
         raise refuse(at, f"id {shown(ids.iloc[at])}: {unsafe_reason(ids.iloc[at])}")
     if (at := first(ids.duplicated())) is not None:
         raise refuse(at, f"id {shown(ids.iloc[at])} is listed twice")
-    if (at := first(~labels.str.strip().isin(LABEL_TEXT))) is not None:
+    if (at := first(~labels.isin(LABEL_TEXT))) is not None:
         raise refuse(at, f"label {shown(labels.iloc[at])} is not 0, 1 or empty")
-    if (at := first(splits.str.contains(ANY_UNSAFE))) is not None:
+    if (at := first_unsafe(splits.tolist())) is not None:
         raise refuse(at, f"split {shown(splits.iloc[at])} is not a valid split name")
-    index["row"] = index["row"].astype(np.int64)
-    index["label"] = index["label"].str.strip().map(LABEL_TEXT).astype(np.int8)
+    index["row"] = np.arange(len(index), dtype=np.int64)  # just checked to be exactly these
+    text = labels.to_numpy(dtype=object)
+    index["label"] = np.select([text == "0", text == "1"], [0, 1], UNLABELED).astype(np.int8)
     return index
 
 
