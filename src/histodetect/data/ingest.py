@@ -182,15 +182,15 @@ def ingest(
 
 def _check_options(source: Path, out: Path, report_file: Path, *, overwrite: bool, workers: int | None) -> None:
     """Refuse before any work when the options cannot succeed or would destroy what ingest did not make."""
+    try:
+        check_output_dir(out)
+        check_output_file(report_file, "--report")
+    except UserError as exc:
+        raise IngestError(str(exc)) from None
     if out.exists() and not overwrite:
         raise IngestError(f"{out}: already exists; pass --overwrite to replace it")
     if out.exists() and (why := why_not_replaceable(out, source)):
         raise IngestError(f"--out {out}: {why}")
-    try:
-        check_output_file(report_file, "--report")
-        check_output_dir(out)
-    except UserError as exc:
-        raise IngestError(str(exc)) from None
     if report_file.exists() and report_file.resolve().is_relative_to(source.resolve()):
         raise IngestError(f"--report {report_file}: a file of the source being ingested; choose another path")
     if workers is not None and workers < 1:
@@ -490,9 +490,7 @@ def _fill(writer: StoreWriter, records: Iterable[Record], problems: list[Problem
             writer.replace_record(row, item.id, item.label, item.split, item.source)
             kept[sha1] = (row, item)
             held, item = item, held
-            why = "its id is the SHA-1 of the pixels"
-        else:
-            why = "its id is the SHA-1 of the pixels" if held.id == sha1 != item.id else "the first one read"
+        why = "its id is the SHA-1 of the pixels" if held.id == sha1 != item.id else "the first one read"
         detail = f"same pixels as {shown(held.id)} ({held.source}), which is kept: {why}"
         problems.append(Problem.about(item, "duplicate_pixels", ERROR, detail))
 
