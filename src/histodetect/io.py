@@ -1,15 +1,23 @@
-"""Atomic file writes: every output goes to a temporary name beside its target and is renamed into place, so an
-interrupted command never leaves a file that looks complete."""
+"""Safe outputs: atomic, durable writes; output paths checked before any work; leftovers of dead processes removed.
+
+Every output goes to a temporary name beside its target, is flushed to disk (``fsync``) and only then renamed into
+place, and the folder is synced after the rename: an interrupted command never leaves a file that looks
+complete, and after a power cut a file is either the old one or the whole new one, never empty.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import re
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from histodetect.errors import UserError
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -17,7 +25,11 @@ os.umask(_UMASK)
 
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path in the target's folder; rename it onto ``target`` only if the block succeeds."""
+    """Yield a temporary path in the target's folder; rename it onto ``target`` only if the block succeeds.
+
+    The block writes the file by any means (closing it flushes Python's buffers); the data is then synced
+    to disk before the rename, and the folder after it, so the rename is durable too.
+    """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
@@ -26,9 +38,23 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs get the usual permissions
     try:
         yield tmp_path
+        fsync_path(tmp_path)
         os.replace(tmp_path, target)
+        fsync_path(target.parent)
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+def fsync_path(path: str | os.PathLike[str]) -> None:
+    """Flush a file's or a folder's data to disk (a folder: the names it holds); a no-op where the system
+    cannot open folders (Windows)."""
+    if os.name == "nt" and Path(path).is_dir():
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def atomic_write_text(target: str | os.PathLike[str], text: str) -> Path:
@@ -45,3 +71,59 @@ def atomic_write_bytes(target: str | os.PathLike[str], data: bytes) -> Path:
 
 def atomic_write_json(target: str | os.PathLike[str], obj: Any) -> Path:
     return atomic_write_text(target, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def check_output_file(path: str | os.PathLike[str], option: str = "--out") -> None:
+    """Refuse, before any work, an output file that could not be written: a folder, or a path under a file."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{option} {path}: is a folder; give the name of a file to write")
+    _check_parent(path, option)
+
+
+def check_output_dir(path: str | os.PathLike[str], option: str = "--out") -> None:
+    """Refuse, before any work, an output folder that could not be made: an existing file, or a path under one."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{option} {path}: is a file; give a folder to write into")
+    _check_parent(path, option)
+
+
+def _check_parent(path: Path, option: str) -> None:
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"{option} {path}: {parent} is a file, not a folder")
+            return
+
+
+def remove_dead_leftovers(folder: str | os.PathLike[str], pattern: re.Pattern[str]) -> list[Path]:
+    """Remove the entries of ``folder`` whose whole name matches ``pattern`` and whose ``pid`` group names a
+    process that no longer exists: what a killed command left behind. Anything of a live process (or of another
+    user's) is left alone, and so is every name the pattern does not match. Returns what was removed."""
+    removed = []
+    with contextlib.suppress(FileNotFoundError), os.scandir(folder) as entries:
+        for entry in entries:
+            match = pattern.fullmatch(entry.name)
+            if match is None or _alive(int(match["pid"])):
+                continue
+            path = Path(entry.path)
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` exists; always True on Windows, where signal 0 would not probe but kill."""
+    if os.name == "nt" or pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, under another user
+        return True
+    return True

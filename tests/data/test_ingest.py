@@ -8,7 +8,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -504,15 +512,34 @@ def test_unsafe_id_never_reads_outside_source(sample_copy: Path, tmp_path: Path)
     assert [p["kind"] for p in store.report["problems"]] == ["unsafe_id"]  # and no missing_image for it
 
 
-def test_duplicate_pixels_keep_the_first_by_sorted_id(sample_copy: Path, tmp_path: Path) -> None:
+def test_duplicate_pixels_keep_the_one_named_by_its_sha1(sample_copy: Path, tmp_path: Path) -> None:
+    """The altered copy sorts first ('000...'), yet the patch under its own SHA-1 is the one kept, and the
+    report says which and why (the old code kept the first in sort order: the copy)."""
     original = nth_id(sample_copy, 0)
-    first = "0" * 40
-    shutil.copy(train_file(sample_copy, original), train_file(sample_copy, first))
-    append_csv(sample_copy, f"{first},{labels_of(sample_copy)[original]}")
+    copy = "0" * 40
+    shutil.copy(train_file(sample_copy, original), train_file(sample_copy, copy))
+    append_csv(sample_copy, f"{copy},{labels_of(sample_copy)[original]}")
     result = run(sample_copy, tmp_path, skip_bad=True)
-    assert result.store is not None and first in set(result.store.ids) and original not in set(result.store.ids)
+    assert result.store is not None and original in set(result.store.ids) and copy not in set(result.store.ids)
+    kept = result.store.index.set_index("id").loc[original]
+    assert (kept["source"], kept["sha1"]) == (f"train/{original}.tif", original)
+    np.testing.assert_array_equal(result.store.patches[kept["row"]], pixels_of(train_file(sample_copy, original)))
     dup = problems(result, "duplicate_pixels")
-    assert [(p["id"], p["severity"]) for p in dup] == [(original, "error")] and first in str(dup[0]["detail"])
+    assert [(p["id"], p["severity"]) for p in dup] == [(copy, "error")]
+    assert f"same pixels as '{original}'" in str(dup[0]["detail"]) and "SHA-1 of the pixels" in str(dup[0]["detail"])
+
+
+def test_duplicate_pixels_under_two_other_names_keep_the_first(sample_copy: Path, tmp_path: Path) -> None:
+    original = nth_id(sample_copy, 0)
+    label = labels_of(sample_copy)[original]
+    train_file(sample_copy, original).rename(train_file(sample_copy, "b-copy"))
+    shutil.copy(train_file(sample_copy, "b-copy"), train_file(sample_copy, "a-copy"))
+    rewrite_csv(sample_copy, lambda lines: [line for line in lines if not line.startswith(original)])
+    append_csv(sample_copy, f"a-copy,{label}\nb-copy,{label}")
+    result = run(sample_copy, tmp_path, skip_bad=True)
+    assert result.store is not None and "a-copy" in set(result.store.ids) and "b-copy" not in set(result.store.ids)
+    (dup,) = problems(result, "duplicate_pixels")
+    assert dup["id"] == "b-copy" and "'a-copy'" in str(dup["detail"]) and "first one read" in str(dup["detail"])
 
 
 def test_interrupted_ingest_leaves_no_store(sample_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -641,3 +668,232 @@ def test_labels_flag_on_a_competition_folder_points_to_the_image_folder(sample_d
     assert "train_labels.csv" in refused.report["error"] and not (tmp_path / "s").exists()
     stored = ingest(sample_dir / "train", tmp_path / "t", labels=sample_dir / "train_labels.csv", progress=False)
     assert stored.exit_code == 0 and len(stored.store) == 240
+
+
+# ------------------------------------------------------------------------------------------ safe outputs
+@pytest.mark.parametrize("what", ["unrelated-folder", "source-itself", "parent-of-source", "file", "store-plus-file"])
+def test_overwrite_replaces_only_a_store(
+    what: str, sample_dir: Path, sample_store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = copy_source(sample_dir, tmp_path / "data" / "source")
+    out = {
+        "unrelated-folder": tmp_path / "thesis",
+        "source-itself": source,
+        "parent-of-source": tmp_path / "data",
+        "file": tmp_path / "notes.txt",
+        "store-plus-file": tmp_path / "store",
+    }[what]
+    if what == "unrelated-folder":
+        out.mkdir()
+        (out / "chapter1.tex").write_text("months of work\n")
+    elif what == "file":
+        out.write_text("keep me\n")
+    elif what == "store-plus-file":
+        shutil.copytree(sample_store.path, out)
+        (out / "mine.txt").write_text("not ingest's\n")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    monkeypatch.setattr(ingest_module, "decode_patch", pytest.fail)
+    result = ingest(source, out, overwrite=True, progress=False)
+    assert result.exit_code == 2 and result.store is None
+    assert str(out) in result.report["error"] and "\n" not in result.report["error"]
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing deleted or added
+
+
+@pytest.mark.parametrize("what", ["damaged-store", "empty-folder"])
+def test_overwrite_still_replaces_a_store_or_an_empty_folder(
+    what: str, sample_dir: Path, sample_store: Store, tmp_path: Path
+) -> None:
+    out = tmp_path / "store"
+    if what == "damaged-store":
+        shutil.copytree(sample_store.path, out)
+        (out / "patches.u8").write_bytes(b"")  # a damaged store of ours is still ours to replace
+    else:
+        out.mkdir()
+    result = ingest(sample_dir, out, overwrite=True, progress=False)
+    assert result.exit_code == 0 and result.store is not None and len(result.store) == len(sample_store)
+
+
+@pytest.mark.parametrize("args", [["--out", "{file}", "--overwrite"], ["--out", "{out}", "--report", "{folder}"]])
+def test_cli_refuses_an_output_path_in_one_line(
+    args: list[str], sample_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "file").write_text("x\n")
+    (tmp_path / "folder").mkdir()
+    paths = {"file": tmp_path / "file", "folder": tmp_path / "folder", "out": tmp_path / "out"}
+    monkeypatch.setattr(ingest_module, "decode_patch", pytest.fail)
+    result = CliRunner().invoke(app, ["ingest", str(sample_dir), *[a.format(**paths) for a in args]])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error:"), result.stderr
+    assert (tmp_path / "file").read_text() == "x\n" and not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------------------------ CSV
+def test_quoted_field_holding_a_line_break_is_a_csv_problem_shown_alone(sample_copy: Path, tmp_path: Path) -> None:
+    """An unclosed quote swallows the rows after it: one fatal problem, not 240 unlabeled_image lines."""
+    rewrite_csv(sample_copy, lambda lines: [lines[0], '"' + lines[1], *lines[2:]])
+    out = tmp_path / "store"
+    result = CliRunner().invoke(app, ["ingest", str(sample_copy), "--out", str(out)])
+    assert result.exit_code == 2 and not out.exists()
+    report = json.loads((tmp_path / "store.report.json").read_text())
+    assert [p["kind"] for p in report["problems"] if p["severity"] == "error"] == ["csv_multiline_field"]
+    assert "unlabeled_image" not in result.stderr and "csv_multiline_field" in result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_field_over_the_csv_limit_is_a_csv_problem(sample_copy: Path, tmp_path: Path) -> None:
+    append_csv(sample_copy, "x" * 200_000 + ",1")
+    result = run(sample_copy, tmp_path)
+    assert result.exit_code == 2
+    (fatal,) = [p for p in problems(result) if p["severity"] == "error"]
+    assert fatal["kind"] == "csv_field_too_large" and f"line {N_SAMPLE_TRAIN + 2}" in str(fatal["detail"])
+
+
+def test_ids_with_surrounding_spaces_are_read_without_them(sample_copy: Path, tmp_path: Path) -> None:
+    id_ = nth_id(sample_copy, 0)
+    rewrite_csv(
+        sample_copy, lambda lines: [f" {line.replace(',', ' ,')}" if line.startswith(id_) else line for line in lines]
+    )
+    result = run(sample_copy, tmp_path)
+    assert result.exit_code == 0 and result.store is not None and id_ in set(result.store.ids)
+    assert [(p["kind"], p["id"]) for p in problems(result)] == [("csv_spaces", id_)]
+    assert f"' {id_} '" in str(problems(result)[0]["detail"])
+
+
+# ------------------------------------------------------------------------------------------ hostile images
+def sixteen_bit_rgb(root: Path) -> str:
+    """12-bit data in 16-bit RGB: PIL opens it as 'RGB' and keeps the top 8 bits (a nearly black patch)."""
+    id_ = nth_id(root, 20)
+    pixels = np.asarray(real_image(root, id_)).astype(np.uint16) * 16
+    tifffile.imwrite(train_file(root, id_), pixels, photometric="rgb")
+    return id_
+
+
+def sixteen_bit_rgb_png(root: Path) -> str:
+    id_ = nth_id(root, 21)
+    pixels = np.asarray(real_image(root, id_)).astype(np.uint16) * 257
+    raw = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in pixels)
+    header = struct.pack(">IIBBBBB", 96, 96, 16, 2, 0, 0, 0)
+    chunks = b"".join(
+        struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+        for tag, data in ((b"IHDR", header), (b"IDAT", zlib.compress(raw)), (b"IEND", b""))
+    )
+    train_file(root, id_).write_bytes(b"\x89PNG\r\n\x1a\n" + chunks)
+    return id_
+
+
+def two_page_tiff(root: Path) -> str:
+    """The first page is the real patch (what the raw fast path would read), the second another one."""
+    id_ = nth_id(root, 22)
+    pages = [np.asarray(real_image(root, id_)), np.asarray(real_image(root, nth_id(root, 23)))]
+    with tifffile.TiffWriter(train_file(root, id_)) as tif:
+        for page in pages:
+            tif.write(page, photometric="rgb")
+    return id_
+
+
+def fifo_named_tif(root: Path) -> str:
+    id_ = nth_id(root, 24)
+    train_file(root, id_).unlink()
+    os.mkfifo(train_file(root, id_))
+    return id_
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "kind", "detail"),
+    [
+        (sixteen_bit_rgb, "wrong_depth", "16 bits per channel in a TIFF"),
+        (sixteen_bit_rgb_png, "wrong_depth", "16 bits per channel in a PNG"),
+        (two_page_tiff, "multi_page", "2 pages"),
+        pytest.param(
+            fifo_named_tif,
+            "not_a_file",
+            "not a regular file",
+            marks=pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here"),
+        ),
+    ],
+    ids=["16-bit-rgb-tiff", "16-bit-rgb-png", "two-page-tiff", "fifo"],
+)
+@pytest.mark.timeout(60)
+def test_hostile_image_is_refused_with_its_own_kind(
+    corrupt: Callable[[Path], str], kind: str, detail: str, sample_copy: Path, tmp_path: Path
+) -> None:
+    offender = corrupt(sample_copy)
+    result = run(sample_copy, tmp_path, skip_bad=True)
+    assert result.store is not None and offender not in set(result.store.ids)
+    assert [(p["kind"], p["id"]) for p in problems(result)] == [(kind, offender)]
+    assert detail in str(problems(result)[0]["detail"])
+
+
+# ------------------------------------------------------------------------------------------ interruptions
+SLOW_INGEST = """
+import sys, time
+from histodetect.data import ingest as m
+real = m.decode_patch
+def slow(path):
+    time.sleep(0.05)
+    return real(path)
+m.decode_patch = slow
+m.POOL_MIN_FILES = 10**9
+print("started", flush=True)
+m.ingest(sys.argv[1], sys.argv[2], progress=False, workers=1)
+"""
+
+
+def start_slow_ingest(source: Path, out: Path, scratch: Path) -> subprocess.Popen[str]:
+    """An ingest in another process, returned once it has made its partial store and its window."""
+    env = {**os.environ, "TMPDIR": str(scratch), "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SLOW_INGEST, str(source), str(out)], env=env, stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "started"
+    deadline = time.monotonic() + 30
+    while not any(p.name.startswith(f".{out.name}.partial-") for p in out.parent.glob(".*")):
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.02)
+    assert list(scratch.iterdir())  # the window is there too
+    return proc
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="POSIX signals")
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_during_ingest_removes_the_partial_store_and_the_window(
+    sig: signal.Signals, sample_dir: Path, tmp_path: Path
+) -> None:
+    out, scratch = tmp_path / "out" / "store", tmp_path / "scratch"
+    scratch.mkdir()
+    proc = start_slow_ingest(sample_dir, out, scratch)
+    proc.send_signal(sig)
+    assert proc.wait(timeout=30) != 0
+    assert list(out.parent.iterdir()) == [] and list(scratch.iterdir()) == []
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="POSIX signals")
+def test_next_ingest_removes_what_a_killed_one_left_and_nothing_else(
+    sample_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGKILL cannot be handled: the next ingest to the same --out removes the partial and the window of the
+    dead process, but not a live process's partial (PID 1 is alive), nor another store's."""
+    out, scratch = tmp_path / "store", tmp_path / "scratch"
+    scratch.mkdir()
+    proc = start_slow_ingest(sample_dir, out, scratch)
+    proc.kill()
+    proc.wait(timeout=30)
+    killed = [p.name for p in tmp_path.glob(".store.partial-*")]
+    assert killed == [f".store.partial-{proc.pid}"] and len(list(scratch.iterdir())) == 1
+    others = [".store.partial-1", f".other.partial-{proc.pid}"]
+    for name in others:
+        (tmp_path / name).mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    assert ingest(sample_dir, out, progress=False).exit_code == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["scratch", "store", *others])
+    assert list(scratch.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------------------ the terminal
+def test_ids_are_shown_escaped_and_quoted(sample_copy: Path, tmp_path: Path) -> None:
+    shutil.copy(train_file(sample_copy, nth_id(sample_copy, 0)), sample_copy / "train" / " padded .tif")
+    append_csv(sample_copy, '"\x1b[2J\x1b[31mred",1')
+    result = CliRunner().invoke(app, ["ingest", str(sample_copy), "--out", str(tmp_path / "store")])
+    assert result.exit_code == 2
+    assert "\x1b" not in result.stderr
+    assert r"'\x1b[2J\x1b[31mred'" in result.stderr and "' padded '" in result.stderr

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
+from typer.testing import CliRunner
 
+from histodetect.cli import app
 from histodetect.data.store import INDEX, MANIFEST, PATCHES, UNLABELED, Store, StoreError, StoreWriter
 
 
@@ -101,8 +105,35 @@ def test_empty_store_commits_and_opens(tmp_path: Path) -> None:
         (lambda p: _edit_manifest(p, version=99), "version 99 is not supported"),
         (lambda p: _truncate(p / PATCHES), "holds"),
         (lambda p: _truncate(p / INDEX), "holds"),
+        (lambda p: _edit_index(p, 1, "label", "2"), r"index.csv: line 3: label '2' is not 0, 1 or empty"),
+        (lambda p: _edit_index(p, 0, "id", "../../evil"), r"index.csv: line 2: id '../../evil': path separator"),
+        (lambda p: _edit_index(p, 2, "id", "..x"), r"index.csv: line 4: id '..x': '..' in id"),
+        (lambda p: _edit_index(p, 3, "id", "\x1b[31m"), r"index.csv: line 5: id '\\x1b\[31m': control character"),
+        (lambda p: _edit_index(p, 1, "id", _index(p)["id"][0]), r"index.csv: line 3: id .* is listed twice"),
+        (lambda p: _edit_index(p, 1, "row", "7"), r"index.csv: line 3: row '7', expected 1"),
+        (lambda p: _edit_index(p, 1, "split", ""), r"index.csv: line 3: split '' is not a valid split name"),
+        (lambda p: (p / INDEX).write_text("row,id\n0,a\n"), r"index.csv: columns \['row', 'id'\]"),
+        (lambda p: (p / INDEX).unlink(), r"index.csv: missing"),
+        (lambda p: _edit_manifest(p, patch_shape=None), r"manifest.json: damaged manifest"),
     ],
-    ids=["no-manifest", "bad-json", "wrong-format", "future-version", "short-patches", "short-index"],
+    ids=[
+        "no-manifest",
+        "bad-json",
+        "wrong-format",
+        "future-version",
+        "short-patches",
+        "short-index",
+        "bad-label",
+        "id-with-separator",
+        "id-with-dots",
+        "id-with-escape",
+        "repeated-id",
+        "wrong-row",
+        "empty-split",
+        "wrong-columns",
+        "no-index",
+        "no-patch-shape",
+    ],
 )
 def test_damaged_stores_are_refused_with_a_reason(
     sample_store: Store, tmp_path: Path, damage: Callable[[Path], object], message: str
@@ -116,6 +147,50 @@ def test_damaged_stores_are_refused_with_a_reason(
 def _edit_manifest(path: Path, **changes: object) -> None:
     manifest = json.loads((path / MANIFEST).read_text())
     (path / MANIFEST).write_text(json.dumps({**manifest, **changes}))
+
+
+def _index(path: Path) -> pd.DataFrame:
+    return pd.read_csv(path / INDEX, dtype=str, keep_default_na=False)
+
+
+def _edit_index(path: Path, row: int, column: str, value: str) -> None:
+    index = _index(path)
+    index.loc[row, column] = value
+    index.to_csv(path / INDEX, index=False)
+
+
+def test_info_on_a_damaged_store_is_one_line(sample_store: Store, tmp_path: Path) -> None:
+    path = copy_rows(sample_store, np.arange(4), tmp_path / "s").path
+    _edit_index(path, 2, "label", "maybe")
+    result = CliRunner().invoke(app, ["info", str(path)])
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.output
+    assert f"{path / INDEX}: line 4: label 'maybe'" in result.stderr
+
+
+def test_commit_syncs_the_files_before_the_rename_and_the_folder_after(
+    sample_store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    events: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append(f"fsync {Path(os.readlink(f'/proc/self/fd/{fd}')).name}")
+        real_fsync(fd)
+
+    def replace(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+        events.append(f"replace {Path(src).name} -> {Path(dst).name}")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    copy_rows(sample_store, np.arange(3), tmp_path / "s")
+    rename = events.index(f"replace .s.partial-{os.getpid()} -> s")
+    before, after = events[:rename], events[rename + 1 :]
+    for name in (PATCHES, INDEX):
+        assert f"fsync {name}" in before
+    assert [e for e in before if e.startswith("replace")][-1].endswith(f"-> {MANIFEST}")  # written last
+    assert before[-1] == f"fsync .s.partial-{os.getpid()}"
+    assert after == [f"fsync {tmp_path.name}"]
 
 
 def _truncate(path: Path) -> None:

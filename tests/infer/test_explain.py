@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
-from histodetect.data.store import Store
+from histodetect.data.store import Store, StoreError
 from histodetect.infer.engine import InferError, Predictor
 from histodetect.infer.explain import cams, explain
 from histodetect.infer.sources import open_source
@@ -54,3 +56,17 @@ def test_a_folder_gives_its_first_limit_images(baseline_run: Path, tmp_path: Pat
     paths = explain(baseline_run, [test_images], tmp_path / "cam", limit=3)
     first = sorted(p.stem for p in test_images.glob("*.tif"))[:3]
     assert [p.name for p in paths] == [f"{i:03d}_{id_}.png" for i, id_ in enumerate(first)] + ["grid.png"]
+
+
+def test_an_id_that_names_a_path_cannot_make_explain_write_outside_out(
+    baseline_run: Path, sample_store: Store, tmp_path: Path
+) -> None:
+    """Overlays are named by id: a store whose index holds '../../evil' is refused when it opens."""
+    store = tmp_path / "store"
+    shutil.copytree(sample_store.path, store)
+    index = pd.read_csv(store / "index.csv", dtype=str, keep_default_na=False)
+    index.loc[0, "id"] = "../../evil"
+    index.to_csv(store / "index.csv", index=False)
+    with pytest.raises(StoreError, match=r"index.csv: line 2: id '../../evil': path separator"):
+        explain(baseline_run, [store], tmp_path / "a" / "b" / "cam", limit=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["store"]

@@ -13,9 +13,12 @@ import pandas as pd
 import pytest
 import torch
 from PIL import Image
+from typer.testing import CliRunner
 
+from histodetect.cli import app
 from histodetect.data.augment import dihedral
 from histodetect.data.store import Store
+from histodetect.infer import predict as predict_module
 from histodetect.infer.engine import InferError, Predictor
 from histodetect.infer.predict import predict
 from histodetect.infer.sources import open_source
@@ -176,3 +179,50 @@ def test_bad_options_are_user_errors(
 ) -> None:
     with pytest.raises(InferError, match=match):
         predict([baseline_run], test_images, tmp_path / "s.csv", **kwargs)
+
+
+# ------------------------------------------------------------------------------------------ refused up front
+@pytest.fixture
+def no_scoring(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What is refused must be refused before any model is loaded or patch scored."""
+    monkeypatch.setattr(predict_module, "Predictor", pytest.fail)
+
+
+def one_line_error(result: Any) -> str:
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith("error:") and result.stderr.count("\n") == 1, result.stderr
+    return str(result.stderr)
+
+
+def test_predict_into_a_folder_is_refused_before_scoring(
+    baseline_run: Path, tmp_path: Path, test_images: Path, no_scoring: None
+) -> None:
+    args = ["predict", str(baseline_run), str(test_images), "--out", str(tmp_path)]
+    assert f"--out {tmp_path}: is a folder" in one_line_error(CliRunner().invoke(app, args))
+
+
+def test_a_header_only_sample_submission_is_refused(
+    baseline_run: Path, tmp_path: Path, test_images: Path, no_scoring: None
+) -> None:
+    sample = tmp_path / "sample.csv"
+    sample.write_text("id,label\n")
+    out = tmp_path / "s.csv"
+    args = ["predict", str(baseline_run), str(test_images), "--out", str(out), "--sample-submission", str(sample)]
+    assert f"{sample}: lists no ids" in one_line_error(CliRunner().invoke(app, args))
+    assert not out.exists()
+
+
+def test_evaluate_into_a_file_is_one_line(baseline_run: Path, sample_store: Store, tmp_path: Path) -> None:
+    out = tmp_path / "report"
+    out.write_text("not a folder\n")
+    args = ["evaluate", str(baseline_run), str(sample_store.path), "--out", str(out)]
+    assert f"--out {out}: is a file" in one_line_error(CliRunner().invoke(app, args))
+
+
+def test_a_bad_setting_in_a_runs_config_names_the_file(tmp_path: Path, test_images: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("model: baseline-cnn\noptimizer: lbfgs\n")
+    args = ["predict", str(run), str(test_images), "--out", str(tmp_path / "s.csv")]
+    error = one_line_error(CliRunner().invoke(app, args))
+    assert f"{run / 'config.yaml'}: " in error and "lbfgs" in error

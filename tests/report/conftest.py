@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +58,9 @@ def make_report_store(tmp_path: Path, sample_items: list[Item]) -> Callable[...,
         extra: dict[str, Any] | None = None,
         copies: int = 1,
     ) -> Store:
-        items = [item for item in sample_items if keep(item)] * copies
+        kept = [item for item in sample_items if keep(item)]
+        # Copies hold the same pixels under their own ids: a store never repeats an id (it refuses to open).
+        items = [replace(item, id=f"{item.id}-copy{n}" if n else item.id) for n in range(copies) for item in kept]
         return _write(tmp_path / name, items, report=report, extra=extra)
 
     return make

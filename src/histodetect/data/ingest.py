@@ -13,12 +13,14 @@ interrupted ingest leaves nothing that looks like a store.
 Problem kinds in the report (``{kind, severity, split, id, file, detail}``):
 
 - errors: ``missing_image``, ``unlabeled_image``, ``duplicate_id`` (conflicting rows, several files or
-  splits), ``duplicate_pixels``, ``unreadable``, ``empty_file``, ``wrong_size``, ``wrong_mode``,
-  ``bad_label``, ``unsafe_id``; and ``csv_missing_header``, ``csv_missing_column``, ``csv_unreadable``,
-  which stop ingest before any image is read, even with ``skip_bad``;
+  splits), ``duplicate_pixels`` (the copy not kept: see :func:`_fill`), ``unreadable``, ``empty_file``,
+  ``not_a_file`` (a FIFO, socket or device), ``wrong_size``, ``wrong_mode``, ``wrong_depth`` (more than 8 bits
+  per channel), ``multi_page``, ``bad_label``, ``unsafe_id``; and ``csv_missing_header``,
+  ``csv_missing_column``, ``csv_unreadable``, ``csv_multiline_field``, ``csv_field_too_large``, which stop
+  ingest before any image is read, even with ``skip_bad``, and are then shown alone;
 - warnings: ``duplicate_id`` (identical rows, kept once), ``id_not_sha1``, ``unlisted_image`` (a test image
   not in the sample submission), ``ignored_file``, ``missing_labels`` (a PCam split without ``_y.h5``),
-  ``csv_bom``, ``csv_blank_line``.
+  ``csv_bom``, ``csv_blank_line``, ``csv_spaces`` (an id read without its surrounding spaces).
 """
 
 from __future__ import annotations
@@ -30,8 +32,12 @@ import io
 import itertools
 import multiprocessing
 import os
+import re
+import signal
+import stat
 import struct
 import tempfile
+import threading
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -48,8 +54,10 @@ from rich.panel import Panel
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from histodetect.data.ids import looks_like_sha1, shown
 from histodetect.data.sources import (
     ERROR,
+    FATAL_KINDS,
     WARNING,
     H5Part,
     IngestError,
@@ -57,21 +65,24 @@ from histodetect.data.sources import (
     Plan,
     Problem,
     discover,
-    looks_like_sha1,
     split_rank,
 )
-from histodetect.data.store import PATCH_SHAPE, REPORT, Store, StoreWriter
-from histodetect.io import atomic_write_json
+from histodetect.data.store import PATCH_SHAPE, REPORT, Store, StoreWriter, why_not_replaceable
+from histodetect.errors import UserError
+from histodetect.io import atomic_write_json, check_output_dir, check_output_file, remove_dead_leftovers
 
 __all__ = ["IngestError", "IngestResult", "decode_patch", "describe_store", "ingest", "raw_tiff_rgb"]
 
 POOL_MIN_FILES = 500  # below this, starting worker processes costs more than it saves
 CHUNK = 64  # files per worker task: amortises inter-process messages without starving the other workers
 WINDOW = 4096  # patches decoded ahead of the store writer (a ~113 MB scratch file, reused)
+WINDOW_DIR = re.compile(r"histodetect-ingest-(?P<pid>\d+)-[a-z0-9_]+")  # the window's temporary folder
 PATCH_BYTES = int(np.prod(PATCH_SHAPE))
 H5_CHUNK = 2048  # PCam patches read at once (~57 MB): the 220k-patch files are never loaded whole
 SHOWN_OFFENDERS = 10  # errors named on the terminal; the report holds all of them
 TIFF_INTEGER_TYPES = {3: "H", 4: "I"}  # TIFF field types SHORT and LONG, as struct codes
+NEXT_IFD = -1  # key of :func:`_tiff_tags`'s result for the offset of a TIFF's next page (not a real tag)
+TIFF_BITS_PER_SAMPLE = 258
 MODE_NAMES = {
     "1": "1-bit black and white",
     "L": "grayscale",
@@ -134,7 +145,7 @@ def ingest(
     source, out = Path(source), Path(out)
     report_file = Path(report_path) if report_path else out.with_name(f"{out.name}.report.json")
     try:
-        _check_options(out, overwrite=overwrite, workers=workers)
+        _check_options(source, out, report_file, overwrite=overwrite, workers=workers)
         plan = discover(source, labels=Path(labels) if labels else None, class_dirs=class_dirs)
     except IngestError as exc:
         console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
@@ -146,6 +157,7 @@ def ingest(
     todo = _decodable(plan.items, problems)
     total = len(todo) + sum(part.count for part in plan.h5)
     with (
+        _sigterm_interrupts(),
         _decoder(workers or os.cpu_count() or 1, len(todo)) as decode,
         StoreWriter(out, capacity=total, patch_shape=PATCH_SHAPE, overwrite=overwrite) as writer,
         _progress(console, progress, total) as advance,
@@ -168,12 +180,40 @@ def ingest(
     return IngestResult(0, store, report, report_file if report_path else store.path / REPORT)
 
 
-def _check_options(out: Path, *, overwrite: bool, workers: int | None) -> None:
-    """Refuse before any work when the options cannot succeed."""
+def _check_options(source: Path, out: Path, report_file: Path, *, overwrite: bool, workers: int | None) -> None:
+    """Refuse before any work when the options cannot succeed or would destroy what ingest did not make."""
+    try:
+        check_output_dir(out)
+        check_output_file(report_file, "--report")
+    except UserError as exc:
+        raise IngestError(str(exc)) from None
     if out.exists() and not overwrite:
         raise IngestError(f"{out}: already exists; pass --overwrite to replace it")
+    if out.exists() and (why := why_not_replaceable(out, source)):
+        raise IngestError(f"--out {out}: {why}")
+    if report_file.exists() and report_file.resolve().is_relative_to(source.resolve()):
+        raise IngestError(f"--report {report_file}: a file of the source being ingested; choose another path")
     if workers is not None and workers < 1:
         raise IngestError(f"--workers {workers}: need at least 1")
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """Turn SIGTERM (what ``timeout``, ``kill`` and container stops send) into KeyboardInterrupt, as Ctrl-C is,
+    so that the partial store and the scratch window are removed on the way out. Only the main thread can set
+    a handler; elsewhere (a thread of a server) nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _why_refuse(problems: list[Problem], *, skip_bad: bool, stored: int) -> str | None:
@@ -193,10 +233,22 @@ def decode_patch(path: str) -> Decoded:
     file, goes through PIL, which also says what is wrong with it.
     """
     try:
-        data = Path(path).read_bytes()
+        data = _read_regular_file(path)
     except OSError as exc:
         return None, None, [("unreadable", f"cannot read the file ({exc.strerror or exc})")]
+    if data is None:
+        return None, None, [("not_a_file", "not a regular file (a FIFO, socket or device); not read")]
     return decode_bytes(data)
+
+
+def _read_regular_file(path: str) -> bytes | None:
+    """The bytes of ``path``, or None when it is not a regular file. Opened without blocking and checked on
+    the open file itself, so a FIFO named ``x.tif`` cannot hang ingest (reading one waits for a writer)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    with open(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        return fh.read()
 
 
 def decode_bytes(data: bytes) -> Decoded:
@@ -239,6 +291,8 @@ def raw_tiff_rgb(data: bytes) -> np.ndarray | None:
         return None
     if any(tags.get(tag, value) not in (value, value[:1]) for tag, value in baseline.items()):
         return None
+    if tags.get(NEXT_IFD) != (0,):  # a second page: PIL counts the pages, and the file is refused
+        return None
     offsets, counts = tags.get(273, ()), tags.get(279, ())
     if not offsets or len(offsets) != len(counts) or sum(counts) != PATCH_BYTES:
         return None
@@ -249,10 +303,11 @@ def raw_tiff_rgb(data: bytes) -> np.ndarray | None:
 
 
 def _tiff_tags(data: bytes, order: str) -> dict[int, tuple[int, ...]]:
-    """The integer (SHORT/LONG) tags of a TIFF's first image; other types map to () so they never match."""
+    """The integer (SHORT/LONG) tags of a TIFF's first image; other types map to () so they never match.
+    Key ``NEXT_IFD`` holds the offset of the next image (0 when the file has one page)."""
     (ifd,) = struct.unpack_from(order + "I", data, 4)
     (n_tags,) = struct.unpack_from(order + "H", data, ifd)
-    tags: dict[int, tuple[int, ...]] = {}
+    tags: dict[int, tuple[int, ...]] = {NEXT_IFD: struct.unpack_from(order + "I", data, ifd + 2 + 12 * n_tags)}
     for entry in range(ifd + 2, ifd + 2 + 12 * n_tags, 12):
         tag, kind, count = struct.unpack_from(order + "HHI", data, entry)
         code = TIFF_INTEGER_TYPES.get(kind)
@@ -278,7 +333,8 @@ def _decode_with_pil(data: bytes) -> Decoded:
 
 
 def _shape_problems(image: Image.Image) -> list[tuple[str, str]]:
-    """Wrong size, or any mode but 8-bit RGB (grayscale, RGBA, 16-bit, palette, CMYK...)."""
+    """Wrong size, any mode but 8-bit RGB (grayscale, RGBA, 16-bit, palette, CMYK...), more than 8 bits per
+    channel (which PIL opens as 'RGB', silently keeping the top 8 bits), or more than one page."""
     height, width, _ = PATCH_SHAPE
     found = []
     if image.size != (width, height):
@@ -286,7 +342,23 @@ def _shape_problems(image: Image.Image) -> list[tuple[str, str]]:
     if image.mode != "RGB":
         what = MODE_NAMES.get(image.mode, "not 8-bit RGB")
         found.append(("wrong_mode", f"mode {image.mode!r} ({what}) in a {image.format} file, expected 8-bit 'RGB'"))
+    elif bits := _bits_beyond_8(image):
+        detail = f"{bits} bits per channel in a {image.format} file, expected 8 (cutting them would change the data)"
+        found.append(("wrong_depth", detail))
+    if (pages := getattr(image, "n_frames", 1)) > 1:
+        found.append(("multi_page", f"{pages} pages (images) in one {image.format} file, expected one patch"))
     return found
+
+
+def _bits_beyond_8(image: Image.Image) -> int | None:
+    """Bits per channel of an 'RGB' image stored deeper than 8 bits (16-bit TIFF or PNG), else None."""
+    tags = getattr(image, "tag_v2", None)
+    bits = tags.get(TIFF_BITS_PER_SAMPLE) if tags is not None else None
+    if bits is not None:
+        deepest = max(bits) if isinstance(bits, tuple) else int(bits)
+        return deepest if deepest > 8 else None
+    rawmodes = [args if isinstance(args, str) else (args or ("",))[0] for *_, args in image.tile]
+    return 16 if any(";16" in str(rawmode) for rawmode in rawmodes) else None
 
 
 @contextlib.contextmanager
@@ -298,17 +370,24 @@ def _decoder(workers: int, n_files: int) -> Iterator[Callable[[list[Item]], Iter
     so it stays small whatever the number of files. Leaving the block (by an exception or Ctrl-C too)
     terminates the workers and deletes the window.
     """
-    with tempfile.TemporaryDirectory(prefix="histodetect-ingest-") as tmp:
+    scratch = Path(tempfile.gettempdir())
+    remove_dead_leftovers(scratch, WINDOW_DIR)  # windows of killed ingests
+    with tempfile.TemporaryDirectory(prefix=f"histodetect-ingest-{os.getpid()}-", dir=scratch) as tmp:
         window = Path(tmp) / "window.u8"
         with open(window, "wb") as fh:
             fh.truncate(max(1, min(n_files, WINDOW)) * PATCH_BYTES)
         if workers <= 1 or n_files < POOL_MIN_FILES:
             yield functools.partial(_decode_files, window=window, map_=map)
             return
-        with multiprocessing.Pool(workers) as pool:
+        with multiprocessing.Pool(workers, initializer=_default_sigterm) as pool:
             yield functools.partial(_decode_files, window=window, map_=pool.imap)
             pool.close()  # done without an error: the workers exit by themselves rather than by SIGTERM
             pool.join()
+
+
+def _default_sigterm() -> None:
+    """Workers die on SIGTERM (how the pool stops them) rather than run the parent's handler, inherited by fork."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _decode_files(
@@ -392,21 +471,28 @@ def _label_problems(item: Item) -> list[Problem]:
 def _fill(writer: StoreWriter, records: Iterable[Record], problems: list[Problem], advance: Callable[[], None]) -> None:
     """Add every record without an error to the store; pixels already stored under another id are an error.
 
-    Of several copies of the same pixels the first record is kept: image files come sorted by split then id,
-    PCam patches in file order.
+    Of several copies of the same pixels, the one whose id is the SHA-1 of those pixels is kept (the competition
+    names every patch so, so any other name is a renamed or altered copy); when none is, the first: image files
+    come sorted by split then id, PCam patches in file order. Each dropped copy's report entry names the one
+    kept and why.
     """
-    kept: dict[str, Item] = {}
+    kept: dict[str, tuple[int, Item]] = {}
     for item, pixels, sha1, found in records:
         advance()
         problems.extend(found)
         if pixels is None or sha1 is None or any(p.severity == ERROR for p in found):
             continue
-        if (first := kept.get(sha1)) is not None:
-            detail = f"same pixels as {first.id} ({first.source}), which is kept"
-            problems.append(Problem.about(item, "duplicate_pixels", ERROR, detail))
+        if sha1 not in kept:
+            kept[sha1] = (writer.add(pixels, item.id, item.label, item.split, item.source, sha1), item)
             continue
-        kept[sha1] = item
-        writer.add(pixels, item.id, item.label, item.split, item.source, sha1)
+        row, held = kept[sha1]
+        if item.id == sha1 != held.id:  # the patch under its own name arrived after a copy: it takes the row
+            writer.replace_record(row, item.id, item.label, item.split, item.source)
+            kept[sha1] = (row, item)
+            held, item = item, held
+        why = "its id is the SHA-1 of the pixels" if held.id == sha1 != item.id else "the first one read"
+        detail = f"same pixels as {shown(held.id)} ({held.source}), which is kept: {why}"
+        problems.append(Problem.about(item, "duplicate_pixels", ERROR, detail))
 
 
 @contextlib.contextmanager
@@ -469,9 +555,11 @@ def _refuse(
     console.print(f"[bold red]error:[/] ingest refused: {escape(why)}; no store was written", soft_wrap=True)
     _print_counts(console, report["summary"]["kinds"])
     errors = [p for p in problems if p.severity == ERROR]
+    if plan.fatal:  # the one thing to fix: not followed by what it caused
+        errors = [p for p in errors if p.kind in FATAL_KINDS]
     console.print("first errors (kind, id, file: detail):")
     for p in errors[:SHOWN_OFFENDERS]:
-        line = f"  {p.kind}  {p.id or '-'}  {p.file or '-'}: {p.detail}"
+        line = f"  {p.kind}  {_shown_or_dash(p.id)}  {_shown_or_dash(p.file)}: {_printable(p.detail)}"
         console.print(escape(line), soft_wrap=True, highlight=False)
     if len(errors) > SHOWN_OFFENDERS:
         console.print(f"  ... and {len(errors) - SHOWN_OFFENDERS} more", highlight=False)
@@ -481,6 +569,15 @@ def _refuse(
             "Fix these, or pass --skip-bad to store the good patches (every bad one is listed in the report)."
         )
     return IngestResult(2, None, report, report_file)
+
+
+def _shown_or_dash(text: str | None) -> str:
+    return "-" if text is None else shown(text)
+
+
+def _printable(text: str) -> str:
+    """``text`` with every non-printable character escaped (a detail may quote a CSV cell or a file name)."""
+    return "".join(char if char.isprintable() else shown(char)[1:-1] for char in text)
 
 
 def _print_written(console: Console, store: Store, report: dict[str, Any]) -> None:

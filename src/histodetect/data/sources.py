@@ -14,6 +14,7 @@ error; it can never make ingest read or write outside the folders it was given.
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 import re
@@ -24,14 +25,13 @@ from pathlib import Path
 
 import h5py
 
+from histodetect.data.ids import looks_like_sha1, shown, unsafe_reason
 from histodetect.data.store import PATCH_SHAPE
 from histodetect.errors import IngestError
 
 IMAGE_SUFFIXES = frozenset({".tif", ".tiff", ".png", ".jpg", ".jpeg"})
 SPLIT_ORDER = ("train", "valid", "test")
 PCAM_X = re.compile(r"^camelyonpatch_level_2_split_(?P<split>[A-Za-z0-9]+)_x\.h5$")
-SHA1_HEX = re.compile(r"^[0-9a-f]{40}$")
-CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 LABELS_CSV = "train_labels.csv"
 SUBMISSION_CSV = "sample_submission.csv"
 DEFAULT_CLASS_DIRS = ("0", "1")
@@ -39,7 +39,9 @@ DEFAULT_CLASS_DIRS = ("0", "1")
 ERROR = "error"
 WARNING = "warning"
 # CSV problems that make the labels unknowable: ingest stops before decoding, even with --skip-bad.
-FATAL_KINDS = frozenset({"csv_missing_header", "csv_missing_column", "csv_unreadable"})
+FATAL_KINDS = frozenset(
+    {"csv_missing_header", "csv_missing_column", "csv_unreadable", "csv_multiline_field", "csv_field_too_large"}
+)
 
 
 @dataclass(frozen=True)
@@ -159,26 +161,6 @@ def _is_competition(source: Path) -> bool:
     return (source / "train").is_dir() or (source / "test").is_dir()
 
 
-def unsafe_reason(name: str) -> str | None:
-    """Why ``name`` cannot be a patch id (it could name a path outside the folder); None when it is safe."""
-    if not name:
-        return "empty id"
-    if CONTROL_CHARS.search(name):
-        return "control character in id"
-    if "/" in name or "\\" in name:
-        return "path separator in id"
-    if ".." in name:
-        return "'..' in id"
-    if re.match(r"^[A-Za-z]:", name):
-        return "drive letter in id"
-    return None
-
-
-def looks_like_sha1(name: str) -> bool:
-    """Competition ids are the SHA-1 of the pixels; only names of that form are checked against the pixels."""
-    return SHA1_HEX.match(name) is not None
-
-
 def split_rank(split: str) -> tuple[int, str]:
     """Sort key: train, valid, test, then any other split by name; also decides which duplicate is kept."""
     return (SPLIT_ORDER.index(split) if split in SPLIT_ORDER else len(SPLIT_ORDER), split)
@@ -191,14 +173,16 @@ def _competition(root: Path) -> Plan:
         if not (root / LABELS_CSV).is_file():
             raise IngestError(f"{root}: train/ has no {LABELS_CSV} beside it")
         table = _read_csv(root / LABELS_CSV, root, "train", with_labels=True, problems=plan.problems)
-        images = _list_images(root / "train", root, "train", plan.problems)
-        plan.items += _match_labeled(images, table, "train", LABELS_CSV, root, plan.problems)
+        if table is not None:
+            images = _list_images(root / "train", root, "train", plan.problems)
+            plan.items += _match_labeled(images, table, "train", LABELS_CSV, root, plan.problems)
     if (root / "test").is_dir():
-        images = _list_images(root / "test", root, "test", plan.problems)
         listed = None
-        if (root / SUBMISSION_CSV).is_file():
+        if has_submission := (root / SUBMISSION_CSV).is_file():
             listed = _read_csv(root / SUBMISSION_CSV, root, "test", with_labels=False, problems=plan.problems)
-        plan.items += _match_unlabeled(images, listed, "test", root, plan.problems)
+        if listed is not None or not has_submission:
+            images = _list_images(root / "test", root, "test", plan.problems)
+            plan.items += _match_unlabeled(images, listed, "test", root, plan.problems)
     plan.problems.extend(_stray_images(root, root))
     return plan
 
@@ -212,6 +196,8 @@ def _bare_folder(root: Path, labels: Path | None) -> Plan:
     if not labels.is_file():
         raise IngestError(f"{labels}: no such labels CSV")
     table = _read_csv(labels, root, "train", with_labels=True, problems=plan.problems)
+    if table is None:
+        return plan
     skip = {labels.name} if labels.resolve().parent == root.resolve() else None
     images = _list_images(root, root, "train", plan.problems, skip)
     plan.items += _match_labeled(images, table, "train", _rel(labels, root), root, plan.problems)
@@ -401,17 +387,21 @@ def _class_names(class_dirs: str | None) -> tuple[str, str]:
 
 
 # ------------------------------------------------------------------------------------------------ CSV
-def _read_csv(path: Path, root: Path, split: str, *, with_labels: bool, problems: Problems) -> dict[str, int | None]:
+def _read_csv(
+    path: Path, root: Path, split: str, *, with_labels: bool, problems: Problems
+) -> dict[str, int | None] | None:
     """Read an ``id[,label]`` CSV into {id: label}; label None when unknown, invalid or contradictory.
 
-    Every irregularity becomes a problem: a BOM or blank lines are tolerated (warnings), a missing header or
-    column is fatal, an unsafe id or a bad label is an error for that id, and an id listed twice is kept once
-    (warning) unless its rows disagree (error: the id is dropped with --skip-bad).
+    Every irregularity becomes a problem: a BOM, blank lines or spaces around an id are tolerated (warnings;
+    the id is read without them), a missing header or column or a file the csv module cannot parse is fatal
+    (None is returned, so that the split is not matched and the fatal problem is not buried under one
+    ``unlabeled_image`` per image), an unsafe id or a bad label is an error for that id, and an id listed
+    twice is kept once (warning) unless its rows disagree (error: the id is dropped with --skip-bad).
     """
     file = _rel(path, root)
     rows = _csv_rows(path, file, split, problems)
-    if not rows:
-        return {}
+    if rows is None:
+        return None
     (_, header), body = rows[0], rows[1:]
     columns = [name.strip().lower() for name in header]
     needed = ["id", "label"] if with_labels else ["id"]
@@ -423,23 +413,36 @@ def _read_csv(path: Path, root: Path, split: str, *, with_labels: bool, problems
             else ("csv_missing_column", f"header {','.join(header)!r} has no {missing}")
         )
         problems.error(kind, split, None, file, f"{what}; expected a header {','.join(needed)!r}")
-        return {}
+        return None
     id_col = columns.index("id")
     label_col = columns.index("label") if with_labels else None
     seen: dict[str, list[tuple[int, str | None]]] = defaultdict(list)
     for line, row in body:
-        id_ = row[id_col] if id_col < len(row) else ""
+        raw = row[id_col] if id_col < len(row) else ""
+        id_ = raw.strip()
         if reason := unsafe_reason(id_):
-            problems.error("unsafe_id", split, id_, file, f"line {line}: {reason}; ignored")
+            problems.error("unsafe_id", split, raw, file, f"line {line}: {reason}; ignored")
             continue
+        if id_ != raw:
+            detail = f"line {line}: id {shown(raw)} has spaces around it; read as {shown(id_)}"
+            problems.warning("csv_spaces", split, id_, file, detail)
         label = None if label_col is None else (row[label_col] if label_col < len(row) else "")
         seen[id_].append((line, label))
     return {id_: _settle_rows(id_, entries, split, file, problems) for id_, entries in seen.items()}
 
 
-def _csv_rows(path: Path, file: str, split: str, problems: Problems) -> list[tuple[int, list[str]]]:
-    """Non-blank rows with their 1-based line numbers; BOM and blank lines are reported as warnings."""
-    data = path.read_bytes()
+def _csv_rows(path: Path, file: str, split: str, problems: Problems) -> list[tuple[int, list[str]]] | None:
+    """Non-blank rows with the line each starts on; None, with a fatal problem recorded, when the file is unusable.
+
+    The csv module parses the whole file, so a quoted field is one field wherever it ends. An id or a label never
+    spans lines, so a field that does is fatal: it is almost always an unclosed quote that swallowed the rows
+    after it. So is a field beyond the csv module's size limit. BOM and blank lines are warnings.
+    """
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        problems.error("csv_unreadable", split, None, file, f"cannot read the file ({exc.strerror or exc})")
+        return None
     if data.startswith(b"\xef\xbb\xbf"):
         problems.warning("csv_bom", split, None, file, "starts with a UTF-8 byte-order mark (ignored)")
         data = data[3:]
@@ -447,18 +450,36 @@ def _csv_rows(path: Path, file: str, split: str, problems: Problems) -> list[tup
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         problems.error("csv_unreadable", split, None, file, f"not UTF-8 text ({exc})")
-        return []
-    lines = text.splitlines()
-    blank = [n for n, line in enumerate(lines, 1) if not line.strip()]
+        return None
+    rows: list[tuple[int, list[str]]] = []
+    blank: list[int] = []
+    reader = csv.reader(io.StringIO(text, newline=""))
+    start = 1
+    try:
+        for row in reader:
+            if any("\n" in cell or "\r" in cell for cell in row):
+                detail = f"lines {start}-{reader.line_num}: a quoted field holds a line break (an unclosed quote?)"
+                problems.error("csv_multiline_field", split, None, file, detail)
+                return None
+            if any(cell.strip() for cell in row):
+                rows.append((start, row))
+            else:
+                blank.append(start)
+            start = reader.line_num + 1
+    except csv.Error as exc:
+        if "field larger than field limit" in str(exc):
+            detail = f"line {start}: a field is longer than {csv.field_size_limit():,} characters (an unclosed quote?)"
+            problems.error("csv_field_too_large", split, None, file, detail)
+        else:
+            problems.error("csv_unreadable", split, None, file, f"line {start}: not valid CSV ({exc})")
+        return None
     if blank:
-        shown = ", ".join(map(str, blank[:10])) + (", ..." if len(blank) > 10 else "")
-        problems.warning("csv_blank_line", split, None, file, f"{len(blank)} blank line(s) skipped (line {shown})")
-    numbered = [(n, line) for n, line in enumerate(lines, 1) if line.strip()]
-    if not numbered:
+        where = ", ".join(map(str, blank[:10])) + (", ..." if len(blank) > 10 else "")
+        problems.warning("csv_blank_line", split, None, file, f"{len(blank)} blank line(s) skipped (line {where})")
+    if not rows:
         problems.error("csv_missing_header", split, None, file, "the file holds no rows")
-        return []
-    parsed = csv.reader(line for _, line in numbered)
-    return [(n, row) for (n, _), row in zip(numbered, parsed, strict=True)]
+        return None
+    return rows
 
 
 def _settle_rows(

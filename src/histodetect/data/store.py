@@ -17,6 +17,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import re
 import shutil
 import sys
 from collections.abc import Sequence
@@ -27,8 +28,9 @@ import numpy as np
 import pandas as pd
 
 from histodetect import __version__
+from histodetect.data.ids import first_unsafe, shown, unsafe_reason
 from histodetect.errors import StoreError
-from histodetect.io import atomic_write_json, atomic_write_text
+from histodetect.io import atomic_write_json, atomic_write_text, fsync_path, remove_dead_leftovers
 
 STORE_FORMAT = "histodetect-store"
 STORE_VERSION = 1
@@ -40,6 +42,34 @@ PATCHES = "patches.u8"
 INDEX = "index.csv"
 REPORT = "report.json"
 INDEX_COLUMNS = ["row", "id", "label", "split", "source", "sha1"]
+STORE_FILES = frozenset({MANIFEST, PATCHES, INDEX, REPORT})
+LABEL_TEXT = ("", "0", "1")  # how index.csv writes unknown, negative, positive
+
+
+def why_not_replaceable(path: str | os.PathLike[str], source: str | os.PathLike[str] | None = None) -> str | None:
+    """Why ``--overwrite`` must not replace ``path``; None when it is a histodetect store and nothing else.
+
+    Only an empty folder or one holding a store manifest and no file a store does not have is replaced, never the folder
+    being ingested or one that contains it: ``--overwrite`` deletes what ingest made, never the user's data.
+    """
+    path = Path(path)
+    if source is not None and Path(source).resolve().is_relative_to(path.resolve()):
+        return f"is the source being ingested, or contains it ({source}); choose another --out"
+    if not path.is_dir():
+        return "is not a folder; --overwrite replaces only a store folder"
+    if not any(path.iterdir()):  # an empty folder: nothing to lose
+        return None
+    try:
+        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        manifest = None
+    if not isinstance(manifest, dict) or manifest.get("format") != STORE_FORMAT:
+        return f"is not a histodetect store (no store {MANIFEST}); --overwrite replaces only a store"
+    others = sorted(entry.name for entry in path.iterdir() if entry.name not in STORE_FILES)
+    if others:
+        listed = ", ".join(shown(name) for name in others[:5]) + (" ..." if len(others) > 5 else "")
+        return f"holds files that are not part of a store ({listed}); move them or choose another --out"
+    return None
 
 
 class Store:
@@ -60,26 +90,25 @@ class Store:
             self.manifest: dict[str, Any] = json.loads(manifest_path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:
             raise StoreError(f"{manifest_path}: unreadable manifest ({exc})") from exc
-        if self.manifest.get("format") != STORE_FORMAT:
+        if not isinstance(self.manifest, dict) or self.manifest.get("format") != STORE_FORMAT:
             raise StoreError(f"{manifest_path}: not a histodetect store manifest")
         if self.manifest.get("version") != STORE_VERSION:
             raise StoreError(
                 f"{manifest_path}: store format version {self.manifest.get('version')} is not supported "
                 f"(this histodetect reads version {STORE_VERSION}); re-run `histodetect ingest`"
             )
-        self.patch_shape: tuple[int, int, int] = tuple(self.manifest["patch_shape"])  # type: ignore[assignment]
-        self.index = pd.read_csv(
-            self.path / INDEX,
-            dtype={"id": str, "split": str, "source": str, "sha1": str},
-            keep_default_na=False,
-        )
-        self.index["label"] = pd.to_numeric(self.index["label"], errors="raise").fillna(UNLABELED).astype(np.int8)
+        try:
+            self.patch_shape: tuple[int, int, int] = tuple(int(n) for n in self.manifest["patch_shape"])  # type: ignore[assignment]
+            count = int(self.manifest["count"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise StoreError(f"{manifest_path}: damaged manifest (patch_shape or count: {exc!r})") from exc
+        self.index = read_index(self.path / INDEX)
         expected = len(self.index) * int(np.prod(self.patch_shape))
         size = (self.path / PATCHES).stat().st_size if (self.path / PATCHES).exists() else -1
-        if size != expected or len(self.index) != self.manifest["count"]:
+        if size != expected or len(self.index) != count:
             raise StoreError(
                 f"{self.path}: {PATCHES} holds {size} bytes and the index {len(self.index)} rows, "
-                f"but the manifest says {self.manifest['count']} patches of {self.patch_shape}"
+                f"but the manifest says {count} patches of {self.patch_shape}"
             )
         self._patches: np.memmap | None = None
 
@@ -146,6 +175,43 @@ class Store:
         return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
 
 
+def read_index(path: Path) -> pd.DataFrame:
+    """A store's ``index.csv``, checked: its columns, rows numbered 0..N-1, labels 0, 1 or empty, ids unique and
+    safe (an id names output files, e.g. ``explain``'s overlays), splits named. A damaged one is a StoreError
+    naming the file and the line, rather than a ValueError later or a file written outside an output folder."""
+    try:
+        index = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except FileNotFoundError as exc:
+        raise StoreError(f"{path}: missing; the store is incomplete, re-run `histodetect ingest`") from exc
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise StoreError(f"{path}: not a readable index ({exc})") from exc
+    if list(index.columns) != INDEX_COLUMNS:
+        raise StoreError(f"{path}: columns {list(index.columns)}, expected {INDEX_COLUMNS}")
+
+    def refuse(position: int, what: str) -> StoreError:
+        return StoreError(f"{path}: line {position + 2}: {what}; the store is damaged, re-run `histodetect ingest`")
+
+    def first(mask: pd.Series) -> int | None:  # checked column-wise: a store may hold 220,025 rows
+        hits = np.flatnonzero(mask.to_numpy())
+        return int(hits[0]) if len(hits) else None
+
+    ids, labels, splits = index["id"], index["label"], index["split"]
+    if (at := first(index["row"] != pd.Series(np.arange(len(index)).astype(str)))) is not None:
+        raise refuse(at, f"row {shown(index['row'].iloc[at])}, expected {at}")
+    if (at := first_unsafe(ids.tolist())) is not None:
+        raise refuse(at, f"id {shown(ids.iloc[at])}: {unsafe_reason(ids.iloc[at])}")
+    if (at := first(ids.duplicated())) is not None:
+        raise refuse(at, f"id {shown(ids.iloc[at])} is listed twice")
+    if (at := first(~labels.isin(LABEL_TEXT))) is not None:
+        raise refuse(at, f"label {shown(labels.iloc[at])} is not 0, 1 or empty")
+    if (at := first_unsafe(splits.tolist())) is not None:
+        raise refuse(at, f"split {shown(splits.iloc[at])} is not a valid split name")
+    index["row"] = np.arange(len(index), dtype=np.int64)  # just checked to be exactly these
+    text = labels.to_numpy(dtype=object)
+    index["label"] = np.select([text == "0", text == "1"], [0, 1], UNLABELED).astype(np.int8)
+    return index
+
+
 class StoreWriter:
     """Builds a store in a hidden sibling folder; :meth:`commit` renames it into place, :meth:`abort` removes it.
 
@@ -164,19 +230,29 @@ class StoreWriter:
         self.path = Path(path)
         if self.path.exists() and not overwrite:
             raise StoreError(f"{self.path}: already exists; pass --overwrite to replace it")
+        if self.path.exists() and (why := why_not_replaceable(self.path)):
+            raise StoreError(f"{self.path}: {why}")
         self.patch_shape = tuple(patch_shape)
         self.capacity = int(capacity)
-        self.tmp = self.path.parent / f".{self.path.name}.partial-{os.getpid()}"
+        # Built in a hidden sibling named by this process; those of processes no longer alive (killed) are removed.
+        prefix = f".{self.path.name}.partial-"
+        self.tmp = self.path.parent / f"{prefix}{os.getpid()}"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        remove_dead_leftovers(self.path.parent, re.compile(re.escape(prefix) + r"(?P<pid>\d+)"))
         if self.tmp.exists():
             shutil.rmtree(self.tmp)
-        self.tmp.mkdir(parents=True)
         self._records: list[tuple[str, int, str, str, str]] = []
         nbytes = max(self.capacity, 1) * int(np.prod(self.patch_shape))
-        with open(self.tmp / PATCHES, "wb") as fh:
-            fh.truncate(nbytes)
-        self._pixels = np.memmap(
-            self.tmp / PATCHES, dtype=np.uint8, mode="r+", shape=(max(self.capacity, 1), *self.patch_shape)
-        )
+        try:  # an interrupt here, before the with block is entered, must not leave the folder behind
+            self.tmp.mkdir()
+            with open(self.tmp / PATCHES, "wb") as fh:
+                fh.truncate(nbytes)
+            self._pixels = np.memmap(
+                self.tmp / PATCHES, dtype=np.uint8, mode="r+", shape=(max(self.capacity, 1), *self.patch_shape)
+            )
+        except BaseException:
+            self.abort()
+            raise
 
     def __enter__(self) -> StoreWriter:
         return self
@@ -200,6 +276,10 @@ class StoreWriter:
         self._pixels[row] = pixels
         self._records.append((id, UNLABELED if label is None else int(label), split, source, sha1))
         return row
+
+    def replace_record(self, row: int, id: str, label: int | None, split: str, source: str) -> None:
+        """Give row ``row`` another id, label, split and source, for the same pixels (and so the same SHA-1)."""
+        self._records[row] = (id, UNLABELED if label is None else int(label), split, source, self._records[row][4])
 
     def add_many(
         self,
@@ -263,11 +343,14 @@ class StoreWriter:
             **(extra or {}),
         }
         atomic_write_json(self.tmp / REPORT, report or {})
-        atomic_write_text(self.tmp / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+        fsync_path(self.tmp / PATCHES)
+        fsync_path(self.tmp / INDEX)
+        atomic_write_text(self.tmp / MANIFEST, json.dumps(manifest, indent=2) + "\n")  # last: marks it complete
         old = self.path.parent / f".{self.path.name}.old-{os.getpid()}"
         if self.path.exists():
             os.replace(self.path, old)
         os.replace(self.tmp, self.path)
+        fsync_path(self.path.parent)
         if old.exists():
             shutil.rmtree(old)
         return Store(self.path)

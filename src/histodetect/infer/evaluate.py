@@ -18,7 +18,7 @@ import numpy as np
 from histodetect.data.store import Store
 from histodetect.infer.engine import InferError, Predictor
 from histodetect.infer.sources import StoreRows
-from histodetect.io import atomic_write_json
+from histodetect.io import atomic_write_json, check_output_dir
 from histodetect.report.evaluation import json_safe, write_evaluation_report
 from histodetect.report.metrics import binary_metrics
 from histodetect.train.runfolder import held_out_rows, load_config
@@ -43,6 +43,7 @@ def evaluate(
     patch) or the name of a store split (all of whose patches must be labeled).
     """
     run, out = Path(run), Path(out)
+    check_output_dir(out)
     if not 0.0 <= threshold <= 1.0:
         raise InferError(f"--threshold {threshold}: must be within [0, 1]")
     config = load_config(run)

@@ -16,9 +16,10 @@ import numpy as np
 import pandas as pd
 from rich.console import Console
 
+from histodetect.data.ids import shown
 from histodetect.infer.engine import InferError, Predictor
 from histodetect.infer.sources import PatchSet, open_source
-from histodetect.io import atomic_path
+from histodetect.io import atomic_path, check_output_file
 
 SHOWN_IDS = 5  # ids quoted in an error message
 
@@ -41,6 +42,7 @@ def predict(
     :func:`histodetect.infer.sources.open_source`. Without ``sample_submission`` there is one row per patch,
     sorted by id. Returns the frame written.
     """
+    check_output_file(out)
     if threshold is not None and not 0.0 <= threshold <= 1.0:
         raise InferError(f"--threshold {threshold}: must be within [0, 1]")
     patch_set = open_source(source, split=split)
@@ -75,6 +77,8 @@ def _match_sample(patch_set: PatchSet, sample: Path) -> tuple[np.ndarray, np.nda
         raise InferError(f"{sample}: not a readable CSV ({exc})") from exc
     if "id" not in frame.columns:
         raise InferError(f"{sample}: no 'id' column (header: {','.join(map(str, frame.columns))})")
+    if frame.empty:
+        raise InferError(f"{sample}: lists no ids (a header only); a submission needs at least one row")
     ids = frame["id"].str.strip().to_numpy()
     repeated = pd.Index(ids)[pd.Index(ids).duplicated()].unique().tolist()
     if repeated:
@@ -94,4 +98,4 @@ def _match_sample(patch_set: PatchSet, sample: Path) -> tuple[np.ndarray, np.nda
 
 
 def _some(ids: Sequence[str]) -> str:
-    return ", ".join(ids[:SHOWN_IDS]) + (f", ... ({len(ids)} in all)" if len(ids) > SHOWN_IDS else "")
+    return ", ".join(map(shown, ids[:SHOWN_IDS])) + (f", ... ({len(ids)} in all)" if len(ids) > SHOWN_IDS else "")

@@ -31,7 +31,12 @@ def load_config(run: str | os.PathLike[str]) -> TrainConfig:
     run = Path(run)
     if not (run / CONFIG).exists():
         raise FileNotFoundError(f"{run}: not a run folder (no {CONFIG}); create one with `histodetect train`")
-    return TrainConfig.load(run / CONFIG)
+    try:
+        return TrainConfig.load(run / CONFIG)
+    except ConfigError as exc:  # a setting's own message does not say which file holds it
+        if str(run / CONFIG) in str(exc):
+            raise
+        raise ConfigError(f"{run / CONFIG}: {exc}") from exc
 
 
 def load_model(run: str | os.PathLike[str]) -> tuple[Classifier, TrainConfig]:

@@ -1,0 +1,76 @@
+"""``histodetect.io``: durable atomic writes, output paths checked before work, leftovers of dead processes."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from histodetect.errors import UserError
+from histodetect.io import (
+    atomic_write_bytes,
+    check_output_dir,
+    check_output_file,
+    remove_dead_leftovers,
+)
+
+
+def test_atomic_write_syncs_the_file_before_the_rename_and_the_folder_after(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a power cut the target is the old file or the whole new one: never a renamed, empty file."""
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+        events.append(("replace", str(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    target = tmp_path / "model.safetensors"
+    atomic_write_bytes(target, b"weights")
+    assert target.read_bytes() == b"weights"
+    assert len(events) == 3, events
+    (synced, temp), renamed, folder = events
+    assert synced == "fsync" and Path(temp).parent == tmp_path and Path(temp).name.startswith(".model.safetensors.")
+    assert renamed == ("replace", str(target))
+    assert folder == ("fsync", str(tmp_path))
+
+
+def test_output_checks_name_the_path(tmp_path: Path) -> None:
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "file.csv").write_text("x\n")
+    with pytest.raises(UserError, match=r"--out .*folder: is a folder"):
+        check_output_file(tmp_path / "folder")
+    with pytest.raises(UserError, match=r"--report .*file.csv/x.json: .*file.csv is a file"):
+        check_output_file(tmp_path / "file.csv" / "x.json", "--report")
+    with pytest.raises(UserError, match=r"--out .*file.csv: is a file"):
+        check_output_dir(tmp_path / "file.csv")
+    check_output_file(tmp_path / "file.csv")  # replacing a file is fine
+    check_output_file(tmp_path / "new" / "deeper" / "x.csv")
+    check_output_dir(tmp_path / "folder")
+    check_output_dir(tmp_path / "new")
+
+
+def test_leftovers_of_dead_processes_are_removed_and_nothing_else(tmp_path: Path) -> None:
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    pattern = re.compile(r"\.store\.partial-(?P<pid>\d+)")
+    for name in (f".store.partial-{dead_pid}", f".store.partial-{os.getpid()}", f".other.partial-{dead_pid}"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "patches.u8").write_bytes(b"x")
+    (tmp_path / f".store.partial-{dead_pid}.txt").write_text("not ours")
+    removed = remove_dead_leftovers(tmp_path, pattern)
+    assert removed == [tmp_path / f".store.partial-{dead_pid}"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [f".store.partial-{os.getpid()}", f".other.partial-{dead_pid}", f".store.partial-{dead_pid}.txt"]
+    )
