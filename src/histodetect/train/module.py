@@ -88,18 +88,24 @@ class LitClassifier(L.LightningModule):
 
     # ---- optimisation
     def parameter_groups(self) -> list[dict[str, Any]]:
-        """Head and backbone as two groups from the start. Frozen parameters have no gradient, so optimisers skip
-        them; unfreezing (``FreezeUnfreeze``) only flips ``requires_grad`` and every scheduler keeps working."""
+        """Head and backbone as groups from the start, each split into weights that decay and normalisation/bias
+        parameters that do not (as timm's ``param_groups_weight_decay``: decaying a norm's scale or a bias only
+        fights the normalisation). Frozen parameters have no gradient, so optimisers skip them; unfreezing
+        (``FreezeUnfreeze``) only flips ``requires_grad`` and every scheduler keeps working."""
         cfg = self.config
-        head = list(self.model.head.parameters())
-        head_ids = {id(p) for p in head}
-        backbone = [p for p in self.model.parameters() if id(p) not in head_ids]
+        head_ids = {id(p) for p in self.model.head.parameters()}
         pretrained = cfg.pretrained != "none" and cfg.model != "baseline-cnn"
         backbone_lr = cfg.lr * (cfg.backbone_lr_scale if pretrained else 1.0)
-        return [
-            {"params": head, "lr": cfg.lr, "name": "head"},
-            {"params": backbone, "lr": backbone_lr, "name": "backbone"},
-        ]
+        groups: dict[str, dict[str, Any]] = {}
+        for name, parameter in self.model.named_parameters():
+            part, lr = ("head", cfg.lr) if id(parameter) in head_ids else ("backbone", backbone_lr)
+            decays = parameter.ndim > 1 and not name.endswith(".bias")
+            key = part if decays else f"{part}_no_decay"
+            group = groups.setdefault(
+                key, {"params": [], "lr": lr, "weight_decay": cfg.weight_decay if decays else 0.0, "name": key}
+            )
+            group["params"].append(parameter)
+        return [groups[k] for k in ("head", "head_no_decay", "backbone", "backbone_no_decay") if k in groups]
 
     def configure_optimizers(self) -> Any:
         cfg = self.config
