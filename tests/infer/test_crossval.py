@@ -82,6 +82,6 @@ def test_a_test_split_is_held_out_of_every_fold_and_other_flags_are_refused(
 
 def test_restart_leaves_fold_folders_it_did_not_record_making(tmp_path: Path) -> None:
     (tmp_path / "cv" / "fold-0").mkdir(parents=True)
-    with pytest.raises(ConfigError, match="fold-0 but no cv-config.yaml"):
+    with pytest.raises(ConfigError, match=r"fold-0 but no cv-config\.yaml"):
         cross_validate(None, tmp_path / "cv", TrainConfig(folds=2, **QUICK), restart=True)  # type: ignore[arg-type]
     assert (tmp_path / "cv" / "fold-0").is_dir()

@@ -196,10 +196,16 @@ DDP_SCRIPT = textwrap.dedent(
             with path.open("a") as fh:
                 fh.write(json.dumps({"epoch": trainer.current_epoch, "rows": batch[2].tolist()}) + "\\n")
 
+        def on_validation_end(self, trainer, pl_module):
+            path = Path(sys.argv[2] + f".rank{trainer.global_rank}.val.jsonl")
+            with path.open("a") as fh:
+                fh.write(json.dumps(pl_module.validated_rows.tolist()) + "\\n")
+
     epoch_patches = int(sys.argv[3]) if sys.argv[3] != "all" else None
-    config = TrainConfig(model="baseline-cnn", epochs=1, batch_size=8, limit_train=64, val_fraction=0.2,
-                         patience=0, accelerator="cpu", devices="2", strategy="ddp", precision="32",
-                         epoch_patches=epoch_patches)
+    # 23 validation patches: the sampler pads the two shares to 12 each with a repeated patch.
+    config = TrainConfig(model="baseline-cnn", epochs=2, batch_size=8, limit_train=64, val_fraction=0.2,
+                         val_patches=23, patience=0, accelerator="cpu", devices="2", strategy="ddp",
+                         precision="32", epoch_patches=epoch_patches)
     train(Store(sys.argv[1]), sys.argv[2], config, callbacks=[RecordRows()])
     """
 )
@@ -209,7 +215,8 @@ DDP_SCRIPT = textwrap.dedent(
 def test_ddp_two_cpu_processes_see_disjoint_data_and_save_once(
     sample_store: Store, tmp_path: Path, epoch_patches: str, seen_in_epoch: int
 ) -> None:
-    """With ``epoch_patches`` the two processes share one epoch's draw between them, not one each."""
+    """With ``epoch_patches`` the two processes share one epoch's draw between them, not one each; every epoch
+    draws afresh (the sampler wrapper forwards set_epoch); validation counts each patch once."""
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT)
     out = tmp_path / "run"
@@ -221,15 +228,23 @@ def test_ddp_two_cpu_processes_see_disjoint_data_and_save_once(
         cwd=tmp_path,
     )
     assert done.returncode == 0, done.stderr[-3000:]
+    records = [
+        [json.loads(line) for line in Path(f"{out}.rank{rank}.jsonl").read_text().splitlines()] for rank in (0, 1)
+    ]
     seen = [
-        [row for line in Path(f"{out}.rank{rank}.jsonl").read_text().splitlines() for row in json.loads(line)["rows"]]
+        [{row for r in records[rank] if r["epoch"] == epoch for row in r["rows"]} for epoch in (0, 1)]
         for rank in (0, 1)
     ]
-    assert seen[0] and seen[1]
-    assert not set(seen[0]) & set(seen[1])
+    for epoch in (0, 1):
+        assert seen[0][epoch] and seen[1][epoch]
+        assert not seen[0][epoch] & seen[1][epoch]  # disjoint processes
+        assert len(seen[0][epoch] | seen[1][epoch]) == seen_in_epoch
+    assert seen[0][0] != seen[0][1] and seen[1][0] != seen[1][1]  # each epoch a new draw for each process
     split = pd.read_csv(out / "split.csv")
     assert (split["part"] == "train").sum() == 64
-    assert len(set(seen[0]) | set(seen[1])) == seen_in_epoch
+    for rank in (0, 1):
+        validated = [json.loads(line) for line in Path(f"{out}.rank{rank}.val.jsonl").read_text().splitlines()]
+        assert len(validated) == 2 and all(len(rows) == len(set(rows)) == 23 for rows in validated)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == sorted(
@@ -240,6 +255,7 @@ def test_ddp_two_cpu_processes_see_disjoint_data_and_save_once(
             "metrics.csv",
             "model.safetensors",
             "split.csv",
+            "store.json",
             "summary.json",
         ]
     )
