@@ -110,6 +110,9 @@ def test_only_held_out_parts_stand_for_a_run_and_test_never_ranks(tmp_path: Path
     assert "val AUC from training (best epoch)" in rows["b"]["notes"]
     assert "test AUC from evaluate (numeric_precision fp32)" in rows["a"]["notes"]
     assert "Ranked by val AUC" in markdown
+    c = _run(tmp_path, "c", _summary(None, None, weights="last_epoch", best_epoch=None), val_fraction=0.0)
+    last = [line for line in compare([a, c], tmp_path / "r2.md").splitlines() if line.startswith("| ")][-1]
+    assert last.startswith("| c |") and "no validation: last epoch's weights" in last
 
 
 def test_missing_or_broken_run_is_named(runs: list[Path], tmp_path: Path) -> None:

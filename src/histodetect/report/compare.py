@@ -268,6 +268,8 @@ def notes(r: RunRecord) -> str:
         parts.append("no summary.json (unfinished?)")
     if s.get("device"):
         parts.append(str(s["device"]) + (f", {s['precision']}" if s.get("precision") else ""))
+    if s.get("weights") == "last_epoch":
+        parts.append("no validation: last epoch's weights")
     if s.get("stopped_by") not in (None, "max_epochs"):
         parts.append(f"stopped by {s['stopped_by']}")
     if r.evaluation is None and not math.isnan(r.auc):
