@@ -147,15 +147,17 @@ class TrainConfig:
         return atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], *, source: str = "config") -> TrainConfig:
+    def from_dict(cls, data: dict[str, Any], *, source: str | None = "config") -> TrainConfig:
+        """A config from a mapping; errors start with ``source`` (the file's path) unless it is None."""
+        prefix = f"{source}: " if source else ""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ConfigError(f"{source}: unknown setting(s) {unknown}")
+            raise ConfigError(f"{prefix}unknown setting(s) {unknown}")
         try:
             return cls(**data)
         except ConfigError as exc:
-            raise ConfigError(f"{source}: {exc}") from None
+            raise ConfigError(f"{prefix}{exc}") from None
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> TrainConfig:
@@ -304,4 +306,4 @@ def build_config(
         TrainConfig.from_dict(settings, source=str(config_file))  # a bad value in the file is named with the file
         data.update(settings)
     data.update({k: v for k, v in overrides.items() if v is not None})
-    return TrainConfig.from_dict(data, source="settings")
+    return TrainConfig.from_dict(data, source=None)  # the file was checked above: what is left is a flag
