@@ -257,6 +257,11 @@ def train(
             f"out-of-fold ROC AUC [bold]{result['oof_auc']:.4f}[/] over {result['oof_patches']:,} patches "
             f"(folds {result['fold_auc_mean']:.4f} ± {result['fold_auc_std']:.4f}): {out / 'cv.json'}"
         )
+        if result["test_auc"] is not None:
+            console.print(
+                f"test ROC AUC [bold]{result['test_auc']:.4f}[/] over {result['test_patches']:,} untouched patches "
+                "(the folds' mean prediction)"
+            )
         return
     if restart:
         raise UserError("--restart starts --all-folds over; a single run starts over in a new --out")

@@ -62,7 +62,7 @@ def test_a_test_split_is_held_out_of_every_fold_and_other_flags_are_refused(
     assert len(tests[0]) == 48 and tests[0] == tests[1] == set(tests[0])  # the same test patches in every fold
     oof = pd.read_csv(out / "oof.csv", dtype={"id": str})
     assert len(oof) == result["oof_patches"] == 192 and not set(oof["id"]) & tests[0]
-    assert result["test_patches"] == 48 and result["numeric_precision"] == "fp32"
+    assert result["test_patches"] == 48 and 0 <= result["test_auc"] <= 1 and result["numeric_precision"] == "fp32"
 
     (out / "mine.txt").write_text("not the tool's")
     kept = (out / "fold-0" / "model.safetensors").stat().st_mtime_ns

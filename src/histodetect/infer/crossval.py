@@ -31,7 +31,7 @@ from histodetect.infer.sources import StoreRows
 from histodetect.io import atomic_path, atomic_write_json
 from histodetect.train.config import ConfigError, TrainConfig
 from histodetect.train.run import train
-from histodetect.train.runfolder import CONFIG, SPLIT, SUMMARY, held_out_rows
+from histodetect.train.runfolder import CONFIG, SUMMARY, held_out_rows, read_split
 
 OOF = "oof.csv"
 CV_SUMMARY = "cv.json"
@@ -79,13 +79,24 @@ def cross_validate(
         "oof_patches": len(oof),
         "fold_auc_mean": round(float(aucs.mean()), 6) if len(aucs) else None,
         "fold_auc_std": round(float(aucs.std(ddof=1)), 6) if len(aucs) > 1 else None,
-        "test_patches": len(pd.read_csv(out / "fold-0" / SPLIT).query("part == 'test'")),
+        **_test_score(store, [Path(f["run"]) for f in folds]),
         "numeric_precision": PRECISION,
         "model": config.model,
         "store": str(store.path),
     }
     atomic_write_json(out / CV_SUMMARY, result)
     return result
+
+
+def _test_score(store: Store, runs: list[Path]) -> dict[str, Any]:
+    """The folds' mean prediction on the test patches they all held out (``test_fraction``): the one number of a
+    cross-validation that no fold trained, validated or stopped on."""
+    rows = read_split(runs[0], store, ("test",))["test"]
+    if len(rows) == 0:
+        return {"test_patches": 0, "test_auc": None}
+    probabilities = Predictor(runs, precision=PRECISION).predict(StoreRows(store, rows), label="test")
+    auc = roc_auc_score(store.labels[rows], probabilities)
+    return {"test_patches": len(rows), "test_auc": round(float(auc), 6)}
 
 
 def _held_out_predictions(store: Store, run: Path, fold: int) -> pd.DataFrame:
