@@ -44,9 +44,8 @@ class LitClassifier(L.LightningModule):
             contrast=config.aug_contrast,
         )
         self.generator = torch.Generator()
-        self._val_outputs: list[
-            tuple[torch.Tensor, ...]
-        ] = []  # (rows, logits, targets) of this validation pass, this process
+        # (rows, logits, targets) of each batch of this validation pass, in this process
+        self._val_outputs: list[tuple[torch.Tensor, ...]] = []
         self.validated_rows = torch.empty(0, dtype=torch.int64)  # the store rows the last validation counted
 
     # ---- set-up and seeding (frozen BatchNorm stays in eval mode: Classifier.train sees to it)
