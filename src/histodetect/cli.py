@@ -196,7 +196,13 @@ def train(
     aug_contrast: Annotated[float | None, typer.Option()] = None,
     mixup: Annotated[float | None, typer.Option(help="MixUp alpha (0 = off).")] = None,
     cutmix: Annotated[float | None, typer.Option(help="CutMix alpha (0 = off).")] = None,
-    val_fraction: Annotated[float | None, typer.Option()] = None,
+    val_fraction: Annotated[
+        float | None, typer.Option(help="Validation hold-out (0 = none: the last epoch's weights are kept).")
+    ] = None,
+    test_fraction: Annotated[
+        float | None,
+        typer.Option(help="Untouched test hold-out, drawn first and kept out of every fold (evaluate --split test)."),
+    ] = None,
     groups: Annotated[str | None, typer.Option(help="CSV of id,group for a grouped split.")] = None,
     folds: Annotated[int | None, typer.Option()] = None,
     fold: Annotated[int | None, typer.Option()] = None,
@@ -205,6 +211,9 @@ def train(
         typer.Option(
             "--all-folds", help="Train every fold of --folds K into OUT/fold-I, with out-of-fold predictions."
         ),
+    ] = False,
+    restart: Annotated[
+        bool, typer.Option("--restart", help="With --all-folds: delete the folds an earlier run made and start over.")
     ] = False,
     patience: Annotated[int | None, typer.Option(help="Early stopping patience on val AUC (0 = off).")] = None,
     max_time: Annotated[float | None, typer.Option(help="Time budget in minutes.")] = None,
@@ -232,13 +241,14 @@ def train(
     from histodetect.train.config import build_config
     from histodetect.train.run import train as run_train
 
-    overrides = {k: v for k, v in flags.items() if k not in {"store", "out", "preset", "config", "resume", "all_folds"}}
+    commands = {"store", "out", "preset", "config", "resume", "all_folds", "restart"}
+    overrides = {k: v for k, v in flags.items() if k not in commands}
     cfg = build_config(preset=preset, config_file=config, **overrides)
     if all_folds:  # re-running continues by itself: finished folds are kept, an interrupted one resumes
         from histodetect.infer.crossval import cross_validate
         from histodetect.report.compare import terminal_table
 
-        result = cross_validate(Store(store), out, cfg)
+        result = cross_validate(Store(store), out, cfg, restart=restart)
         if not result:  # a DDP process other than rank zero
             return
         runs = [Path(fold["run"]) for fold in result["folds"]]
@@ -247,9 +257,21 @@ def train(
             f"out-of-fold ROC AUC [bold]{result['oof_auc']:.4f}[/] over {result['oof_patches']:,} patches "
             f"(folds {result['fold_auc_mean']:.4f} ± {result['fold_auc_std']:.4f}): {out / 'cv.json'}"
         )
+        if result["test_auc"] is not None:
+            console.print(
+                f"test ROC AUC [bold]{result['test_auc']:.4f}[/] over {result['test_patches']:,} untouched patches "
+                "(the folds' mean prediction)"
+            )
         return
+    if restart:
+        raise UserError("--restart starts --all-folds over; a single run starts over in a new --out")
     summary = run_train(Store(store), out, cfg, resume=resume)
-    console.print(f"run: [bold]{out}[/]  best val AUC {summary.get('best_val_auc', float('nan')):.4f}")
+    if not summary:  # a DDP process other than rank zero
+        return
+    if summary.get("best_val_auc") is None:
+        console.print(f"run: [bold]{out}[/]  no validation: the last epoch's weights are kept")
+    else:
+        console.print(f"run: [bold]{out}[/]  best val AUC {summary['best_val_auc']:.4f}")
 
 
 @app.command()
@@ -305,17 +327,25 @@ def evaluate(
     store: Annotated[Path, typer.Argument(help="A labeled store.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for metrics.json, figures and report.html.")],
     split: Annotated[
-        str, typer.Option(help="'val' (the run's own held-out patches), 'all', or a store split name.")
+        str,
+        typer.Option(
+            help="'val' or 'test' (the run's own held-out parts, split.csv), 'all', or a store split (store:NAME)."
+        ),
     ] = "val",
     tta: Tta = "none",
-    precision: Precision = "auto",
+    precision: Annotated[
+        str, typer.Option(help="fp32 (what export computes: the model you deploy) | auto (bf16 where fast) | bf16.")
+    ] = "fp32",
     threshold: Annotated[float, typer.Option(help="Decision threshold for accuracy, sensitivity, specificity.")] = 0.5,
 ) -> None:
     """Metrics with confidence intervals, ROC/PR/calibration plots and the worst mistakes, as HTML."""
     from histodetect.infer.evaluate import evaluate as run_evaluate
 
     metrics = run_evaluate(run, store, out, split=split, tta=tta, threshold=threshold, precision=precision)
-    console.print(f"ROC AUC {metrics['roc_auc']:.4f}  accuracy {metrics['accuracy']:.4f}  report: [bold]{out}[/]")
+    console.print(
+        f"{split}: ROC AUC {metrics['roc_auc']:.4f}  accuracy {metrics['accuracy']:.4f}  "
+        f"({metrics['n']:,} patches, {metrics['numeric_precision']})  report: [bold]{out}[/]"
+    )
 
 
 @app.command()

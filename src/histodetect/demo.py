@@ -87,7 +87,7 @@ def run_demo(out: str | Path, *, quick: bool = False) -> dict[str, Path]:
 
     step("4/7 evaluate on each run's held-out patches (d4 test-time augmentation)")
     for run in runs:
-        evaluate(run, store.path, run / "evaluation", split="val", tta="d4")
+        evaluate(run, store.path, run / "evaluation" / "val", split="val", tta="d4")
     outputs["comparison"] = out / "results.md"
     compare(runs, outputs["comparison"])
     console.print(terminal_table(runs))

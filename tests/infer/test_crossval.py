@@ -47,3 +47,41 @@ def test_the_command_line(sample_store: Store, tmp_path: Path) -> None:
     done = CliRunner().invoke(app, args)
     assert done.exit_code == 0, done.output
     assert "out-of-fold ROC AUC" in done.stderr and (tmp_path / "cv" / "fold-1" / "model.safetensors").exists()
+
+
+def test_a_test_split_is_held_out_of_every_fold_and_other_flags_are_refused(
+    sample_store: Store, tmp_path: Path
+) -> None:
+    out = tmp_path / "cv"
+    config = TrainConfig(folds=2, test_fraction=0.2, **QUICK)
+    result = cross_validate(sample_store, out, config)
+    tests = [
+        set(pd.read_csv(out / f"fold-{k}" / "split.csv", dtype={"id": str}).query("part == 'test'")["id"])
+        for k in range(2)
+    ]
+    assert len(tests[0]) == 48 and tests[0] == tests[1] == set(tests[0])  # the same test patches in every fold
+    oof = pd.read_csv(out / "oof.csv", dtype={"id": str})
+    assert len(oof) == result["oof_patches"] == 192 and not set(oof["id"]) & tests[0]
+    assert result["test_patches"] == 48 and 0 <= result["test_auc"] <= 1 and result["numeric_precision"] == "fp32"
+
+    (out / "mine.txt").write_text("not the tool's")
+    kept = (out / "fold-0" / "model.safetensors").stat().st_mtime_ns
+    with pytest.raises(ConfigError, match=r"other settings: lr \(0\.001 -> 0\.01\), epochs \(1 -> 2\);.*--restart"):
+        cross_validate(sample_store, out, config.replace(lr=0.01, epochs=2, num_workers=0))
+    args = ["train", str(sample_store.path), "--out", str(out), "--folds", "2", "--all-folds", "--test-fraction", "0.2"]
+    args += ["--model", "baseline-cnn", "--epochs", "1", "--limit-train", "24", "--batch-size", "8", "--lr", "0.01"]
+    refused = CliRunner().invoke(app, [*args, "--patience", "0", "--num-workers", "0"])
+    assert refused.exit_code == 2 and "lr (0.001 -> 0.01)" in refused.output
+    assert (out / "fold-0" / "model.safetensors").stat().st_mtime_ns == kept
+
+    cross_validate(sample_store, out, config.replace(lr=0.01), restart=True)
+    assert (out / "mine.txt").read_text() == "not the tool's"  # only what --all-folds made is deleted
+    assert TrainConfig.load(out / "fold-1" / "config.yaml").lr == 0.01
+    assert TrainConfig.load(out / "cv-config.yaml").lr == 0.01
+
+
+def test_restart_leaves_fold_folders_it_did_not_record_making(tmp_path: Path) -> None:
+    (tmp_path / "cv" / "fold-0").mkdir(parents=True)
+    with pytest.raises(ConfigError, match=r"fold-0 but no cv-config\.yaml"):
+        cross_validate(None, tmp_path / "cv", TrainConfig(folds=2, **QUICK), restart=True)  # type: ignore[arg-type]
+    assert (tmp_path / "cv" / "fold-0").is_dir()

@@ -226,3 +226,23 @@ def test_a_bad_setting_in_a_runs_config_names_the_file(tmp_path: Path, test_imag
     args = ["predict", str(run), str(test_images), "--out", str(tmp_path / "s.csv")]
     error = one_line_error(CliRunner().invoke(app, args))
     assert f"{run / 'config.yaml'}: " in error and "lbfgs" in error
+
+
+def test_predict_refuses_the_training_store_once_it_has_changed(sample_store: Store, tmp_path: Path) -> None:
+    """Another store is fine to predict on; the very store a run was trained on, changed since, is refused."""
+    from histodetect.errors import StoreError
+    from histodetect.train.config import TrainConfig
+    from histodetect.train.run import train
+
+    copy = tmp_path / "store"
+    shutil.copytree(sample_store.path, copy)
+    run = tmp_path / "run"
+    train(Store(copy), run, TrainConfig(epochs=1, batch_size=8, limit_train=8, patience=0, num_workers=0))
+    assert len(predict([run], copy, tmp_path / "same.csv")) == 16
+    assert len(predict([run], sample_store.path, tmp_path / "other.csv")) == 16  # another store: allowed
+    index = pd.read_csv(copy / "index.csv", dtype=str, keep_default_na=False)
+    index.loc[0, "label"] = "1" if index.loc[0, "label"] == "0" else "0"
+    index.to_csv(copy / "index.csv", index=False)
+    with pytest.raises(StoreError, match="is not the store") as caught:
+        predict([run], copy, tmp_path / "changed.csv")
+    assert str(copy) in str(caught.value) and not (tmp_path / "changed.csv").exists()

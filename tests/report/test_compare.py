@@ -28,9 +28,14 @@ def _run(
     if summary is not None:
         (run / "summary.json").write_text(json.dumps(summary))
     if evaluation is not None:
-        (run / "evaluation").mkdir()
-        (run / "evaluation" / "metrics.json").write_text(json.dumps(evaluation))
+        _evaluated(run, "val", **evaluation)
     return run
+
+
+def _evaluated(run: Path, split: str, **metrics: Any) -> None:
+    """Metrics as `evaluate --split SPLIT` leaves them in the run."""
+    (run / "evaluation" / split).mkdir(parents=True, exist_ok=True)
+    (run / "evaluation" / split / "metrics.json").write_text(json.dumps({"split": split, **metrics}))
 
 
 def _summary(auc: float, acc: float, **extra: Any) -> dict[str, Any]:
@@ -83,6 +88,31 @@ def test_table_sorted_by_auc_with_best_marked(runs: list[Path], tmp_path: Path) 
     html = (tmp_path / "results.html").read_text()
     assert "class=highlight" in html and "★ effnet" in html
     assert (tmp_path / "results_auc.png").exists()
+
+
+def test_only_held_out_parts_stand_for_a_run_and_test_never_ranks(tmp_path: Path) -> None:
+    """An AUC on `all` (mostly training patches) is never shown; val ranks, test is shown beside it."""
+    a = _run(tmp_path, "a", _summary(0.90, 0.8), {"roc_auc": 0.91, "roc_auc_ci": [0.88, 0.94]})
+    _evaluated(a, "test", roc_auc=0.99, roc_auc_ci=[0.98, 1.0], numeric_precision="fp32")
+    _evaluated(a, "all", roc_auc=0.999)
+    b = _run(tmp_path, "b", _summary(0.93, 0.8))
+    (b / "evaluation").mkdir()
+    (b / "evaluation" / "metrics.json").write_text(json.dumps({"split": "all", "roc_auc": 0.9999}))  # old layout
+    markdown = compare([a, b], tmp_path / "r.md")
+    lines = [line.split(" | ") for line in markdown.splitlines() if line.startswith("| ")]
+    header = [cell.strip("| ") for cell in lines[0]]
+    rows = {row[0].strip("| ★"): dict(zip(header, (c.strip("| ") for c in row), strict=True)) for row in lines[1:]}
+    assert header.index("test AUC") == header.index("val AUC") + 1  # side by side
+    assert [row[0].strip("| ") for row in lines[1:]] == ["★ b", "a"]  # by val AUC (0.93 > 0.91), not by test 0.99
+    assert rows["a"]["val AUC"] == "0.9100 [0.8800–0.9400]" and rows["a"]["test AUC"] == "0.9900 [0.9800–1.0000]"
+    assert rows["b"]["val AUC"] == "0.9300" and rows["b"]["test AUC"] == ""  # the `all` AUC is not the run's
+    assert "0.999" not in markdown
+    assert "val AUC from training (best epoch)" in rows["b"]["notes"]
+    assert "test AUC from evaluate (numeric_precision fp32)" in rows["a"]["notes"]
+    assert "Ranked by val AUC" in markdown
+    c = _run(tmp_path, "c", _summary(None, None, weights="last_epoch", best_epoch=None), val_fraction=0.0)
+    last = [line for line in compare([a, c], tmp_path / "r2.md").splitlines() if line.startswith("| ")][-1]
+    assert last.startswith("| c |") and "no validation: last epoch's weights" in last
 
 
 def test_missing_or_broken_run_is_named(runs: list[Path], tmp_path: Path) -> None:

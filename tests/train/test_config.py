@@ -63,3 +63,68 @@ def test_image_size_takes_pixels_or_auto(tmp_path: Path) -> None:
     config = TrainConfig(image_size="auto")
     config.save(tmp_path / "c.yaml")
     assert TrainConfig.load(tmp_path / "c.yaml").image_size == "auto"
+
+
+def test_yaml_numbers_written_as_text_are_coerced(tmp_path: Path) -> None:
+    """YAML 1.1 reads ``1e-3`` (no dot) as a string; the field's annotation says it is a float."""
+    (tmp_path / "c.yaml").write_text("lr: 1e-3\nweight_decay: 1e-4\nepochs: 3\nimage_size: '128'\ndevices: 2\n")
+    config = TrainConfig.load(tmp_path / "c.yaml")
+    assert (config.lr, config.weight_decay, config.epochs, config.image_size, config.devices) == (
+        0.001,
+        0.0001,
+        3,
+        128,
+        "2",
+    )
+    assert isinstance(config.lr, float) and isinstance(config.weight_decay, float)
+
+
+@pytest.mark.parametrize(
+    ("line", "named"),
+    [
+        ("weight_decay: lots", "weight_decay: expected float, not 'lots'"),
+        ("epochs: 2.5", "epochs: expected int, not 2.5"),
+        ("aug_dihedral: 1", "aug_dihedral: expected bool, not 1"),
+        ("limit_train: [1, 2]", "limit_train: expected int or unset, not [1, 2]"),
+        ("batch_size: true", "batch_size: expected int, not True"),
+    ],
+)
+def test_a_wrong_type_is_one_line_naming_the_file_key_and_value(tmp_path: Path, line: str, named: str) -> None:
+    (tmp_path / "c.yaml").write_text(line + "\n")
+    with pytest.raises(ConfigError) as caught:
+        TrainConfig.load(tmp_path / "c.yaml")
+    assert str(caught.value) == f"{tmp_path / 'c.yaml'}: {named}"
+
+
+def test_cli_refuses_a_wrong_type_before_making_the_run_folder(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from histodetect.cli import app
+
+    (tmp_path / "c.yaml").write_text("weight_decay: lots\n")
+    done = CliRunner().invoke(app, ["train", str(tmp_path / "no-store"), "--out", str(tmp_path / "run"),
+                                    "--config", str(tmp_path / "c.yaml")])  # fmt: skip
+    assert done.exit_code == 2 and "weight_decay: expected float, not 'lots'" in done.output
+    assert done.exception is None or isinstance(done.exception, SystemExit)
+    assert not (tmp_path / "run").exists()
+
+
+def test_each_layer_overrides_only_the_keys_it_sets(tmp_path: Path) -> None:
+    """defaults < preset < config file < flags; a file that sets lr keeps everything else the preset chose."""
+    default = TrainConfig()
+    assert build_config() == default  # layer 0: the defaults
+    preset = build_config(preset="cpu")  # layer 1: the preset's keys, the defaults for the rest
+    assert (preset.model, preset.image_size, preset.epoch_patches) == ("tf_efficientnet_lite0", 128, 4096)
+    assert preset.dropout == default.dropout and preset.preset == "cpu"
+    (tmp_path / "small.yaml").write_text("lr: 3e-4\nepochs: 2\n")
+    filed = build_config(preset="cpu", config_file=tmp_path / "small.yaml")  # layer 2: only lr and epochs
+    assert (filed.lr, filed.epochs) == (3e-4, 2)
+    assert (filed.model, filed.image_size, filed.epoch_patches, filed.max_time) == (
+        "tf_efficientnet_lite0",
+        128,
+        4096,
+        18.0,
+    )
+    flagged = build_config(preset="cpu", config_file=tmp_path / "small.yaml", epochs=5, lr=None)  # layer 3
+    assert (flagged.epochs, flagged.lr, flagged.model) == (5, 3e-4, "tf_efficientnet_lite0")
+    assert build_config(config_file=tmp_path / "small.yaml").model == default.model  # no preset: defaults

@@ -10,7 +10,8 @@ LABELS = np.array([0] * 60 + [1] * 40)
 
 
 def test_holdout_is_stratified_disjoint_and_complete() -> None:
-    train, val = split_rows(LABELS, val_fraction=0.2, seed=0)
+    train, val, test = split_rows(LABELS, val_fraction=0.2, seed=0)
+    assert len(test) == 0
     assert len(val) == 20 and LABELS[val].sum() == 8
     assert not set(train) & set(val) and len(train) + len(val) == len(LABELS)
 
@@ -24,9 +25,30 @@ def test_groups_never_straddle_the_split() -> None:
     groups = np.repeat(np.arange(20), 5)
     rng = np.random.default_rng(0)
     labels = np.repeat(rng.integers(0, 2, 20), 5)
-    train, val = split_rows(labels, val_fraction=0.25, seed=0, groups=groups)
+    train, val, _ = split_rows(labels, val_fraction=0.25, seed=0, groups=groups)
     assert not set(groups[train]) & set(groups[val])
     assert 0.15 <= len(val) / len(labels) <= 0.35
+
+
+def test_a_test_split_is_stratified_drawn_first_and_the_same_in_every_fold() -> None:
+    parts = [split_rows(LABELS, val_fraction=0.2, seed=3, folds=4, fold=k, test_fraction=0.2) for k in range(4)]
+    test = parts[0].test
+    assert len(test) == 20 and LABELS[test].sum() == 8  # stratified
+    for train, val, fold_test in parts:
+        assert list(fold_test) == list(test)  # held out of every fold
+        assert not set(test) & (set(train) | set(val))
+        assert len(train) + len(val) + len(test) == len(LABELS)
+    assert sorted(np.concatenate([p.val for p in parts])) == sorted(set(range(len(LABELS))) - set(test))
+    train, val, test = split_rows(LABELS, val_fraction=0.25, seed=3, test_fraction=0.2)
+    assert (len(train), len(val), len(test)) == (60, 20, 20)
+
+
+def test_a_grouped_test_split_keeps_groups_whole() -> None:
+    groups = np.repeat(np.arange(20), 5)
+    labels = np.repeat(np.random.default_rng(0).integers(0, 2, 20), 5)
+    train, val, test = split_rows(labels, val_fraction=0.25, seed=0, groups=groups, test_fraction=0.2)
+    assert len(test) and not set(groups[test]) & (set(groups[train]) | set(groups[val]))
+    assert not set(groups[train]) & set(groups[val])
 
 
 def test_read_groups_names_missing_ids(tmp_path: Path) -> None:

@@ -196,10 +196,16 @@ DDP_SCRIPT = textwrap.dedent(
             with path.open("a") as fh:
                 fh.write(json.dumps({"epoch": trainer.current_epoch, "rows": batch[2].tolist()}) + "\\n")
 
+        def on_validation_end(self, trainer, pl_module):
+            path = Path(sys.argv[2] + f".rank{trainer.global_rank}.val.jsonl")
+            with path.open("a") as fh:
+                fh.write(json.dumps(pl_module.validated_rows.tolist()) + "\\n")
+
     epoch_patches = int(sys.argv[3]) if sys.argv[3] != "all" else None
-    config = TrainConfig(model="baseline-cnn", epochs=1, batch_size=8, limit_train=64, val_fraction=0.2,
-                         patience=0, accelerator="cpu", devices="2", strategy="ddp", precision="32",
-                         epoch_patches=epoch_patches)
+    # 23 validation patches: the sampler pads the two shares to 12 each with a repeated patch.
+    config = TrainConfig(model="baseline-cnn", epochs=2, batch_size=8, limit_train=64, val_fraction=0.2,
+                         val_patches=23, patience=0, accelerator="cpu", devices="2", strategy="ddp",
+                         precision="32", epoch_patches=epoch_patches)
     train(Store(sys.argv[1]), sys.argv[2], config, callbacks=[RecordRows()])
     """
 )
@@ -209,7 +215,8 @@ DDP_SCRIPT = textwrap.dedent(
 def test_ddp_two_cpu_processes_see_disjoint_data_and_save_once(
     sample_store: Store, tmp_path: Path, epoch_patches: str, seen_in_epoch: int
 ) -> None:
-    """With ``epoch_patches`` the two processes share one epoch's draw between them, not one each."""
+    """With ``epoch_patches`` the two processes share one epoch's draw between them, not one each; every epoch
+    draws afresh (the sampler wrapper forwards set_epoch); validation counts each patch once."""
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT)
     out = tmp_path / "run"
@@ -221,15 +228,23 @@ def test_ddp_two_cpu_processes_see_disjoint_data_and_save_once(
         cwd=tmp_path,
     )
     assert done.returncode == 0, done.stderr[-3000:]
+    records = [
+        [json.loads(line) for line in Path(f"{out}.rank{rank}.jsonl").read_text().splitlines()] for rank in (0, 1)
+    ]
     seen = [
-        [row for line in Path(f"{out}.rank{rank}.jsonl").read_text().splitlines() for row in json.loads(line)["rows"]]
+        [{row for r in records[rank] if r["epoch"] == epoch for row in r["rows"]} for epoch in (0, 1)]
         for rank in (0, 1)
     ]
-    assert seen[0] and seen[1]
-    assert not set(seen[0]) & set(seen[1])
+    for epoch in (0, 1):
+        assert seen[0][epoch] and seen[1][epoch]
+        assert not seen[0][epoch] & seen[1][epoch]  # disjoint processes
+        assert len(seen[0][epoch] | seen[1][epoch]) == seen_in_epoch
+    assert seen[0][0] != seen[0][1] and seen[1][0] != seen[1][1]  # each epoch a new draw for each process
     split = pd.read_csv(out / "split.csv")
     assert (split["part"] == "train").sum() == 64
-    assert len(set(seen[0]) | set(seen[1])) == seen_in_epoch
+    for rank in (0, 1):
+        validated = [json.loads(line) for line in Path(f"{out}.rank{rank}.val.jsonl").read_text().splitlines()]
+        assert len(validated) == 2 and all(len(rows) == len(set(rows)) == 23 for rows in validated)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == sorted(
@@ -240,6 +255,7 @@ def test_ddp_two_cpu_processes_see_disjoint_data_and_save_once(
             "metrics.csv",
             "model.safetensors",
             "split.csv",
+            "store.json",
             "summary.json",
         ]
     )
@@ -408,3 +424,63 @@ def test_compile_trains_and_saves_the_plain_networks_weights(sample_store: Store
     assert all(key.startswith("model.") for key in state) and not any("_orig_mod" in key for key in state)
     net, _ = load_model(tmp_path / "run")
     assert net(torch.rand(1, 3, 96, 96)).shape == (1,)
+
+
+def test_a_test_split_is_seen_by_nothing_in_training(sample_store: Store, tmp_path: Path) -> None:
+    seen = SeenRows()
+    summary = train(sample_store, tmp_path / "run", quick(limit_train=None, test_fraction=0.2), callbacks=[seen])
+    split = pd.read_csv(tmp_path / "run" / "split.csv", dtype={"id": str})
+    test_ids = set(split.loc[split["part"] == "test", "id"])
+    assert len(test_ids) == summary["n_test"] == 48
+    assert 18 <= sample_store.labels[np.isin(sample_store.ids, list(test_ids))].sum() <= 20  # stratified: 40%
+    touched = set(sample_store.ids[list(seen.val)]) | set(sample_store.ids[seen.train[0]])
+    assert touched and not touched & test_ids
+    assert summary["n_train"] + summary["n_val"] + summary["n_test"] == 240
+
+
+def test_val_fraction_zero_keeps_the_last_epoch_and_says_so(sample_store: Store, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from histodetect.cli import app
+
+    args = ["train", str(sample_store.path), "--out", str(tmp_path / "run"), "--val-fraction", "0", "--epochs", "2"]
+    done = CliRunner().invoke(app, [*args, "--batch-size", "8", "--limit-train", "16", "--num-workers", "0"])
+    assert done.exit_code == 0, done.output
+    assert done.exception is None and "no validation: the last epoch's weights are kept" in " ".join(
+        done.output.split()
+    )
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["weights"] == "last_epoch" and summary["best_val_auc"] is None and summary["n_val"] == 0
+    assert summary["epochs_run"] == 2
+    last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    saved = load_file(tmp_path / "run" / "model.safetensors")
+    assert all(torch.equal(saved[k.removeprefix("model.")], v) for k, v in last.items() if k.startswith("model."))
+
+
+def test_resume_restores_the_split_and_refuses_another_store(sample_store: Store, tmp_path: Path) -> None:
+    import shutil
+
+    from histodetect.errors import StoreError
+
+    train(sample_store, tmp_path / "run", quick())
+    split_path = tmp_path / "run" / "split.csv"
+    split = pd.read_csv(split_path, dtype={"id": str})
+    moved = split.index[split["part"] == "val"][0]
+    split.loc[moved, "part"] = "train"  # a split no fresh draw would give
+    split.to_csv(split_path, index=False)
+    written = split_path.read_text()
+    summary = train(sample_store, tmp_path / "run", quick(), resume=True)
+    assert split_path.read_text() == written  # restored, not drawn again
+    assert summary["n_val"] == (split["part"] == "val").sum() == 47
+    recorded = json.loads((tmp_path / "run" / "store.json").read_text())
+    assert recorded["fingerprint"].startswith("sha256:") and summary["store_fingerprint"] == recorded["fingerprint"]
+
+    changed = tmp_path / "changed"
+    shutil.copytree(sample_store.path, changed)
+    index = pd.read_csv(changed / "index.csv", dtype=str, keep_default_na=False)
+    index.loc[0, "label"] = "1" if index.loc[0, "label"] == "0" else "0"
+    index.to_csv(changed / "index.csv", index=False)
+    with pytest.raises(StoreError, match=r"is not the store .* was trained on") as caught:
+        train(Store(changed), tmp_path / "run", quick(), resume=True)
+    assert str(changed) in str(caught.value) and str(sample_store.path.resolve()) in str(caught.value)
+    assert split_path.read_text() == written

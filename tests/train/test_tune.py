@@ -25,3 +25,13 @@ def test_study_runs_trials_resumes_and_writes_the_best_config(sample_store: Stor
     assert len(again.trials) == 3
     assert len(pd.read_csv(tmp_path / "tune" / "trials.csv")) == 3
     assert tune(sample_store, tmp_path / "tune", BASE, trials=3).trials[-1].number == 2  # nothing left to run
+
+
+def test_tuning_without_validation_is_refused_before_any_trial(tmp_path: Path) -> None:
+    import pytest
+
+    from histodetect.train.config import ConfigError
+
+    with pytest.raises(ConfigError, match="val_fraction 0"):
+        tune(None, tmp_path / "tune", BASE.replace(val_fraction=0.0), trials=1)  # type: ignore[arg-type]
+    assert not (tmp_path / "tune").exists()

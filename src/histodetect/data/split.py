@@ -1,8 +1,9 @@
-"""Train/validation splits of a store's labeled patches.
+"""Train/validation/test splits of a store's labeled patches.
 
-Three ways, all stratified by label and all seeded: a random hold-out (``val_fraction``), K-fold cross-validation
-(``folds``/``fold``), and either of them by group (``groups``: a CSV of ``id,group``, e.g. the whole-slide id) so
-that patches of one slide never sit on both sides. A random split of patches from the same slides is optimistic;
+All stratified by label and all seeded: an untouched test hold-out first (``test_fraction``, none by default),
+then of the rest a random validation hold-out (``val_fraction``) or K-fold cross-validation (``folds``/``fold``),
+and any of them by group (``groups``: a CSV of ``id,group``, e.g. the whole-slide id) so that patches of one slide
+never sit on both sides. A random split of patches from the same slides is optimistic;
 the grouped one is what a new slide will see.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -40,6 +42,14 @@ def read_groups(path: str | os.PathLike[str], ids: np.ndarray) -> np.ndarray:
     return groups.to_numpy()
 
 
+class Parts(NamedTuple):
+    """Positions of the training, validation and test patches: sorted, disjoint, together every labeled one."""
+
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+
+
 def split_rows(
     labels: np.ndarray,
     *,
@@ -48,35 +58,60 @@ def split_rows(
     groups: np.ndarray | None = None,
     folds: int = 1,
     fold: int = 0,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Positions (into ``labels``) of the training and validation patches.
+    test_fraction: float = 0.0,
+) -> Parts:
+    """Positions (into ``labels``) of the training, validation and test patches.
 
-    With ``folds > 1`` the validation part is fold ``fold`` of a stratified K-fold; otherwise a stratified hold-out of
-    ``val_fraction``. With ``groups``, whole groups go to one side (StratifiedGroupKFold; a hold-out by group takes
-    one fold of ``round(1 / val_fraction)``, the closest a grouped split can get to the asked fraction).
+    The test part (``test_fraction``) is drawn first, from the seed alone, so every fold of a K-fold holds out the
+    same test patches. Of the rest, the validation part is fold ``fold`` of a stratified K-fold when ``folds > 1``,
+    otherwise a stratified hold-out of ``val_fraction``. With ``groups``, whole groups go to one side
+    (StratifiedGroupKFold; a grouped hold-out takes one fold of ``round(1 / fraction)``, the closest a grouped
+    split can get to the asked fraction).
     """
-    n = len(labels)
-    positions = np.arange(n)
-    if folds <= 1 and val_fraction == 0:
+    rest, test = _hold_out(labels, test_fraction, seed, groups)
+    labels_rest = labels[rest]
+    groups_rest = None if groups is None else groups[rest]
+    if folds > 1:
+        _check_classes(labels_rest)
+        positions = np.arange(len(rest))
+        if groups_rest is not None:
+            _check_groups(groups_rest, folds)
+            splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+            train, val = list(splitter.split(positions, labels_rest, groups_rest))[fold]
+        else:
+            splitter_k = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+            train, val = list(splitter_k.split(positions, labels_rest))[fold]
+    else:
+        train, val = _hold_out(labels_rest, val_fraction, seed, groups_rest)
+    return Parts(np.sort(rest[train]), np.sort(rest[val]), test)
+
+
+def _hold_out(
+    labels: np.ndarray, fraction: float, seed: int, groups: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted positions kept and held out: a stratified hold-out of ``fraction`` (by group when given)."""
+    positions = np.arange(len(labels))
+    if fraction == 0:
         return positions, np.empty(0, dtype=np.int64)
+    _check_classes(labels)
+    if groups is not None:
+        k = max(2, round(1 / fraction))
+        _check_groups(groups, k)
+        splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+        keep, held = next(splitter.split(positions, labels, groups))
+    else:
+        keep, held = train_test_split(positions, test_size=fraction, stratify=labels, random_state=seed)
+    return np.sort(keep), np.sort(held)
+
+
+def _check_classes(labels: np.ndarray) -> None:
     if np.bincount(labels, minlength=2).min() < 2:
         raise ConfigError("a stratified split needs at least two patches of each class")
-    if groups is not None:
-        k = folds if folds > 1 else max(2, round(1 / val_fraction))
-        if len(np.unique(groups)) < k:
-            raise ConfigError(
-                f"a grouped split into {k} parts needs at least {k} groups; found {len(np.unique(groups))}"
-            )
-        splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
-        parts = list(splitter.split(positions, labels, groups))
-        train, val = parts[fold if folds > 1 else 0]
-        return np.sort(train), np.sort(val)
-    if folds > 1:
-        splitter_k = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-        train, val = list(splitter_k.split(positions, labels))[fold]
-        return np.sort(train), np.sort(val)
-    train, val = train_test_split(positions, test_size=val_fraction, stratify=labels, random_state=seed)
-    return np.sort(train), np.sort(val)
+
+
+def _check_groups(groups: np.ndarray, k: int) -> None:
+    if len(np.unique(groups)) < k:
+        raise ConfigError(f"a grouped split into {k} parts needs at least {k} groups; found {len(np.unique(groups))}")
 
 
 def stratified_subset(labels: np.ndarray, size: int, seed: int) -> np.ndarray:

@@ -18,8 +18,9 @@ from rich.console import Console
 
 from histodetect.data.ids import shown
 from histodetect.infer.engine import InferError, Predictor
-from histodetect.infer.sources import PatchSet, open_source
+from histodetect.infer.sources import PatchSet, StoreRows, open_source
 from histodetect.io import atomic_path, check_output_file
+from histodetect.train.runfolder import check_store
 
 SHOWN_IDS = 5  # ids quoted in an error message
 
@@ -46,6 +47,9 @@ def predict(
     if threshold is not None and not 0.0 <= threshold <= 1.0:
         raise InferError(f"--threshold {threshold}: must be within [0, 1]")
     patch_set = open_source(source, split=split)
+    if isinstance(patch_set.patches, StoreRows):  # the store a run was trained on must not have changed since
+        for run in (Path(r) for r in runs if Path(r).is_dir()):
+            check_store(run, patch_set.patches.store, strict=False)
     if sample_submission is not None:
         ids, order = _match_sample(patch_set, Path(sample_submission))
     else:

@@ -1,10 +1,12 @@
 """One table comparing training runs, built only from what each run folder holds.
 
 Each row reads ``config.yaml`` (what was tried), ``summary.json`` (what training measured) and, when
-``evaluate`` has been run on it, ``evaluation/metrics.json`` (validation metrics with a bootstrap CI for ROC
-AUC, which tells whether two runs are really apart). Rows are sorted by validation ROC AUC, the competition's
-metric, and the best is marked. The table is written as Markdown (for the README or a pull request) and as
-HTML beside it.
+``evaluate`` has been run on it, ``evaluation/val/metrics.json`` and ``evaluation/test/metrics.json`` (metrics on
+the run's own validation and untouched test patches, with a bootstrap CI for ROC AUC, which tells whether two
+runs are really apart). Only those two stand for a run: an evaluation on ``all`` or on a store split (mostly
+patches it trained on) is never shown. Rows are ranked by validation ROC AUC, the competition's metric, and the
+best is marked; the test AUC sits beside it and never ranks anything (choosing by it would spend the test set).
+The table is written as Markdown (for the README or a pull request) and as HTML beside it.
 """
 
 from __future__ import annotations
@@ -28,44 +30,62 @@ from histodetect.io import atomic_write_text
 from histodetect.report.figures import INK, styled
 from histodetect.report.html import Page
 
-EVALUATION_FILES = (
-    "evaluation/metrics.json",
-    "metrics.json",
-)  # where `evaluate` leaves metrics, in preference
+PARTS = ("val", "test")  # the run's held-out parts: the only evaluations that stand for it
+# Where `evaluate` leaves metrics, in preference; the older single files count only when they name the part.
+EVALUATION_FILES = ("evaluation/{part}/metrics.json", "evaluation/metrics.json", "metrics.json")
 BEST_MARK = "★"
 BEST_COLOR = "#009E73"  # Okabe–Ito bluish green, as the report's "good" accent
 COLUMNS = [
     "run", "model", "freeze", "lr", "batch", "optimizer", "image", "dropout", "loss", "augment",
-    "val acc", "val AUC", "epochs", "wall time", "images/s", "notes",
+    "val acc", "val AUC", "test AUC", "epochs", "wall time", "images/s", "notes",
 ]  # fmt: skip
-NUMERIC = {"lr", "batch", "image", "dropout", "val acc", "val AUC", "images/s"}
+NUMERIC = {"lr", "batch", "image", "dropout", "val acc", "val AUC", "test AUC", "images/s"}
 
 
 @dataclass
 class RunRecord:
-    """What one run folder says about itself; ``evaluation`` is None until `evaluate` has been run on it."""
+    """What one run folder says about itself; ``evaluations`` holds evaluate's metrics on the run's ``val`` and
+    ``test`` parts, each once `evaluate` has scored it."""
 
     path: Path
     config: dict[str, Any]
     summary: dict[str, Any]
-    evaluation: dict[str, Any] | None
+    evaluations: dict[str, dict[str, Any]]
+
+    @property
+    def evaluation(self) -> dict[str, Any] | None:
+        """evaluate's metrics on the validation patches, when it has scored them."""
+        return self.evaluations.get("val")
 
     @property
     def auc(self) -> float:
-        """Validation ROC AUC: evaluate's when present (it has a CI), else the best epoch's from training."""
-        value = (self.evaluation or {}).get("roc_auc", self.summary.get("best_val_auc"))
-        return float(value) if isinstance(value, int | float) and math.isfinite(value) else math.nan
+        """Validation ROC AUC (what runs are ranked by): evaluate's when present (it has a CI), else the best
+        epoch's from training."""
+        return _finite((self.evaluation or {}).get("roc_auc", self.summary.get("best_val_auc")))
 
     @property
     def auc_ci(self) -> tuple[float, float] | None:
-        ci = (self.evaluation or {}).get("roc_auc_ci")
-        if isinstance(ci, list) and len(ci) == 2 and all(isinstance(v, int | float) for v in ci):
-            return float(ci[0]), float(ci[1])
-        return None
+        return _ci(self.evaluation)
+
+    @property
+    def test_auc(self) -> float:
+        """ROC AUC on the untouched test patches (evaluate --split test); never used to rank."""
+        return _finite(self.evaluations.get("test", {}).get("roc_auc"))
 
     @property
     def accuracy(self) -> float | None:
         return (self.evaluation or {}).get("accuracy", self.summary.get("best_val_acc"))
+
+
+def _finite(value: Any) -> float:
+    return float(value) if isinstance(value, int | float) and math.isfinite(value) else math.nan
+
+
+def _ci(evaluation: dict[str, Any] | None) -> tuple[float, float] | None:
+    ci = (evaluation or {}).get("roc_auc_ci")
+    if isinstance(ci, list) and len(ci) == 2 and all(isinstance(v, int | float) for v in ci):
+        return float(ci[0]), float(ci[1])
+    return None
 
 
 def compare(runs: list[Path], out: Path) -> str:
@@ -93,22 +113,25 @@ def read_runs(runs: list[Path]) -> list[RunRecord]:
     return sorted((read_run(Path(r)) for r in runs), key=lambda r: (math.isnan(r.auc), -np.nan_to_num(r.auc)))
 
 
-TERMINAL_COLUMNS = ["run", "freeze", "val AUC", "val acc", "wall time", "images/s"]
+TERMINAL_COLUMNS = ["run", "freeze", "val AUC", "test AUC", "val acc", "wall time", "images/s"]
 
 
 def terminal_table(runs: list[Path], title: str = "Run comparison (best validation ROC AUC first)") -> Table:
     """The key columns of the comparison for a terminal; the Markdown and HTML files hold all of them."""
     table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD)
     for column in TERMINAL_COLUMNS:
-        table.add_column(column, justify="right" if column in NUMERIC else "left", no_wrap=column in ("run", "val AUC"))
+        table.add_column(
+            column, justify="right" if column in NUMERIC else "left", no_wrap=column in ("run", "val AUC", "test AUC")
+        )
     for row in results_table(read_runs(runs))[TERMINAL_COLUMNS].itertuples(index=False):
         table.add_row(*(str(v) for v in row))
     return table
 
 
 _FOOTNOTE = (
-    "val AUC and val acc come from `evaluate` when the run was evaluated ([95% bootstrap CI] shown), "
-    "otherwise from the best training epoch."
+    "Ranked by val AUC: the run's validation patches, scored by `evaluate` when it was run on them ([95% bootstrap "
+    "CI] shown), otherwise the best training epoch's. test AUC is `evaluate --split test` on the run's untouched "
+    "test patches (train --test-fraction); it is shown, never ranked. Evaluations of other splits are left out."
 )
 
 
@@ -122,10 +145,13 @@ def read_run(run: Path) -> RunRecord:
     config = _read_mapping(config_path, yaml.safe_load)
     summary_path = run / "summary.json"
     summary = _read_mapping(summary_path, json.loads) if summary_path.is_file() else {}
-    evaluation = next(
-        (_read_mapping(run / name, json.loads) for name in EVALUATION_FILES if (run / name).is_file()), None
-    )
-    return RunRecord(run, config, summary, evaluation)
+    evaluations = {}
+    for part in PARTS:
+        for name in (template.format(part=part) for template in EVALUATION_FILES):
+            if (run / name).is_file() and (found := _read_mapping(run / name, json.loads)).get("split") == part:
+                evaluations[part] = found
+                break
+    return RunRecord(run, config, summary, evaluations)
 
 
 def _read_mapping(path: Path, parse: Callable[[str], Any]) -> dict[str, Any]:
@@ -163,12 +189,17 @@ def _row(name: str, r: RunRecord) -> dict[str, Any]:
         "loss": loss_summary(c),
         "augment": augment_summary(c),
         "val acc": _num(r.accuracy, ".4f"),
-        "val AUC": _num(r.auc, ".4f") + (f" [{r.auc_ci[0]:.4f}–{r.auc_ci[1]:.4f}]" if r.auc_ci else ""),
+        "val AUC": _num(r.auc, ".4f") + _interval(r.auc_ci),
+        "test AUC": _num(r.test_auc, ".4f") + _interval(_ci(r.evaluations.get("test"))),
         "epochs": _epochs(s),
         "wall time": duration(s.get("wall_time_s")),
         "images/s": _num(s.get("train_images_per_s"), ",.0f"),
         "notes": notes(r),
     }
+
+
+def _interval(ci: tuple[float, float] | None) -> str:
+    return f" [{ci[0]:.4f}–{ci[1]:.4f}]" if ci else ""
 
 
 def _num(value: Any, spec: str) -> str:
@@ -237,15 +268,28 @@ def notes(r: RunRecord) -> str:
         parts.append("no summary.json (unfinished?)")
     if s.get("device"):
         parts.append(str(s["device"]) + (f", {s['precision']}" if s.get("precision") else ""))
+    if s.get("weights") == "last_epoch":
+        parts.append("no validation: last epoch's weights")
     if s.get("stopped_by") not in (None, "max_epochs"):
         parts.append(f"stopped by {s['stopped_by']}")
-    if r.evaluation is not None:
-        parts.append("AUC from evaluate" + (f" (tta {r.evaluation['tta']})" if r.evaluation.get("tta") else ""))
+    if r.evaluation is None and not math.isnan(r.auc):
+        parts.append(f"val AUC from training ({_monitored(s)})")
+    for part, evaluation in r.evaluations.items():
+        how = [f"{k} {evaluation[k]}" for k in ("tta", "numeric_precision") if evaluation.get(k)]
+        parts.append(f"{part} AUC from evaluate" + (f" ({', '.join(how)})" if how else ""))
     if r.config.get("preset"):
         parts.append(f"preset {r.config['preset']}")
     if r.config.get("notes"):
         parts.append(str(r.config["notes"]))
     return "; ".join(parts)
+
+
+def _monitored(summary: dict[str, Any]) -> str:
+    """Which validation patches the best epoch was measured on."""
+    monitored, held = summary.get("n_val_monitored"), summary.get("n_val")
+    if monitored is not None and held is not None and monitored != held:
+        return f"best epoch, {monitored:,} of {held:,} val patches"
+    return "best epoch"
 
 
 def to_markdown(table: pd.DataFrame) -> str:
@@ -268,8 +312,9 @@ def _write_html(out: Path, table: pd.DataFrame, records: list[RunRecord]) -> Pat
         section.figure(
             auc_figure(table["run"].tolist(), records),
             f"{out.stem}_auc",
-            "Validation ROC AUC per run with its 95% interval where evaluate measured one. Runs whose "
-            "intervals overlap are not told apart by this validation set.",
+            "Validation ROC AUC per run (dots) with its 95% interval where evaluate measured one, and the test "
+            "ROC AUC (open diamonds) where evaluate scored the untouched test patches. Runs whose intervals "
+            "overlap are not told apart by this validation set.",
             wide=True,
         )
     return page.write(out.with_suffix(".html").name)
@@ -289,6 +334,8 @@ def auc_figure(names: list[str], records: list[RunRecord]) -> Figure:
         if r.auc_ci:
             ax.plot(r.auc_ci, [yi, yi], color=color, linewidth=2.5, alpha=0.5, solid_capstyle="round")
         ax.plot([r.auc], [yi], "o", color=color, markersize=7)
+        if not math.isnan(r.test_auc):
+            ax.plot([r.test_auc], [yi], "D", color=color, markersize=6, markerfacecolor="none")
         ax.annotate(
             f"{r.auc:.4f}",
             (r.auc, yi),
@@ -300,6 +347,6 @@ def auc_figure(names: list[str], records: list[RunRecord]) -> Figure:
         )
     ax.set_yticks(range(len(shown)), [name for name, _ in shown])
     ax.set_ylim(len(shown) - 0.5, -0.7)  # best on top, room for its label
-    ax.set_xlabel("validation ROC AUC")
+    ax.set_xlabel("ROC AUC (● validation, ◇ test)")
     ax.grid(axis="y", visible=False)
     return fig

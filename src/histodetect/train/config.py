@@ -1,14 +1,20 @@
 """One typed object describes a training run; it is saved as ``config.yaml`` in every run folder.
 
 Precedence when a run is configured: the defaults below < ``--preset`` < ``--config FILE`` < flags given on the
-command line. ``CONFIG_VERSION`` is bumped whenever a field changes meaning, and older files are refused with a
-message rather than misread.
+command line, and each layer overrides only the keys it sets (a file that sets ``lr`` keeps the preset's model).
+Every value is checked against the field's type annotation and coerced where that is unambiguous (YAML 1.1 reads
+``1e-3`` as a string), so a wrong type is one line naming the key before any run folder is made.
+``CONFIG_VERSION`` is bumped whenever a field changes meaning, and older files are refused with a message rather
+than misread.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
+import types
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -62,7 +68,10 @@ class TrainConfig:
     mixup: float = 0.0  # Beta(alpha, alpha); 0 = off
     cutmix: float = 0.0  # Beta(alpha, alpha); 0 = off
     # validation
-    val_fraction: float = 0.2  # stratified hold-out, ignored when folds > 1
+    # An untouched test split, drawn first (stratified, by group with ``groups``) and held out of every fold: no
+    # training, checkpoint choice, early stopping or tuning sees it; ``evaluate --split test`` scores it.
+    test_fraction: float = 0.0
+    val_fraction: float = 0.2  # stratified hold-out of what the test split leaves; ignored when folds > 1
     groups: str | None = None  # CSV of id,group: a split that keeps each group on one side
     folds: int = 1  # K-fold cross-validation when > 1 ...
     fold: int = 0  # ... and this is the fold held out
@@ -91,8 +100,9 @@ class TrainConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if isinstance(self.image_size, str) and self.image_size.isdigit():  # from the command line
-            self.image_size = int(self.image_size)
+        hints = _field_types()
+        for f in fields(self):
+            setattr(self, f.name, coerce(f.name, getattr(self, f.name), hints[f.name]))
         self.validate()
 
     def validate(self) -> None:
@@ -103,8 +113,14 @@ class TrainConfig:
         if self.loss not in LOSSES:
             raise ConfigError(f"loss must be one of {LOSSES}, not {self.loss!r}")
         freeze_top_k(self.freeze)  # raises on a bad value
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise ConfigError(f"val_fraction must be in [0, 1), not {self.val_fraction}")
+        for name in ("val_fraction", "test_fraction"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"{name} must be in [0, 1), not {getattr(self, name)}")
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ConfigError(
+                f"val_fraction + test_fraction must leave patches to train on, not {self.val_fraction}"
+                f" + {self.test_fraction}"
+            )
         if self.folds < 1 or not 0 <= self.fold < max(self.folds, 1):
             raise ConfigError(f"fold must be in [0, folds), got fold={self.fold} folds={self.folds}")
         if self.image_size != "auto" and not (isinstance(self.image_size, int) and self.image_size > 0):
@@ -112,6 +128,9 @@ class TrainConfig:
         for name in ("lr", "batch_size", "epochs"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, not {getattr(self, name)}")
+        for name in ("weight_decay", "momentum", "label_smoothing", "mixup", "cutmix", "warmup_epochs"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must not be negative, not {getattr(self, name)}")
         for name in ("limit_train", "epoch_patches", "val_patches"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive or unset, not {getattr(self, name)}")
@@ -128,26 +147,95 @@ class TrainConfig:
         return atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], *, source: str = "config") -> TrainConfig:
+    def from_dict(cls, data: dict[str, Any], *, source: str | None = "config") -> TrainConfig:
+        """A config from a mapping; errors start with ``source`` (the file's path) unless it is None."""
+        prefix = f"{source}: " if source else ""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ConfigError(f"{source}: unknown setting(s) {unknown}")
-        return cls(**data)
+            raise ConfigError(f"{prefix}unknown setting(s) {unknown}")
+        try:
+            return cls(**data)
+        except ConfigError as exc:
+            raise ConfigError(f"{prefix}{exc}") from None
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> TrainConfig:
-        path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise ConfigError(f"{path}: cannot read configuration ({exc})") from exc
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping of settings")
-        return cls.from_dict(data, source=str(path))
+        return cls.from_dict(read_settings(path), source=str(path))
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
+
+
+def read_settings(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The settings a YAML file sets, as written (not yet coerced): only these override a lower layer."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: cannot read configuration ({exc})") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings")
+    return data
+
+
+@functools.cache
+def _field_types() -> dict[str, Any]:
+    return typing.get_type_hints(TrainConfig)
+
+
+def coerce(name: str, value: Any, hint: Any) -> Any:
+    """``value`` as the annotated type ``hint``, or a ConfigError naming ``name`` and ``value``.
+
+    Unambiguous conversions only: a number written as text (``"1e-3"``) to a float or int, an integral float to an
+    int, a number to text (``devices: 2``). A bool is never taken for a number, nor a number for a bool.
+    """
+    options = (
+        typing.get_args(hint)
+        if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union
+        else (hint,)
+    )
+    if value is None and type(None) in options:
+        return None
+    for kind in [o for o in options if o is not type(None)]:  # the first that takes the value wins
+        converted = _as(kind, value)
+        if converted is not _NO:
+            return converted
+    wanted = " or ".join(getattr(o, "__name__", str(o)) for o in options).replace("NoneType", "unset")
+    raise ConfigError(f"{name}: expected {wanted}, not {value!r}")
+
+
+_NO = object()
+
+
+def _as(kind: Any, value: Any) -> Any:
+    """``value`` converted to ``kind``, or ``_NO``."""
+    if kind is bool:
+        return value if isinstance(value, bool) else _NO
+    if isinstance(value, bool):
+        return _NO
+    if kind is int:
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+            return int(value)
+        return _NO
+    if kind is float:
+        if isinstance(value, int | float):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                return _NO
+        return _NO
+    if kind is str:
+        return value if isinstance(value, str) else str(value) if isinstance(value, int | float) else _NO
+    if typing.get_origin(kind) is dict:
+        return dict(value) if isinstance(value, dict) else _NO
+    return value
 
 
 def freeze_top_k(freeze: str) -> int | None:
@@ -206,13 +294,16 @@ PRESETS: dict[str, dict[str, Any]] = {
 def build_config(
     *, preset: str | None = None, config_file: str | os.PathLike[str] | None = None, **overrides: Any
 ) -> TrainConfig:
-    """Resolve defaults < preset < config file < overrides (``None`` overrides are ignored)."""
+    """Resolve defaults < preset < config file < overrides, each layer overriding only the keys it sets
+    (``None`` overrides are unset flags)."""
     data: dict[str, Any] = {}
     if preset is not None:
         if preset not in PRESETS:
             raise ConfigError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
         data.update(PRESETS[preset], preset=preset)
     if config_file is not None:
-        data.update(TrainConfig.load(config_file).to_dict())
+        settings = read_settings(config_file)
+        TrainConfig.from_dict(settings, source=str(config_file))  # a bad value in the file is named with the file
+        data.update(settings)
     data.update({k: v for k, v in overrides.items() if v is not None})
-    return TrainConfig.from_dict(data)
+    return TrainConfig.from_dict(data, source=None)  # the file was checked above: what is left is a flag

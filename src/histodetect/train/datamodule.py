@@ -78,44 +78,59 @@ class EpochShuffle(Sampler[int]):
 
 
 class StoreDataModule(L.LightningDataModule):
-    """Splits a store's labeled patches into train/validation and serves them as uint8 batches.
+    """Splits a store's labeled patches into train/validation/test and serves train and validation as uint8
+    batches.
 
-    ``val_rows`` are all the held-out patches (``split.csv`` lists them, ``evaluate`` scores them); each epoch
+    ``val_rows`` are all the validation patches (``split.csv`` lists them, ``evaluate`` scores them); each epoch
     validates on ``monitor_rows``, the ``val_patches``-sized stratified subset of them when one is set.
+    ``test_rows`` are only listed: no loader serves them, so nothing in training sees them.
+    ``parts`` (a resumed run's ``split.csv``) replaces the drawing of the split.
     """
 
-    def __init__(self, store: Store, config: TrainConfig, *, num_workers: int = 0, pin_memory: bool = False):
+    def __init__(
+        self,
+        store: Store,
+        config: TrainConfig,
+        *,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        parts: dict[str, np.ndarray] | None = None,
+    ):
         super().__init__()
         self.store = store
         self.config = config
         self.num_workers = num_workers
         self.pin_memory = pin_memory
-        self.train_rows, self.val_rows = self._split()
+        if parts is not None:
+            self.train_rows, self.val_rows, self.test_rows = parts["train"], parts["val"], parts["test"]
+        else:
+            self.train_rows, self.val_rows, self.test_rows = self._split()
         self.monitor_rows = self.val_rows
         if config.val_patches is not None and config.val_patches < len(self.val_rows):
             labels = self.store.labels[self.val_rows].astype(np.int64)
             self.monitor_rows = self.val_rows[stratified_subset(labels, config.val_patches, config.seed)]
 
-    def _split(self) -> tuple[np.ndarray, np.ndarray]:
+    def _split(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         cfg = self.config
         labeled = self.store.rows(labeled=True)
         if len(labeled) == 0:
             raise StoreError(f"{self.store.path}: no labeled patches to train on")
         labels = self.store.labels[labeled].astype(np.int64)
         groups = read_groups(cfg.groups, self.store.ids[labeled]) if cfg.groups else None
-        train, val = split_rows(
+        train, val, test = split_rows(
             labels,
             val_fraction=cfg.val_fraction,
             seed=cfg.seed,
             groups=groups,
             folds=cfg.folds,
             fold=cfg.fold,
+            test_fraction=cfg.test_fraction,
         )
         train_rows = labeled[train]
         if cfg.limit_train is not None and cfg.limit_train < len(train_rows):
             keep = np.random.default_rng(cfg.seed).choice(len(train_rows), cfg.limit_train, replace=False)
             train_rows = np.sort(train_rows[keep])
-        return train_rows, labeled[val]
+        return train_rows, labeled[val], labeled[test]
 
     def write_split(self, path: str | os.PathLike[str]) -> Path:
         """Record which patch was used for what, so evaluation can find the run's own held-out patches."""
@@ -123,6 +138,7 @@ class StoreDataModule(L.LightningDataModule):
             [
                 pd.DataFrame({"id": self.store.ids[self.train_rows], "part": "train"}),
                 pd.DataFrame({"id": self.store.ids[self.val_rows], "part": "val"}),
+                pd.DataFrame({"id": self.store.ids[self.test_rows], "part": "test"}),
             ]
         )
         with atomic_path(path) as tmp:

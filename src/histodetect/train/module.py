@@ -11,9 +11,10 @@ import math
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
-from torchmetrics.classification import BinaryAccuracy, BinaryAUROC, BinaryF1Score
+from torchmetrics.functional.classification import binary_accuracy, binary_auroc, binary_f1_score
 
 from histodetect.data.augment import BatchAugment, mix_batch, to_float
 from histodetect.device import depthwise_in_fp32
@@ -42,10 +43,10 @@ class LitClassifier(L.LightningModule):
             brightness=config.aug_brightness,
             contrast=config.aug_contrast,
         )
-        self.val_auc = BinaryAUROC()
-        self.val_acc = BinaryAccuracy()
-        self.val_f1 = BinaryF1Score()
         self.generator = torch.Generator()
+        # (rows, logits, targets) of each batch of this validation pass, in this process
+        self._val_outputs: list[tuple[torch.Tensor, ...]] = []
+        self.validated_rows = torch.empty(0, dtype=torch.int64)  # the store rows the last validation counted
 
     # ---- set-up and seeding (frozen BatchNorm stays in eval mode: Classifier.train sees to it)
     def on_fit_start(self) -> None:
@@ -71,35 +72,62 @@ class LitClassifier(L.LightningModule):
         self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(targets))
         return loss
 
+    def on_validation_epoch_start(self) -> None:
+        self._val_outputs = []
+
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
-        pixels, targets, _ = batch
-        logits = self(pixels).float()
-        probs = torch.sigmoid(logits)
-        loss = F.binary_cross_entropy_with_logits(logits, targets)
-        target_int = targets.round().int()
-        self.val_auc.update(probs, target_int)
-        self.val_acc.update(probs, target_int)
-        self.val_f1.update(probs, target_int)
-        n = len(targets)
-        self.log("val_loss", loss, on_epoch=True, prog_bar=False, batch_size=n, sync_dist=True)
-        self.log("val_auc", self.val_auc, on_epoch=True, prog_bar=True, batch_size=n)
-        self.log("val_acc", self.val_acc, on_epoch=True, prog_bar=True, batch_size=n)
-        self.log("val_f1", self.val_f1, on_epoch=True, batch_size=n)
+        pixels, targets, rows = batch
+        self._val_outputs.append((rows, self(pixels).float(), targets))
+
+    def on_validation_epoch_end(self) -> None:
+        """Metrics over every validation patch exactly once. Under DDP, Lightning's distributed sampler pads the
+        processes' shares to one length with repeated patches; gathering (row, logit) pairs from all processes
+        and keeping each row once measures the validation set itself, on every process alike."""
+        if not self._val_outputs:
+            return
+        rows, logits, targets = (torch.cat(parts) for parts in zip(*self._val_outputs, strict=True))
+        self._val_outputs = []
+        if self.trainer.world_size > 1:
+            rows, logits, targets = (self.all_gather(t).reshape(-1) for t in (rows, logits, targets))
+        rows, first = np.unique(rows.cpu().numpy(), return_index=True)
+        keep = torch.from_numpy(first).to(logits.device)
+        logits, targets = logits[keep], targets[keep]
+        self.validated_rows = torch.from_numpy(rows)
+        probs, target_int = torch.sigmoid(logits), targets.round().int()
+        self.log_dict(
+            {
+                "val_auc": binary_auroc(probs, target_int),
+                "val_acc": binary_accuracy(probs, target_int),
+            },
+            prog_bar=True,
+        )
+        self.log_dict(
+            {
+                "val_f1": binary_f1_score(probs, target_int),
+                "val_loss": F.binary_cross_entropy_with_logits(logits, targets),
+            }
+        )
 
     # ---- optimisation
     def parameter_groups(self) -> list[dict[str, Any]]:
-        """Head and backbone as two groups from the start. Frozen parameters have no gradient, so optimisers skip
-        them; unfreezing (``FreezeUnfreeze``) only flips ``requires_grad`` and every scheduler keeps working."""
+        """Head and backbone as groups from the start, each split into weights that decay and normalisation/bias
+        parameters that do not (as timm's ``param_groups_weight_decay``: decaying a norm's scale or a bias only
+        fights the normalisation). Frozen parameters have no gradient, so optimisers skip them; unfreezing
+        (``FreezeUnfreeze``) only flips ``requires_grad`` and every scheduler keeps working."""
         cfg = self.config
-        head = list(self.model.head.parameters())
-        head_ids = {id(p) for p in head}
-        backbone = [p for p in self.model.parameters() if id(p) not in head_ids]
+        head_ids = {id(p) for p in self.model.head.parameters()}
         pretrained = cfg.pretrained != "none" and cfg.model != "baseline-cnn"
         backbone_lr = cfg.lr * (cfg.backbone_lr_scale if pretrained else 1.0)
-        return [
-            {"params": head, "lr": cfg.lr, "name": "head"},
-            {"params": backbone, "lr": backbone_lr, "name": "backbone"},
-        ]
+        groups: dict[str, dict[str, Any]] = {}
+        for name, parameter in self.model.named_parameters():
+            part, lr = ("head", cfg.lr) if id(parameter) in head_ids else ("backbone", backbone_lr)
+            decays = parameter.ndim > 1 and not name.endswith(".bias")
+            key = part if decays else f"{part}_no_decay"
+            group = groups.setdefault(
+                key, {"params": [], "lr": lr, "weight_decay": cfg.weight_decay if decays else 0.0, "name": key}
+            )
+            group["params"].append(parameter)
+        return [groups[k] for k in ("head", "head_no_decay", "backbone", "backbone_no_decay") if k in groups]
 
     def configure_optimizers(self) -> Any:
         cfg = self.config

@@ -1,8 +1,8 @@
 """``train``: store -> run folder. And ``load_model``: run folder -> network, for every later command.
 
 The run folder (DEVELOPERS.md) holds ``config.yaml``, ``model.safetensors`` (best weights), ``checkpoints/``
-(``last.ckpt`` for ``--resume``, ``best.ckpt``), ``metrics.csv``, ``curves.png``, ``split.csv`` and
-``summary.json``.
+(``last.ckpt`` for ``--resume``, ``best.ckpt``), ``metrics.csv``, ``curves.png``, ``split.csv`` (which patch was
+train, val or test), ``store.json`` (the store's path and fingerprint) and ``summary.json``.
 """
 
 from __future__ import annotations
@@ -36,7 +36,18 @@ from histodetect.train.callbacks import AtomicCheckpointIO, EpochLog, FreezeUnfr
 from histodetect.train.config import ConfigError, TrainConfig, freeze_top_k
 from histodetect.train.datamodule import StoreDataModule
 from histodetect.train.module import LitClassifier
-from histodetect.train.runfolder import CHECKPOINTS, CONFIG, METRICS, SPLIT, SUMMARY, WEIGHTS
+from histodetect.train.runfolder import (
+    CHECKPOINTS,
+    CONFIG,
+    METRICS,
+    SPLIT,
+    SUMMARY,
+    WEIGHTS,
+    check_store,
+    read_split,
+    record_store,
+    store_fingerprint,
+)
 
 
 def train(
@@ -49,8 +60,9 @@ def train(
 ) -> dict[str, Any]:
     """Train ``config`` on ``store`` into the run folder ``out``; returns the summary.
 
-    With ``resume`` the run continues from ``checkpoints/last.ckpt`` under the configuration saved in the folder
-    (the one given is ignored, so a resumed run cannot silently change its recipe).
+    With ``resume`` the run continues from ``checkpoints/last.ckpt`` under the configuration and the split saved in
+    the folder (the ones given are ignored, so a resumed run cannot silently change its recipe or move a patch
+    from one side to the other), and only on the store it was trained on (``store.json``).
     """
     out = Path(out)
     saved = out / CONFIG
@@ -58,12 +70,16 @@ def train(
         if not saved.exists():
             raise ConfigError(f"{out}: nothing to resume (no {CONFIG}); start the run without --resume")
         config = TrainConfig.load(saved)
+        check_store(out, store)
     elif saved.exists() and rank_zero_only.rank == 0:  # other DDP ranks start after rank 0 wrote it
         raise ConfigError(f"{out}: already holds a run; pass --resume to continue it, or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     L.seed_everything(config.seed, workers=True, verbose=False)
     hardware = hardware_for(config)
-    datamodule = StoreDataModule(store, config, num_workers=hardware.num_workers, pin_memory=hardware.pin_memory)
+    parts = read_split(out, store) if resume and (out / SPLIT).is_file() else None
+    datamodule = StoreDataModule(
+        store, config, num_workers=hardware.num_workers, pin_memory=hardware.pin_memory, parts=parts
+    )
     model = create_model(
         config.model, pretrained=config.pretrained, dropout=config.dropout, image_size=config.image_size
     )
@@ -71,12 +87,15 @@ def train(
     _quiet_lightning()
     trainer = _trainer(config, hardware, out, has_val=len(datamodule.monitor_rows) > 0, extra=callbacks or [])
     if trainer.is_global_zero:
-        config.save(saved)
-        datamodule.write_split(out / SPLIT)
+        if not resume:
+            config.save(saved)
+            record_store(out, store)
+        if parts is None:
+            datamodule.write_split(out / SPLIT)
         Console(stderr=True).print(
             f"{'resuming' if resume else 'training'} [bold]{config.model}[/] (freeze {config.freeze}) on "
-            f"{len(datamodule.train_rows)} patches{_epoch_note(config, datamodule)}, validating on "
-            f"{_val_note(datamodule)}; "
+            f"{len(datamodule.train_rows)} patches{_epoch_note(config, datamodule)}, {_val_note(datamodule)}"
+            f"{_test_note(datamodule)}; "
             f"{hardware.accelerator}, {hardware.precision}, channels_last={hardware.channels_last}; run: {out}",
             highlight=False,
         )
@@ -100,9 +119,15 @@ def _epoch_note(config: TrainConfig, datamodule: StoreDataModule) -> str:
 
 
 def _val_note(datamodule: StoreDataModule) -> str:
+    if len(datamodule.val_rows) == 0:
+        return "no validation (the last epoch's weights are kept)"
     if len(datamodule.monitor_rows) == len(datamodule.val_rows):
-        return str(len(datamodule.val_rows))
-    return f"{len(datamodule.monitor_rows)} of {len(datamodule.val_rows)} held out"
+        return f"validating on {len(datamodule.val_rows)}"
+    return f"validating on {len(datamodule.monitor_rows)} of {len(datamodule.val_rows)} held out"
+
+
+def _test_note(datamodule: StoreDataModule) -> str:
+    return f", {len(datamodule.test_rows)} test patches untouched" if len(datamodule.test_rows) else ""
 
 
 def hardware_for(config: TrainConfig) -> Hardware:
@@ -244,6 +269,9 @@ def _summary(
         "n_train": len(datamodule.train_rows),
         "n_val": len(datamodule.val_rows),
         "n_val_monitored": len(datamodule.monitor_rows),
+        "n_test": len(datamodule.test_rows),
+        # Which weights model.safetensors holds: the best validation epoch's, or the last when nothing validated.
+        "weights": "best_val_auc" if len(datamodule.monitor_rows) else "last_epoch",
         "wall_time_s": round(wall + (previous.get("wall_time_s", 0.0) if resumed else 0.0), 1),
         "train_images_per_s": _num(metrics["train_images_per_s"].median()) if len(metrics) else None,
         "device": _device_name(hardware),
@@ -252,6 +280,7 @@ def _summary(
         "channels_last": hardware.channels_last,
         "world_size": trainer.world_size,
         "store": str(datamodule.store.path),
+        "store_fingerprint": store_fingerprint(datamodule.store),
         "finished": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "versions": {
             "histodetect": __version__,
@@ -297,7 +326,8 @@ def _plot_curves(metrics_path: Path, target: Path) -> None:
     ax_auc.set(xlabel="epoch", title="Validation")
     for ax in (ax_loss, ax_auc):
         ax.grid(alpha=0.3)
-        ax.legend(frameon=False)
+        if ax.get_legend_handles_labels()[0]:  # nothing to label without validation
+            ax.legend(frameon=False)
     fig.tight_layout()
     with atomic_path(target) as tmp:
         fig.savefig(tmp, format="png")

@@ -6,6 +6,8 @@ reads it through this module, so the layout is defined once and nothing in a run
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -13,8 +15,9 @@ import numpy as np
 import pandas as pd
 from safetensors.torch import load_file
 
-from histodetect.data.store import Store
-from histodetect.errors import ConfigError, InferError
+from histodetect.data.store import INDEX, MANIFEST, Store
+from histodetect.errors import ConfigError, InferError, StoreError
+from histodetect.io import atomic_write_json
 from histodetect.models import Classifier, create_model
 from histodetect.train.config import TrainConfig
 
@@ -24,6 +27,9 @@ SUMMARY = "summary.json"
 METRICS = "metrics.csv"
 SPLIT = "split.csv"
 CHECKPOINTS = "checkpoints"
+STORE = "store.json"  # the store the run was trained on: path and fingerprint
+EVALUATION = "evaluation"  # evaluation/<split>/metrics.json, one per split evaluate scored
+PARTS = ("train", "val", "test")  # the parts of split.csv
 SHOWN_IDS = 5  # ids quoted in an error message
 
 
@@ -58,25 +64,73 @@ def load_model(run: str | os.PathLike[str]) -> tuple[Classifier, TrainConfig]:
     return model.eval(), config
 
 
-def held_out_rows(run: Path, store: Store) -> np.ndarray:
-    """Rows of the run's validation ids; an id the store lacks means it is not the store the run was trained
-    on."""
+def store_fingerprint(store: Store) -> str:
+    """What a store holds, in one string: the SHA-256 of its ``manifest.json`` and ``index.csv`` (ids, labels,
+    splits and each patch's SHA-1), so a re-ingested or edited store at the same path is told apart."""
+    digest = hashlib.sha256()
+    for name in (MANIFEST, INDEX):
+        digest.update((store.path / name).read_bytes())
+        digest.update(b"\0")
+    return "sha256:" + digest.hexdigest()
+
+
+def record_store(run: Path, store: Store) -> Path:
+    """Write ``store.json``: where the run's patches came from and their fingerprint (see :func:`check_store`)."""
+    return atomic_write_json(run / STORE, {"path": str(store.path.resolve()), "fingerprint": store_fingerprint(store)})
+
+
+def check_store(run: Path, store: Store, *, strict: bool = True) -> None:
+    """Refuse a store that differs from the one ``run`` was trained on, naming both.
+
+    ``strict`` (resume; evaluate on the run's own val/test ids): any other store is refused. Otherwise (predict,
+    evaluate on a store split) another store is fine, but the store at the run's recorded path must still hold
+    what it held. Runs from before ``store.json`` existed are not checked.
+    """
+    path = run / STORE
+    if not path.is_file():
+        return
+    recorded = json.loads(path.read_text(encoding="utf-8"))
+    now = store_fingerprint(store)
+    if now == recorded.get("fingerprint"):
+        return
+    if not strict and Path(recorded.get("path", "")) != store.path.resolve():
+        return
+    raise StoreError(
+        f"{store.path} ({now[:19]}) is not the store {run} was trained on: {recorded.get('path')} "
+        f"({str(recorded.get('fingerprint'))[:19]}); use that store, or train a new run on this one"
+    )
+
+
+def read_split(run: Path, store: Store, parts: tuple[str, ...] = PARTS) -> dict[str, np.ndarray]:
+    """Sorted store rows of each of ``parts`` of the run's ``split.csv`` (empty when the run has none of a part).
+
+    An id the store lacks means it is not the store the run was trained on: a StoreError naming a few.
+    """
     path = run / SPLIT
     if not path.is_file():
         raise FileNotFoundError(f"{run}: no {SPLIT}, so its held-out patches are unknown; pass --split all or a split")
     table = pd.read_csv(path, dtype={"id": str, "part": str}, keep_default_na=False)
-    ids = table.loc[table["part"] == "val", "id"].to_numpy()
-    if len(ids) == 0:
-        raise InferError(f"{path}: the run held out no patches (val_fraction 0?); pass --split all or a split")
     row_of = pd.Series(np.arange(len(store)), index=store.ids)
-    missing = [i for i in ids if i not in row_of.index]
-    if missing:
-        shown = ", ".join(missing[:SHOWN_IDS]) + (", ..." if len(missing) > SHOWN_IDS else "")
-        raise InferError(
-            f"{store.path}: lacks {len(missing)} of the {len(ids)} held-out ids of {run} ({shown}); "
-            "evaluate on the store the run was trained on, or pass --split"
-        )
-    rows = np.sort(row_of.loc[ids].to_numpy())
+    rows: dict[str, np.ndarray] = {}
+    for part in parts:
+        ids = table.loc[table["part"] == part, "id"].to_numpy()
+        missing = [i for i in ids if i not in row_of.index]
+        if missing:
+            shown = ", ".join(missing[:SHOWN_IDS]) + (", ..." if len(missing) > SHOWN_IDS else "")
+            raise StoreError(
+                f"{store.path}: lacks {len(missing)} of the {len(ids)} {part} ids of {run} ({shown}); "
+                "use the store the run was trained on"
+            )
+        rows[part] = np.sort(row_of.loc[ids].to_numpy()).astype(np.int64)
+    return rows
+
+
+def held_out_rows(run: Path, store: Store, part: str = "val") -> np.ndarray:
+    """Rows of the run's held-out ``part`` (val or test), every one labeled."""
+    rows = read_split(run, store, (part,))[part]
+    if len(rows) == 0:
+        how = "--val-fraction 0?" if part == "val" else "train with --test-fraction F to have one"
+        raise InferError(f"{run / SPLIT}: the run held out no {part} patches ({how}); pass --split all or a split")
     if (store.labels[rows] < 0).any():
-        raise InferError(f"{store.path}: some held-out ids of {run} are unlabeled in this store")
+        raise InferError(f"{store.path}: some {part} ids of {run} are unlabeled in this store")
     return rows

@@ -19,7 +19,7 @@ import pandas as pd
 
 from histodetect.data.store import Store
 from histodetect.io import atomic_path
-from histodetect.train.config import TrainConfig
+from histodetect.train.config import ConfigError, TrainConfig
 from histodetect.train.run import train
 
 
@@ -59,6 +59,8 @@ def tune(
     timeout_minutes: float | None = None,
 ) -> optuna.Study:
     """Run trials until the study holds ``trials`` finished ones (complete or pruned), or the time is up."""
+    if base.val_fraction == 0 and base.folds <= 1:
+        raise ConfigError("tune chooses by validation ROC AUC; val_fraction 0 leaves no validation patches")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     study = optuna.create_study(
