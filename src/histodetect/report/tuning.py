@@ -54,7 +54,7 @@ def write_tuning_report(study: optuna.Study, out: Path) -> Path:
         "Every trial",
         "State, parameters, the best validation AUC each trial reached and the epochs it ran (a pruned trial stops "
         "early); retry_of names the trial a retried one replaces. Run folders: trial-NNNN beside this page.",
-    ).table(table.drop(columns=["sampler_seed"], errors="ignore"), highlight=_best_row(table))
+    ).table(table.drop(columns=["sampler_seed"]).round({"best_val_auc": 4}), highlight=_best_row(table))
     return page.write("report.html")
 
 

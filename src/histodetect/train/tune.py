@@ -21,12 +21,13 @@ the same ``--storage`` URL share one study. What keeps that honest:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import socket
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,7 +55,13 @@ MACHINE = {"accelerator", "devices", "num_nodes", "strategy", "precision", "chan
 MACHINE |= {"logger", "notes"}
 RECORD = "histodetect_tune"  # the study's user attribute holding the base configuration and the space
 
-warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+@contextlib.contextmanager
+def _experimental_ok() -> Iterator[None]:
+    """Optuna marks heartbeats and the retry callback experimental; they are what makes workers safe here."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        yield
 
 
 @dataclass(frozen=True)
@@ -103,15 +110,26 @@ def open_storage(url: str, heartbeat: Heartbeat) -> RDBStorage:
     import sqlalchemy.exc
 
     try:
-        return RDBStorage(
-            url,
-            heartbeat_interval=heartbeat.interval,
-            grace_period=heartbeat.grace,
-            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(),
-        )
+        with _experimental_ok():
+            return RDBStorage(
+                url,
+                heartbeat_interval=heartbeat.interval,
+                grace_period=heartbeat.grace,
+                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(),
+            )
     except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as exc:
-        shown = sqlalchemy.engine.make_url(url).render_as_string(hide_password=True) if "://" in url else url
-        raise ConfigError(f"--storage {shown}: cannot open the study database ({str(exc).splitlines()[0]})") from exc
+        raise ConfigError(
+            f"--storage {_without_password(url)}: cannot open the study database ({str(exc).splitlines()[0]})"
+        ) from exc
+
+
+def _without_password(url: str) -> str:
+    import sqlalchemy.exc
+
+    try:
+        return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+    except sqlalchemy.exc.ArgumentError:
+        return url.rsplit("@", 1)[-1]
 
 
 def make_sampler(kind: str, space: Space, base: TrainConfig, source: str) -> tuple[optuna.samplers.BaseSampler, int]:
@@ -171,23 +189,24 @@ def tune(
     ``after_trial(study, out)`` runs after every trial this worker ends, after ``trials.csv`` and ``best.yaml``
     are rewritten (the CLI passes the HTML report writer, which lives in a higher layer).
     """
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     heartbeat = heartbeat or Heartbeat()
     if trials < 1:
         raise ConfigError(f"--trials must be at least 1, not {trials}")
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress line below says what Optuna's INFO says
     chosen, seed = make_sampler(sampler, space, base, space_source)
+    stopping = make_pruner(pruner, base)
     budget = trials
     if sampler == "grid":
         budget = min(trials, grid_size(grid(space, space_source)))
+    out = Path(out)  # made only once the settings are known to be good
+    out.mkdir(parents=True, exist_ok=True)
     study = optuna.create_study(
         study_name=study_name,
         storage=open_storage(storage_url(storage, out), heartbeat),
         direction="maximize",
         load_if_exists=True,
         sampler=chosen,
-        pruner=make_pruner(pruner, base),
+        pruner=stopping,
     )
     _record_recipe(study, base, space)
     console = Console(stderr=True)
@@ -203,7 +222,8 @@ def tune(
         trial.set_user_attr("sampler_seed", seed)
         if _ahead(study, trial.number) >= budget:
             trial.set_user_attr("surplus", True)
-            RetryHeartbeatStaleTrialCallback()(study, study.trials[trial.number])
+            with _experimental_ok():
+                RetryHeartbeatStaleTrialCallback()(study, study.trials[trial.number])
             raise SurplusTrial(f"trial {trial.number}: {budget} trials were already finished or running")
         config = base.replace(**suggest(trial, space), notes=f"tune trial {trial.number}")
         summary = train(store, out / f"trial-{trial.number:04d}", config, callbacks=[ReportAUC(trial)])
@@ -218,7 +238,8 @@ def tune(
 
     deadline = time.monotonic() + timeout_minutes * 60 if timeout_minutes else None
     while deadline is None or time.monotonic() < deadline:
-        fail_stale_trials(study)  # a dead worker's trial: FAIL, and queued again by the retry callback
+        with _experimental_ok():
+            fail_stale_trials(study)  # a dead worker's trial: FAIL, and queued again by the retry callback
         counts = _counts(study)
         if counts["finished"] >= budget:
             break
