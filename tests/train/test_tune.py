@@ -69,6 +69,26 @@ def test_grid_runs_each_point_once_resumes_and_writes_the_best_config(sample_sto
         tune(sample_store, out, BASE.replace(epochs=2), SEED_SPACE, trials=4, sampler="grid", heartbeat=FAST)
 
 
+def test_an_interrupted_trial_runs_again_with_its_parameters(
+    sample_store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import histodetect.train.tune as tuning
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    out = tmp_path / "tune"
+    with monkeypatch.context() as patch:
+        patch.setattr(tuning, "train", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            tune(sample_store, out, BASE, SEED_SPACE, trials=1, sampler="grid", heartbeat=FAST)
+    assert list(pd.read_csv(out / "trials.csv")["state"]) == ["FAIL", "WAITING"]
+    tune(sample_store, out, BASE, SEED_SPACE, trials=1, sampler="grid", heartbeat=FAST)
+    table = pd.read_csv(out / "trials.csv")
+    assert list(table["state"]) == ["FAIL", "COMPLETE"] and table["retry_of"].iloc[1] == 0
+    assert len(set(_params(table))) == 1  # the same grid point
+
+
 def test_a_plain_postgresql_url_goes_to_psycopg(tmp_path: Path) -> None:
     assert storage_url("postgresql://me@db:5432/hd", tmp_path) == "postgresql+psycopg://me@db:5432/hd"
     assert storage_url("postgres://me@db/hd", tmp_path) == "postgresql+psycopg://me@db/hd"

@@ -20,9 +20,16 @@ from optuna.visualization import matplotlib as ovm
 from histodetect.report.html import Card, Page, Section
 from histodetect.train.tune import trials_table
 
+
+def _importances(study: optuna.Study) -> Any:
+    """fANOVA with 16 trees instead of Optuna's 64 (4x faster): the page is redrawn after every trial."""
+    evaluator = optuna.importance.FanovaImportanceEvaluator(n_trees=16, seed=0)
+    return ovm.plot_param_importances(study, evaluator=evaluator)
+
+
 FIGURES: list[tuple[str, Callable[[optuna.Study], Any], str]] = [
     ("tuning-history", ovm.plot_optimization_history, "Best validation ROC AUC so far, trial by trial."),
-    ("tuning-importance", ovm.plot_param_importances, "How much each setting explains the AUC (fANOVA)."),
+    ("tuning-importance", _importances, "How much each setting explains the AUC (fANOVA)."),
     ("tuning-parallel", ovm.plot_parallel_coordinate, "Each complete trial's settings, coloured by its AUC."),
     ("tuning-slice", ovm.plot_slice, "AUC against each setting, one point per complete trial."),
 ]

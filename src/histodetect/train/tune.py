@@ -190,9 +190,80 @@ def tune(
     are rewritten (the CLI passes the HTML report writer, which lives in a higher layer).
     """
     heartbeat = heartbeat or Heartbeat()
+    study, seed, budget = open_study(
+        out, base, space, trials=trials, space_source=space_source, sampler=sampler, pruner=pruner,
+        storage=storage, study_name=study_name, heartbeat=heartbeat,
+    )  # fmt: skip
+    out = Path(out)
+    console = Console(stderr=True)
+    console.print(
+        f"tuning {describe(space)} with {sampler} (seed {seed}) and {pruner} pruning: {budget} finished trials "
+        f"wanted{' (the whole grid)' if budget < trials else ''}; study {study_name!r}, runs in {out}",
+        highlight=False,
+    )
+    worker = f"{socket.gethostname()}:{os.getpid()}"
+
+    def objective(trial: optuna.Trial) -> float:
+        trial.set_user_attr("worker", worker)
+        trial.set_user_attr("sampler_seed", seed)
+        if _ahead(study, trial.number) >= budget:
+            trial.set_user_attr("surplus", True)
+            _requeue(study, trial.number)
+            raise SurplusTrial(f"trial {trial.number}: {budget} trials were already finished or running")
+        config = base.replace(**suggest(trial, space), notes=f"tune trial {trial.number}")
+        try:
+            summary = train(store, out / f"trial-{trial.number:04d}", config, callbacks=[ReportAUC(trial)])
+        except optuna.TrialPruned:
+            raise
+        except BaseException:  # Ctrl-C or an error ends the trial FAIL; its parameters wait for the next run
+            _requeue(study, trial.number)
+            raise
+        return float(summary["best_val_auc"])
+
+    def ended(study: optuna.Study, trial: FrozenTrial) -> None:
+        write_results(study, out)
+        if after_trial is not None:
+            after_trial(study, out)
+        if not trial.user_attrs.get("surplus"):
+            console.print(progress_line(study, trial, budget), highlight=False, soft_wrap=True)
+
+    deadline = time.monotonic() + timeout_minutes * 60 if timeout_minutes else None
+    try:
+        while deadline is None or time.monotonic() < deadline:
+            with _experimental_ok():
+                fail_stale_trials(study)  # a dead worker's trial: FAIL, and queued again by the retry callback
+            counts = _counts(study)
+            if counts["finished"] >= budget:
+                break
+            if counts["finished"] + counts["running"] >= budget:  # wait for the others' last trials (or deaths)
+                time.sleep(min(heartbeat.interval, 5))
+                continue
+            study.optimize(objective, n_trials=1, catch=(SurplusTrial,), callbacks=[ended])
+    finally:  # also after Ctrl-C: the files show the interrupted trial as FAIL and its re-queued copy
+        write_results(study, out)
+        if after_trial is not None:
+            after_trial(study, out)
+    return study
+
+
+def open_study(
+    out: str | os.PathLike[str],
+    base: TrainConfig,
+    space: Space,
+    *,
+    trials: int,
+    space_source: str,
+    sampler: str,
+    pruner: str,
+    storage: str | None,
+    study_name: str,
+    heartbeat: Heartbeat,
+) -> tuple[optuna.Study, int, int]:
+    """Create or load the study, after every setting has been checked; returns it, the sampler's seed, and the
+    number of finished trials to reach (``trials``, or the grid's size when that is smaller)."""
     if trials < 1:
         raise ConfigError(f"--trials must be at least 1, not {trials}")
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress line below says what Optuna's INFO says
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # tune's progress line says what Optuna's INFO says
     chosen, seed = make_sampler(sampler, space, base, space_source)
     stopping = make_pruner(pruner, base)
     budget = trials
@@ -209,48 +280,13 @@ def tune(
         pruner=stopping,
     )
     _record_recipe(study, base, space)
-    console = Console(stderr=True)
-    console.print(
-        f"tuning {describe(space)} with {sampler} (seed {seed}) and {pruner} pruning: {budget} finished trials "
-        f"wanted{' (the whole grid)' if budget < trials else ''}; study {study_name!r}, runs in {out}",
-        highlight=False,
-    )
-    worker = f"{socket.gethostname()}:{os.getpid()}"
+    return study, seed, budget
 
-    def objective(trial: optuna.Trial) -> float:
-        trial.set_user_attr("worker", worker)
-        trial.set_user_attr("sampler_seed", seed)
-        if _ahead(study, trial.number) >= budget:
-            trial.set_user_attr("surplus", True)
-            with _experimental_ok():
-                RetryHeartbeatStaleTrialCallback()(study, study.trials[trial.number])
-            raise SurplusTrial(f"trial {trial.number}: {budget} trials were already finished or running")
-        config = base.replace(**suggest(trial, space), notes=f"tune trial {trial.number}")
-        summary = train(store, out / f"trial-{trial.number:04d}", config, callbacks=[ReportAUC(trial)])
-        return float(summary["best_val_auc"])
 
-    def ended(study: optuna.Study, trial: FrozenTrial) -> None:
-        write_results(study, out)
-        if after_trial is not None:
-            after_trial(study, out)
-        if not trial.user_attrs.get("surplus"):
-            console.print(progress_line(study, trial, budget), highlight=False, soft_wrap=True)
-
-    deadline = time.monotonic() + timeout_minutes * 60 if timeout_minutes else None
-    while deadline is None or time.monotonic() < deadline:
-        with _experimental_ok():
-            fail_stale_trials(study)  # a dead worker's trial: FAIL, and queued again by the retry callback
-        counts = _counts(study)
-        if counts["finished"] >= budget:
-            break
-        if counts["finished"] + counts["running"] >= budget:  # wait for the others' last trials (or their deaths)
-            time.sleep(heartbeat.interval)
-            continue
-        study.optimize(objective, n_trials=1, catch=(SurplusTrial,), callbacks=[ended])
-    write_results(study, out)
-    if after_trial is not None:
-        after_trial(study, out)
-    return study
+def _requeue(study: optuna.Study, number: int) -> None:
+    """Queue trial ``number``'s parameters (and grid point) again, as Optuna does for a dead worker's trial."""
+    with _experimental_ok():
+        RetryHeartbeatStaleTrialCallback()(study, study.trials[number])
 
 
 def _ahead(study: optuna.Study, number: int) -> int:
