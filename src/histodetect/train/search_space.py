@@ -105,7 +105,7 @@ def _distribution(source: str, key: str, spec: Any) -> BaseDistribution:
         raise ConfigError(f"{where}: step must be positive and cannot be combined with log")
     if kind == "float":
         return FloatDistribution(low, high, log=log, step=step)
-    return IntDistribution(int(low), int(high), log=log, step=step or 1)
+    return IntDistribution(low, high, log=log, step=step or 1)
 
 
 def _number(where: str, kind: str, value: Any) -> Any:
@@ -152,7 +152,7 @@ def grid(space: Space, source: str) -> dict[str, list[Any]]:
             values[key] = list(range(distribution.low, distribution.high + 1, distribution.step))
         elif isinstance(distribution, FloatDistribution) and distribution.step is not None:
             count = round((distribution.high - distribution.low) / distribution.step) + 1
-            values[key] = [distribution.low + i * distribution.step for i in range(count)]
+            values[key] = [round(distribution.low + i * distribution.step, 12) for i in range(count)]
         else:
             raise ConfigError(
                 f"{source}: {key} is a continuous range; the grid sampler needs choices, an int range or a step"
