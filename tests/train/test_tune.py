@@ -21,7 +21,7 @@ from histodetect.data.store import Store
 from histodetect.errors import ConfigError
 from histodetect.train.config import TrainConfig
 from histodetect.train.search_space import SEED_SPACE
-from histodetect.train.tune import Heartbeat, storage_url, tune
+from histodetect.train.tune import Heartbeat, make_sampler, storage_url, tune
 
 BASE = TrainConfig(
     model="baseline-cnn",
@@ -87,6 +87,12 @@ def test_an_interrupted_trial_runs_again_with_its_parameters(
     table = pd.read_csv(out / "trials.csv")
     assert list(table["state"]) == ["FAIL", "COMPLETE"] and table["retry_of"].iloc[1] == 0
     assert len(set(_params(table))) == 1  # the same grid point
+
+
+def test_each_worker_seeds_its_sampler_afresh_but_the_grid_alike() -> None:
+    seeds = {make_sampler("tpe", SEED_SPACE, BASE, "seed")[1] for _ in range(5)}
+    assert len(seeds) == 5  # parallel workers, and a resumed study, draw different points
+    assert make_sampler("grid", SEED_SPACE, BASE, "seed")[1] == BASE.seed  # workers agree which index is which
 
 
 def test_a_plain_postgresql_url_goes_to_psycopg(tmp_path: Path) -> None:
