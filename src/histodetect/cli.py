@@ -295,8 +295,9 @@ def tune(
     from histodetect.report.tuning import write_tuning_report
     from histodetect.train.config import build_config
     from histodetect.train.search_space import load_space
-    from histodetect.train.tune import Heartbeat, best_config
+    from histodetect.train.tune import Heartbeat
     from histodetect.train.tune import tune as run_tune
+    from histodetect.train.tune_results import best_config
 
     base = build_config(
         preset=preset,

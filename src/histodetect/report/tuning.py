@@ -18,7 +18,7 @@ import optuna
 from optuna.visualization import matplotlib as ovm
 
 from histodetect.report.html import Card, Page, Section
-from histodetect.train.tune import trials_table
+from histodetect.train.tune_results import trials_table
 
 
 def _importances(study: optuna.Study) -> Any:
