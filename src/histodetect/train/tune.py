@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import secrets
 import socket
 import time
@@ -106,18 +107,30 @@ def storage_url(storage: str | None, out: Path) -> str:
 def open_storage(url: str, heartbeat: Heartbeat) -> RDBStorage:
     import sqlalchemy.exc
 
-    try:
-        with _experimental_ok():
-            return RDBStorage(
-                url,
-                heartbeat_interval=heartbeat.interval,
-                grace_period=heartbeat.grace,
-                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(),
-            )
-    except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as exc:
-        raise ConfigError(
-            f"--storage {_without_password(url)}: cannot open the study database ({str(exc).splitlines()[0]})"
-        ) from exc
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            with _experimental_ok():
+                return RDBStorage(
+                    url,
+                    heartbeat_interval=heartbeat.interval,
+                    grace_period=heartbeat.grace,
+                    heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(),
+                )
+        except sqlalchemy.exc.IntegrityError as exc:
+            # Workers started together on an empty PostgreSQL database race to create Optuna's tables, and all
+            # but one get a duplicate-key error; a moment later the tables are there.
+            if attempt == 5:
+                raise _unusable(url, exc) from exc
+            time.sleep(attempt * random.uniform(0.5, 1.5))
+        except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as exc:
+            raise _unusable(url, exc) from exc
+
+
+def _unusable(url: str, exc: Exception) -> ConfigError:
+    reason = str(exc).splitlines()[0]
+    return ConfigError(f"--storage {_without_password(url)}: cannot open the study database ({reason})")
 
 
 def _without_password(url: str) -> str:
@@ -266,11 +279,14 @@ def open_study(
     budget = trials
     if sampler == "grid":
         budget = min(trials, grid_size(grid(space, space_source)))
-    out = Path(out)  # made only once the settings are known to be good
+    out = Path(out)  # made once the settings (and a shared database) are known to be good
+    if storage is None:
+        out.mkdir(parents=True, exist_ok=True)  # study.db goes there
+    database = open_storage(storage_url(storage, out), heartbeat)
     out.mkdir(parents=True, exist_ok=True)
     study = optuna.create_study(
         study_name=study_name,
-        storage=open_storage(storage_url(storage, out), heartbeat),
+        storage=database,
         direction="maximize",
         load_if_exists=True,
         sampler=chosen,
