@@ -25,6 +25,7 @@ def _trial(state: TrialState, lr: float, optimizer: str, aucs: list[float]) -> o
 
 def test_report_shows_the_search_and_every_trial(tmp_path: Path) -> None:
     study = optuna.create_study(direction="maximize", study_name="demo")
+    assert "no complete trial yet" in write_tuning_report(study, tmp_path).read_text()  # e.g. Ctrl-C in trial 0
     study.add_trial(_trial(TrialState.COMPLETE, 1e-3, "adam", [0.71, 0.82]))
     page = write_tuning_report(study, tmp_path)  # one trial: the history only, the rest waits for a second
     assert "Drawn once two trials are complete" in page.read_text()

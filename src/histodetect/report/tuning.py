@@ -40,6 +40,7 @@ def write_tuning_report(study: optuna.Study, out: Path) -> Path:
     table = trials_table(study)
     page = Page(out, "Tuning", f"study {study.study_name!r}: {len(table)} trial(s)")
     states = table["state"].value_counts().to_dict() if len(table) else {}
+    failed = states.get("FAIL", 0)
     complete = table[table["state"] == "COMPLETE"] if len(table) else table
     best = complete.loc[complete["best_val_auc"].idxmax()] if len(complete) else None
     page.cards(
@@ -52,16 +53,17 @@ def write_tuning_report(study: optuna.Study, out: Path) -> Path:
             ),
             Card("complete", str(states.get("COMPLETE", 0))),
             Card("pruned", str(states.get("PRUNED", 0)), "stopped early by the pruner"),
-            Card("failed", str(states.get("FAIL", 0)), "a dead worker's or a surplus trial", "warn"),
+            Card("failed", str(failed), "a dead worker's, an interrupted or a surplus trial", "warn" if failed else ""),
             Card("running", str(states.get("RUNNING", 0) + states.get("WAITING", 0)), "or waiting to run again"),
         ]
     )
     _figures(page.section("The search"), study)
+    shown = table.drop(columns=["sampler_seed"], errors="ignore").round({"best_val_auc": 4})
     page.section(
         "Every trial",
         "State, parameters, the best validation AUC each trial reached and the epochs it ran (a pruned trial stops "
         "early); retry_of names the trial a retried one replaces. Run folders: trial-NNNN beside this page.",
-    ).table(table.drop(columns=["sampler_seed"]).round({"best_val_auc": 4}), highlight=_best_row(table))
+    ).table(shown, highlight=_best_row(table))
     return page.write("report.html")
 
 

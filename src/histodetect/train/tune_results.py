@@ -38,14 +38,15 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
     rows = []
     for t in study.get_trials(deepcopy=False):
         seen = list(t.intermediate_values.values())
-        duration = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete else None
+        ran = t.datetime_start is not None and t.datetime_complete is not None
+        duration = (t.datetime_complete - t.datetime_start).total_seconds() if ran else None
         rows.append(
             {
                 "number": t.number,
                 "state": t.state.name,
                 "best_val_auc": max(seen) if seen else t.value,
                 "epochs": len(seen),
-                "time_s": round(duration, 1) if duration is not None and t.datetime_start else None,
+                "time_s": round(duration, 1) if duration is not None else None,
                 **{f"param_{k}": v for k, v in t.params.items()},
                 "retry_of": t.system_attrs.get("failed_trial"),
                 "surplus": bool(t.user_attrs.get("surplus", False)),
@@ -54,7 +55,7 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
                 "started": t.datetime_start.isoformat(timespec="seconds") if t.datetime_start else None,
             }
         )
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows) if rows else pd.DataFrame(columns=["number", "state", "best_val_auc", "epochs"])
 
 
 def write_results(study: optuna.Study, out: Path) -> None:
