@@ -278,45 +278,80 @@ def train(
 @friendly
 def tune(
     store: Annotated[Path, typer.Argument(help="A store folder with a labeled split.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the trials, study.db, trials.csv, best.yaml.")],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Folder for the trials, study.db, trials.csv, report.html, best.yaml.")
+    ],
     trials: Annotated[int, typer.Option(help="Finished trials the study should hold (re-running continues it).")] = 20,
+    space: Annotated[
+        str, typer.Option(help="seed (the notebook's 54-point grid) | default | a YAML file of ranges.")
+    ] = "default",
+    sampler: Annotated[
+        str | None, typer.Option(help="tpe | random | grid (default: grid for --space seed, else tpe).")
+    ] = None,
+    pruner: Annotated[str, typer.Option(help="median | hyperband | none.")] = "median",
     storage: Annotated[
-        str | None, typer.Option(help="Optuna storage URL shared by workers (default: sqlite in --out).")
+        str | None,
+        typer.Option(help="Study database shared by workers, e.g. postgresql://user@host:5432/db (default: sqlite)."),
     ] = None,
     study_name: Annotated[str, typer.Option(help="Study name inside the storage.")] = "histodetect",
     timeout: Annotated[float | None, typer.Option(help="Stop starting trials after this many minutes.")] = None,
+    heartbeat: Annotated[int, typer.Option(help="Seconds between a running trial's heartbeats.")] = 60,
+    grace: Annotated[
+        int | None, typer.Option(help="Seconds of silence after which a trial's worker counts as dead (3x heartbeat).")
+    ] = None,
     preset: Annotated[str | None, typer.Option(help="Base settings: cpu | gpu.")] = None,
-    config: Annotated[Path | None, typer.Option("--config", help="Base settings from a config.yaml.")] = None,
+    base_config: Annotated[
+        Path | None, typer.Option("--base-config", "--config", help="Base settings from a config.yaml.")
+    ] = None,
     model: Annotated[str | None, typer.Option(help="baseline-cnn or any timm model name.")] = None,
     pretrained: Annotated[str | None, typer.Option(help="auto | none | path to weights.")] = None,
     freeze: Annotated[str | None, typer.Option(help="none | frozen | top:K.")] = None,
     epochs: Annotated[int | None, typer.Option(help="Epochs per trial.")] = None,
     image_size: Annotated[str | None, typer.Option(help=IMAGE_SIZE_HELP)] = None,
     limit_train: Annotated[int | None, typer.Option(help="Training patches per trial, at most.")] = None,
+    epoch_patches: Annotated[int | None, typer.Option(help="Training patches per epoch, drawn afresh.")] = None,
+    val_patches: Annotated[int | None, typer.Option(help="Validate on a stratified subset of this size.")] = None,
 ) -> None:
-    """Search learning rate, dropout, optimiser and batch size with Optuna; resumable and shareable by workers."""
+    """Search training settings with Optuna; resumable, and shared by any number of workers on one --storage."""
     from histodetect.data.store import Store
+    from histodetect.report.tuning import write_tuning_report
     from histodetect.train.config import build_config
+    from histodetect.train.search_space import load_space
+    from histodetect.train.tune import Heartbeat
     from histodetect.train.tune import tune as run_tune
+    from histodetect.train.tune_results import best_config
 
     base = build_config(
         preset=preset,
-        config_file=config,
+        config_file=base_config,
         model=model,
         pretrained=pretrained,
         freeze=freeze,
         epochs=epochs,
         image_size=image_size,
         limit_train=limit_train,
+        epoch_patches=epoch_patches,
+        val_patches=val_patches,
     )
+    searched = load_space(space, base)
     study = run_tune(
-        Store(store), out, base, trials=trials, storage=storage, study_name=study_name, timeout_minutes=timeout
+        Store(store),
+        out,
+        base,
+        searched,
+        trials=trials,
+        space_source=space,
+        sampler=sampler or ("grid" if space == "seed" else "tpe"),
+        pruner=pruner,
+        storage=storage,
+        study_name=study_name,
+        timeout_minutes=timeout,
+        heartbeat=Heartbeat(heartbeat, grace if grace is not None else 3 * heartbeat),
+        after_trial=write_tuning_report,
     )
-    best = study.best_trial if any(t.value is not None for t in study.trials) else None
+    best = best_config(study)
     if best is not None:
-        console.print(
-            f"best val AUC {best.value:.4f} (trial {best.number}): {best.params}; config: {out / 'best.yaml'}"
-        )
+        console.print(f"{best.notes}; config: {out / 'best.yaml'}; report: {out / 'report.html'}")
 
 
 # ---------------------------------------------------------------------------------------------------- use a run
