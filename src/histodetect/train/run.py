@@ -32,6 +32,7 @@ from histodetect.data.store import Store
 from histodetect.device import Hardware, resolve_hardware
 from histodetect.io import atomic_path, atomic_write_json
 from histodetect.models import create_model
+from histodetect.train.averaging import weight_averaging
 from histodetect.train.callbacks import AtomicCheckpointIO, EpochLog, FreezeUnfreeze
 from histodetect.train.config import ConfigError, TrainConfig, freeze_top_k
 from histodetect.train.datamodule import StoreDataModule
@@ -134,6 +135,8 @@ def _trainer(
     top_k = freeze_top_k(config.freeze)
     if top_k is not None:
         callbacks.append(FreezeUnfreeze(top_k, config.warmup_epochs))
+    if averaging := weight_averaging(config):
+        callbacks.append(averaging)
     return L.Trainer(
         accelerator=hardware.accelerator,
         devices=_devices(config.devices),
