@@ -37,6 +37,7 @@ from histodetect.train.callbacks import AtomicCheckpointIO, EpochLog, FreezeUnfr
 from histodetect.train.config import ConfigError, TrainConfig, freeze_top_k
 from histodetect.train.datamodule import StoreDataModule
 from histodetect.train.module import LitClassifier
+from histodetect.train.probe import linear_probe
 from histodetect.train.runfolder import CHECKPOINTS, CONFIG, METRICS, SPLIT, SUMMARY, WEIGHTS
 
 
@@ -64,11 +65,18 @@ def train(
     out.mkdir(parents=True, exist_ok=True)
     L.seed_everything(config.seed, workers=True, verbose=False)
     hardware = hardware_for(config)
-    datamodule = StoreDataModule(store, config, num_workers=hardware.num_workers, pin_memory=hardware.pin_memory)
     model = create_model(
         config.model, pretrained=config.pretrained, dropout=config.dropout, image_size=config.image_size
     )
-    module = LitClassifier(config, model, channels_last=hardware.channels_last, depthwise_fp32=hardware.depthwise_fp32)
+    datamodule: StoreDataModule
+    module: LitClassifier
+    if config.cache_embeddings:  # the head alone, trained on the frozen backbone's cached embeddings
+        datamodule, module = linear_probe(store, config, model, hardware, log=_say)
+    else:
+        datamodule = StoreDataModule(store, config, num_workers=hardware.num_workers, pin_memory=hardware.pin_memory)
+        module = LitClassifier(
+            config, model, channels_last=hardware.channels_last, depthwise_fp32=hardware.depthwise_fp32
+        )
     _quiet_lightning()
     trainer = _trainer(config, hardware, out, has_val=len(datamodule.monitor_rows) > 0, extra=callbacks or [])
     if trainer.is_global_zero:
@@ -92,6 +100,11 @@ def train(
     atomic_write_json(out / SUMMARY, summary)
     _plot_curves(out / METRICS, out / "curves.png")
     return summary
+
+
+@rank_zero_only
+def _say(message: str) -> None:
+    Console(stderr=True).print(message, highlight=False)
 
 
 def _epoch_note(config: TrainConfig, datamodule: StoreDataModule) -> str:
