@@ -181,3 +181,17 @@ def test_cache_location_defaults_and_overrides(monkeypatch: pytest.MonkeyPatch, 
 def test_cache_needs_a_frozen_backbone_and_no_mixing(changes, message) -> None:
     with pytest.raises(ConfigError, match=message):
         TrainConfig(**{**PROBE, **changes})
+
+
+def test_probe_with_ema_saves_the_averaged_head(store40: Store, tmp_path: Path) -> None:
+    config = TrainConfig(
+        model="baseline-cnn", pretrained="none", epochs=2, ema=0.5, cache_dir=str(tmp_path / "cache"), **PROBE
+    )
+    train(store40, tmp_path / "run", config)
+    best = torch.load(tmp_path / "run" / "checkpoints" / "best.ckpt", weights_only=True)
+    saved, _ = load_model(tmp_path / "run")
+    averaged = {k.removeprefix("model."): v for k, v in best["state_dict"].items() if k.startswith("model.")}
+    raw = {k.removeprefix("model."): v for k, v in best["current_model_state"].items() if k.startswith("model.")}
+    assert not torch.equal(averaged["head.1.weight"], raw["head.1.weight"])
+    torch.testing.assert_close(saved.head.state_dict()["1.weight"], averaged["head.1.weight"])
+    assert_run_is_the_head_on_the_cache(tmp_path / "run", store40, config)

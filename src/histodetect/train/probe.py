@@ -22,28 +22,20 @@ from histodetect.data.store import Store
 from histodetect.device import Hardware
 from histodetect.models import Classifier
 from histodetect.train.config import TrainConfig
-from histodetect.train.datamodule import Batch, StoreDataModule
+from histodetect.train.datamodule import Batch, PatchDataset, StoreDataModule
 from histodetect.train.embeddings import EmbeddingCache, open_or_build
 from histodetect.train.module import LitClassifier
 
 
-class EmbeddingDataset(Dataset[Batch]):
+class EmbeddingDataset(PatchDataset):
     """Store rows served as their cached embeddings: every view ``(B, views, F)`` for training, the patch as it
     is ``(B, F)`` for validation."""
 
     def __init__(self, store: Store, cache: EmbeddingCache, rows: np.ndarray, *, all_views: bool):
-        self.rows = np.asarray(rows, dtype=np.int64)
+        super().__init__(store, rows)
         self.positions = cache.index_of(self.rows)
         self.embeddings = cache.embeddings
         self.all_views = all_views
-        labels = store.labels[self.rows]
-        self.labels = np.where(labels < 0, 0, labels).astype(np.float32)
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int) -> Batch:
-        return self.__getitems__([i])
 
     def __getitems__(self, indices: Sequence[int]) -> Batch:
         idx = np.asarray(indices, dtype=np.int64)
