@@ -195,3 +195,19 @@ def test_probe_with_ema_saves_the_averaged_head(store40: Store, tmp_path: Path) 
     assert not torch.equal(averaged["head.1.weight"], raw["head.1.weight"])
     torch.testing.assert_close(saved.head.state_dict()["1.weight"], averaged["head.1.weight"])
     assert_run_is_the_head_on_the_cache(tmp_path / "run", store40, config)
+
+
+def test_cli_flags_reach_the_run(store40: Store, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from histodetect.cli import app
+
+    args = ["train", str(store40.path), "--out", str(tmp_path / "run"), "--freeze", "frozen", "--cache-embeddings"]
+    args += ["--cache-dir", str(tmp_path / "cache"), "--ema", "0.9", "--epochs", "1", "--batch-size", "8"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    saved = TrainConfig.load(tmp_path / "run" / "config.yaml")
+    assert (saved.cache_embeddings, saved.ema, saved.cache_dir) == (True, 0.9, str(tmp_path / "cache"))
+    assert len(list((tmp_path / "cache").iterdir())) == 1
+    refused = CliRunner().invoke(app, [*args[:3], str(tmp_path / "run2"), "--cache-embeddings"])
+    assert refused.exit_code == 2 and "freeze=frozen" in refused.output
