@@ -46,6 +46,7 @@ EMBEDDINGS = "embeddings.f32"
 ROWS = "rows.npy"
 META = "meta.json"
 ENV = "HISTODETECT_CACHE"
+PROGRESS_S = 60.0
 
 
 def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
@@ -174,7 +175,9 @@ def _build(
     try:
         log(f"embeddings: {model.name} at {model.image_size} px, {len(rows):,} patches x {views} view(s) -> {final}")
         started = time.perf_counter()
-        features = _embed_all(model, store, rows, tmp / EMBEDDINGS, views=views, hardware=hardware, batch=batch_size)
+        features = _embed_all(
+            model, store, rows, tmp / EMBEDDINGS, views=views, hardware=hardware, batch=batch_size, log=log
+        )
         seconds = time.perf_counter() - started
         np.save(tmp / ROWS, rows)
         meta = {
@@ -200,14 +203,24 @@ def _build(
 
 @torch.inference_mode()
 def _embed_all(
-    model: Classifier, store: Store, rows: np.ndarray, target: Path, *, views: int, hardware: Hardware, batch: int
+    model: Classifier,
+    store: Store,
+    rows: np.ndarray,
+    target: Path,
+    *,
+    views: int,
+    hardware: Hardware,
+    batch: int,
+    log: Callable[[str], None],
 ) -> int:
-    """Write ``(len(rows), views, features)`` float32 embeddings to ``target``; returns ``features``."""
+    """Write ``(len(rows), views, features)`` float32 embeddings to ``target``; returns ``features``. Says how far
+    it got every ``PROGRESS_S`` seconds: a large backbone over a large store takes hours."""
     device = torch.device(hardware.accelerator)
     dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(hardware.precision)
     was_training, was_on = model.training, next(model.parameters()).device
     model.eval().to(device)
     out: np.memmap | None = None
+    said = time.perf_counter()
     try:
         for start in range(0, len(rows), batch):
             chunk = rows[start : start + batch]
@@ -219,6 +232,9 @@ def _embed_all(
                 if out is None:
                     out = np.memmap(target, dtype=np.float32, mode="w+", shape=(len(rows), views, embedding.shape[1]))
                 out[start : start + len(chunk), view] = embedding
+            if time.perf_counter() - said > PROGRESS_S:
+                said = time.perf_counter()
+                log(f"embeddings: {start + len(chunk):,} of {len(rows):,} patches")
         assert out is not None
         out.flush()
         with open(target, "rb+") as fh:
