@@ -224,6 +224,22 @@ def train(
     val_patches: Annotated[
         int | None, typer.Option(help="Validate each epoch on a stratified subset of this size (default: all).")
     ] = None,
+    ema: Annotated[
+        float | None, typer.Option(help="Average the weights (EMA, this decay per step, e.g. 0.998); saved averaged.")
+    ] = None,
+    swa_epochs: Annotated[
+        int | None, typer.Option(help="Average the weights of the last N epochs (SWA); saved averaged.")
+    ] = None,
+    cache_embeddings: Annotated[
+        bool | None,
+        typer.Option(
+            "--cache-embeddings/--no-cache-embeddings",
+            help="With --freeze frozen: embed each patch once, cache it, train the head on the embeddings.",
+        ),
+    ] = None,
+    cache_dir: Annotated[
+        str | None, typer.Option(help="Embedding cache (default $HISTODETECT_CACHE/embeddings or ~/.cache/...).")
+    ] = None,
     seed: Annotated[int | None, typer.Option()] = None,
     accelerator: Annotated[str | None, typer.Option(help="auto | cpu | cuda | mps.")] = None,
     devices: Annotated[str | None, typer.Option(help="auto, a count, or a list like 0,1.")] = None,

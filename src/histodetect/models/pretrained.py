@@ -15,14 +15,23 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import httpx
 import safetensors.torch
 import torch
-from huggingface_hub import try_to_load_from_cache
+from huggingface_hub import hf_hub_download, try_to_load_from_cache
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    GatedRepoError,
+    LocalEntryNotFoundError,
+    OfflineModeIsEnabled,
+    RepositoryNotFoundError,
+)
 
 from histodetect.errors import ModelError
 
@@ -31,6 +40,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+HF_HUB = "hf-hub:"  # timm's prefix for a model named by its Hugging Face repository
 SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 _SHOWN = 3  # keys quoted in an error message
 
@@ -172,6 +182,9 @@ def _load_auto(model: Classifier) -> LoadReport | None:
         path = lite0_weights_path()
         return load_state_dict(model, lite0_state_dict(path), source=str(path))
     path = cached_timm_weights(model.backbone.pretrained_cfg)
+    if path is None and model.name.startswith(HF_HUB):  # asked for by name on the hub: fetched (HF_TOKEN if gated)
+        with hub_errors(model.name):
+            path = Path(download_hub_weights(model.backbone.pretrained_cfg))
     if path is None:
         hub_id = model.backbone.pretrained_cfg.get("hf_hub_id")
         where = f"timm's weights ({hub_id}) are not in the local Hugging Face cache" if hub_id else "timm has none"
@@ -181,6 +194,43 @@ def _load_auto(model: Classifier) -> LoadReport | None:
             "or train from scratch with --pretrained none."
         )
     return load_weights(model, path)
+
+
+@contextmanager
+def hub_errors(name: str) -> Iterator[None]:
+    """Turn what the Hugging Face hub raises for ``hf-hub:`` models into one line the user can act on."""
+    try:
+        yield
+    except GatedRepoError as exc:
+        raise ModelError(
+            f"{name}: a gated model; accept its terms on huggingface.co and set HF_TOKEN ({_first_line(exc)})"
+        ) from exc
+    except RepositoryNotFoundError as exc:
+        raise ModelError(f"{name}: no such model on the Hugging Face hub, or it is private (set HF_TOKEN)") from exc
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled, ConnectionError, httpx.TransportError) as exc:
+        raise ModelError(
+            f"{name}: the Hugging Face hub cannot be reached and the model is not in the local cache; fetch it once "
+            "where the hub is reachable (it is then read from the cache), or pass its timm architecture with "
+            "--model ARCH --pretrained FILE"
+        ) from exc
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def download_hub_weights(pretrained_cfg: Mapping[str, Any]) -> str:
+    """Fetch the weights file of an ``hf-hub:`` model into the Hugging Face cache (``HF_TOKEN`` for gated ones)."""
+    repo, _, revision = str(pretrained_cfg["hf_hub_id"]).partition("@")
+    for filename in (pretrained_cfg.get("hf_hub_filename"), "model.safetensors"):
+        if filename:
+            try:
+                return hf_hub_download(repo, filename, revision=revision or None)
+            except LocalEntryNotFoundError:
+                raise  # unreachable, not absent
+            except EntryNotFoundError:
+                continue
+    return hf_hub_download(repo, "pytorch_model.bin", revision=revision or None)
 
 
 def cached_timm_weights(pretrained_cfg: Mapping[str, Any]) -> Path | None:

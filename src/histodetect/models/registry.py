@@ -23,7 +23,7 @@ from histodetect.data.store import PATCH_SHAPE
 from histodetect.models.baseline import MEAN as BASELINE_MEAN
 from histodetect.models.baseline import STD as BASELINE_STD
 from histodetect.models.baseline import BaselineCNN
-from histodetect.models.pretrained import ModelError, load_pretrained
+from histodetect.models.pretrained import HF_HUB, ModelError, hub_errors, load_pretrained
 
 BASELINE = "baseline-cnn"
 
@@ -61,6 +61,11 @@ class Classifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, 3, H, W)`` RGB in ``[0, 1]`` -> logits ``(B,)``."""
+        return self.head(self.features(x))[:, 0]
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, H, W)`` RGB in ``[0, 1]`` -> the backbone's pooled embedding ``(B, num_features)``, what the
+        head reads (and what ``--cache-embeddings`` stores)."""
         if x.shape[-2:] != (self.image_size, self.image_size):
             # antialias=False: the antialiased kernel has no ONNX export.
             x = F.interpolate(
@@ -70,8 +75,7 @@ class Classifier(nn.Module):
                 align_corners=False,
                 antialias=False,
             )
-        x = (x - self.mean) / self.std
-        return self.head(self.backbone(x))[:, 0]
+        return self.backbone((x - self.mean) / self.std)
 
     def stages(self) -> list[nn.Module]:
         """The backbone's stages, bottom to top. A stage of several modules comes as an ``nn.ModuleList``.
@@ -121,7 +125,8 @@ def _is_frozen(module: nn.Module) -> bool:
 def create_model(
     name: str, *, pretrained: str = "none", dropout: float = 0.0, image_size: int | str = 96
 ) -> Classifier:
-    """Build ``name`` (``baseline-cnn`` or a timm model name) and load weights as ``pretrained`` says.
+    """Build ``name`` (``baseline-cnn``, a timm model name, or ``hf-hub:ORG/NAME``) and load weights as
+    ``pretrained`` says.
 
     ``image_size``: pixels a side the network sees; ``"auto"`` takes the backbone's pretrained input size (the
     baseline CNN's is the native 96).
@@ -158,10 +163,14 @@ def _build_baseline(dropout: float, image_size: int | str) -> Classifier:
 
 
 def _build_timm(name: str, dropout: float, image_size: int | str) -> Classifier:
-    if not timm.is_model(name):
+    if name.startswith(HF_HUB):
+        with hub_errors(name):  # the architecture and its settings come from the hub's config.json (or its cache)
+            backbone = timm.create_model(name, pretrained=False, num_classes=0)
+    elif timm.is_model(name):
+        # num_classes=0: timm keeps its own global pooling and returns (B, num_features); the head is ours.
+        backbone = timm.create_model(name, pretrained=False, num_classes=0)
+    else:
         raise ModelError(_unknown_name_message(name))
-    # num_classes=0: timm keeps its own global pooling and returns (B, num_features); the head is ours.
-    backbone = timm.create_model(name, pretrained=False, num_classes=0)
     # mean/std and input size from the backbone's pretrained_cfg (timm's defaults for the rare model without one).
     data = resolve_model_data_config(backbone)
     features = _feature_modules(backbone)

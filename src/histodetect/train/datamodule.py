@@ -145,8 +145,12 @@ class StoreDataModule(L.LightningDataModule):
             frame.to_csv(tmp, index=False)
         return Path(path)
 
+    def dataset(self, rows: np.ndarray, *, train: bool) -> Dataset[Batch]:
+        """What a batch of ``rows`` holds: their pixels here; cached embeddings in ``train.probe``."""
+        return PatchDataset(self.store, rows)
+
     def _loader(self, rows: np.ndarray, *, shuffle: bool) -> DataLoader[Batch]:
-        dataset = PatchDataset(self.store, rows)
+        dataset = self.dataset(rows, train=shuffle)
         sampler = EpochShuffle(len(dataset), self.config.seed, self.config.epoch_patches) if shuffle else None
         return DataLoader(
             dataset,

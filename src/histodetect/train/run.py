@@ -32,10 +32,12 @@ from histodetect.data.store import Store
 from histodetect.device import Hardware, resolve_hardware
 from histodetect.io import atomic_path, atomic_write_json
 from histodetect.models import create_model
+from histodetect.train.averaging import weight_averaging
 from histodetect.train.callbacks import AtomicCheckpointIO, EpochLog, FreezeUnfreeze
 from histodetect.train.config import ConfigError, TrainConfig, freeze_top_k
 from histodetect.train.datamodule import StoreDataModule
 from histodetect.train.module import LitClassifier
+from histodetect.train.probe import linear_probe
 from histodetect.train.runfolder import (
     CHECKPOINTS,
     CONFIG,
@@ -77,13 +79,20 @@ def train(
     L.seed_everything(config.seed, workers=True, verbose=False)
     hardware = hardware_for(config)
     parts = read_split(out, store) if resume and (out / SPLIT).is_file() else None
-    datamodule = StoreDataModule(
-        store, config, num_workers=hardware.num_workers, pin_memory=hardware.pin_memory, parts=parts
-    )
     model = create_model(
         config.model, pretrained=config.pretrained, dropout=config.dropout, image_size=config.image_size
     )
-    module = LitClassifier(config, model, channels_last=hardware.channels_last, depthwise_fp32=hardware.depthwise_fp32)
+    datamodule: StoreDataModule
+    module: LitClassifier
+    if config.cache_embeddings:  # the head alone, trained on the frozen backbone's cached embeddings
+        datamodule, module = linear_probe(store, config, model, hardware, parts=parts, log=_say)
+    else:
+        datamodule = StoreDataModule(
+            store, config, num_workers=hardware.num_workers, pin_memory=hardware.pin_memory, parts=parts
+        )
+        module = LitClassifier(
+            config, model, channels_last=hardware.channels_last, depthwise_fp32=hardware.depthwise_fp32
+        )
     _quiet_lightning()
     trainer = _trainer(config, hardware, out, has_val=len(datamodule.monitor_rows) > 0, extra=callbacks or [])
     if trainer.is_global_zero:
@@ -110,6 +119,11 @@ def train(
     atomic_write_json(out / SUMMARY, summary)
     _plot_curves(out / METRICS, out / "curves.png")
     return summary
+
+
+@rank_zero_only
+def _say(message: str) -> None:
+    Console(stderr=True).print(message, highlight=False)
 
 
 def _epoch_note(config: TrainConfig, datamodule: StoreDataModule) -> str:
@@ -159,6 +173,8 @@ def _trainer(
     top_k = freeze_top_k(config.freeze)
     if top_k is not None:
         callbacks.append(FreezeUnfreeze(top_k, config.warmup_epochs))
+    if averaging := weight_averaging(config):
+        callbacks.append(averaging)
     return L.Trainer(
         accelerator=hardware.accelerator,
         devices=_devices(config.devices),
