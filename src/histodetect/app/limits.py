@@ -33,6 +33,7 @@ from histodetect.errors import InferError
 
 log = logging.getLogger("histodetect.app")
 NPY_MAGIC = b"\x93NUMPY"
+LINGER = 2.0  # seconds a refused body is read and dropped so that its client can read the refusal
 
 
 class _Cut(Exception):
@@ -67,14 +68,15 @@ class LimitsMiddleware:
             await _json(send, 400, f"Content-Length {length.decode('latin-1')!r} is not a number of bytes")
             return
         if length is not None and int(length) > self.max_body:
-            await _json(send, 413, f"body of {int(length)} bytes is over the limit of {self.max_body}: send less")
+            message = f"body of {int(length)} bytes is over the limit of {self.max_body}: send less"
+            await _json(send, 413, message, drain=receive)
             return
         try:
             await self.app(scope, self._limited(receive), tracked_send)
         except _Cut as cut:
             if started:
                 raise
-            await _json(send, cut.status, str(cut))
+            await _json(send, cut.status, str(cut), drain=receive if cut.status == 413 else None)
         except Exception:
             log.exception("unexpected error answering %s %s", scope["method"], scope["path"])
             if started:
@@ -101,13 +103,32 @@ class LimitsMiddleware:
         return limited_receive
 
 
-async def _json(send: Send, status: int, error: str) -> None:
+async def _json(send: Send, status: int, error: str, *, drain: Receive | None = None) -> None:
+    """Answer ``{"error": ...}`` and close the connection (the rest of a refused body may still be on its way).
+
+    With ``drain``, the answer is sent first and then what the client still sends is read and thrown away for up to
+    ``LINGER`` seconds before the connection closes (nginx's "lingering close"): closing on unread data makes the
+    kernel reset the connection, and a client still busy sending would never read its 413.
+    """
     body = json.dumps({"error": error}).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    if status in (400, 408, 413, 500):  # the rest of the body may still be on its way: do not reuse the connection
-        headers.append((b"connection", b"close"))
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+    await send({"type": "http.response.start", "status": status, "headers": [*headers, (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body, "more_body": drain is not None})
+    if drain is not None:
+        await _discard(drain, LINGER)
+        await send({"type": "http.response.body", "body": b""})
+
+
+async def _discard(receive: Receive, seconds: float) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    while (remaining := deadline - loop.time()) > 0:
+        try:
+            message = await asyncio.wait_for(receive(), remaining)
+        except TimeoutError:
+            return
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            return
 
 
 def read_npy(body: bytes, max_patches: int) -> np.ndarray:
