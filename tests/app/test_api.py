@@ -197,3 +197,13 @@ def test_a_token_guards_every_model_route_but_not_health(settings: Settings, pat
             assert answer.status_code == 401 and "token" in answer.json()["error"]
         answer = client.post("/predict", content=tif, headers={"Authorization": "Bearer s3cret-token"})
         assert answer.status_code == 200
+
+
+def test_a_large_upload_stays_in_memory(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_disk(*args: object, **kwargs: object) -> None:
+        raise AssertionError("an upload was spilled to a temporary file")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", no_disk)  # where a SpooledTemporaryFile rolls over to
+    big = b"\0" * (3 * 2**20)  # past Starlette's 1 MB spool
+    answer = client.post("/predict", files=[("files", ("big.tif", big, "image/tiff"))])
+    assert answer.status_code == 400 and "big.tif" in answer.json()["error"]

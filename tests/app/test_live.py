@@ -55,6 +55,27 @@ def test_a_client_that_sends_too_slowly_is_cut_off(settings: Settings, live_serv
         assert httpx.get(f"{url}/health").status_code == 200
 
 
+def test_a_client_that_trickles_its_headers_is_cut_off(settings: Settings, live_server: LiveServer) -> None:
+    with live_server(settings, request_timeout=1.0) as url:
+        sock = connect(url)
+        sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\n")
+        started = time.monotonic()
+        answer = b""
+        sock.settimeout(0.2)
+        while time.monotonic() - started < 10 and not answer:
+            try:
+                sock.sendall(b"X")  # one header byte every 0.2 s, never the end of the head
+                answer = sock.recv(4096)
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+        sock.close()
+        assert answer.startswith(b"HTTP/1.1 408")
+        assert time.monotonic() - started < 5
+        assert httpx.get(f"{url}/health").status_code == 200
+
+
 def test_connections_over_the_limit_get_503_not_a_queue(settings: Settings, live_server: LiveServer) -> None:
     with live_server(settings, limit_concurrency=3, request_timeout=30.0) as url:
         held = []
