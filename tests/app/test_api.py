@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from histodetect.app import Settings, create_app
+from histodetect.app.batching import Busy
 from histodetect.data.store import Store
 from histodetect.infer.engine import Predictor
 
@@ -207,3 +208,14 @@ def test_a_large_upload_stays_in_memory(client: TestClient, monkeypatch: pytest.
     big = b"\0" * (3 * 2**20)  # past Starlette's 1 MB spool
     answer = client.post("/predict", files=[("files", ("big.tif", big, "image/tiff"))])
     assert answer.status_code == 400 and "big.tif" in answer.json()["error"]
+
+
+def test_a_full_model_queue_answers_503_with_retry_after(
+    client: TestClient, patch_files: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def full(_: np.ndarray) -> np.ndarray:
+        raise Busy("256 requests already wait for the model; try again shortly")
+
+    monkeypatch.setattr(client.app.state.service.batcher, "predict", full)  # type: ignore[attr-defined]
+    answer = client.post("/predict", content=patch_files[0].read_bytes())
+    assert answer.status_code == 503 and answer.headers["retry-after"] == "1" and "wait" in answer.json()["error"]

@@ -64,7 +64,7 @@ class LimitsMiddleware:
             await send(message)
 
         length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and not (length.isdigit() and length.isascii()):
+        if length is not None and not length.isdigit():  # bytes.isdigit: ASCII digits only
             await _json(send, 400, f"Content-Length {length.decode('latin-1')!r} is not a number of bytes")
             return
         if length is not None and int(length) > self.max_body:
