@@ -89,6 +89,13 @@ def test_the_page_scores_a_patch_as_predict_does_and_shows_a_bad_files_error(
             page.locator("#patches").set_input_files(str(bad))
             error = page.locator(".card", has_text="notes.png").locator(".error")
             expect(error).to_contain_text("unreadable", timeout=30_000)
+            tiles = [np.asarray(Image.open(p).convert("RGB")) for p in patch_files[:4]]
+            region = tmp_path / "region.png"
+            rows = [np.concatenate(tiles[:2], axis=1), np.concatenate(tiles[2:], axis=1)]
+            Image.fromarray(np.concatenate(rows)).save(region)  # 192x192
+            page.locator("#region").set_input_files(str(region))
+            expect(page.locator("#region-result img")).to_be_visible(timeout=60_000)
+            expect(page.locator("#region-result dl")).to_contain_text("192 x 192")
             page.keyboard.press("Tab")  # the page is reachable by keyboard: focus lands on a control
             assert page.evaluate("document.activeElement.tagName") in {"SUMMARY", "INPUT", "A"}
             shot = page.screenshot(path=str(tmp_path / "webapp.png"), full_page=True)
