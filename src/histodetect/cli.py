@@ -492,25 +492,31 @@ def slide(
 @friendly
 def serve(
     runs: Annotated[list[Path], typer.Argument(help="Run folders or .onnx files (several: their mean).")],
-    host: Annotated[str, typer.Option(help="Address to listen on; 0.0.0.0 exposes it (no authentication).")] = (
+    host: Annotated[str, typer.Option(help="Address to listen on; beyond loopback it needs --token or --insecure.")] = (
         "127.0.0.1"
     ),
     port: Annotated[int, typer.Option(help="Port (0 picks a free one).")] = 8000,
     tta: Tta = "none",
-    precision: Precision = "auto",
-    batch_size: BatchSize = None,
+    precision: Annotated[str, typer.Option(help="fp32 (exact, the default here) | bf16 | auto.")] = "fp32",
+    threshold: Annotated[float, typer.Option(help="Probability at which a patch's label is 1.")] = 0.5,
+    token: Annotated[
+        str | None,
+        typer.Option(envvar="HISTODETECT_TOKEN", help="Require 'Authorization: Bearer TOKEN' (all but /health)."),
+    ] = None,
+    insecure: Annotated[bool, typer.Option(help="Allow a non-loopback --host without a token.")] = False,
 ) -> None:
-    """Serve runs over HTTP: POST a patch image or a .npy batch to /predict, get probabilities; GET /health."""
-    from histodetect.infer.serve import make_server
+    """The web app: a page at /, POST /predict, /explain, /slide, GET /health, the API's docs at /docs."""
+    from histodetect.app.server import serve as run_server
+    from histodetect.app.settings import Settings
 
-    server = make_server(runs, host=host, port=port, tta=tta, batch_size=batch_size, precision=precision)
-    console.print(f"serving on [bold]http://{host}:{server.server_port}[/] (POST /predict, GET /health); Ctrl-C stops")
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
+    settings = Settings(tuple(runs), tta=tta, precision=precision, threshold=threshold, token=token)
+    run_server(
+        settings,
+        host=host,
+        port=port,
+        insecure=insecure,
+        announce=lambda url: console.print(f"serving on [bold]{url}[/] (page at /, API at /docs); Ctrl-C stops"),
+    )
 
 
 @app.command()

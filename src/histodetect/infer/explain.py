@@ -74,7 +74,7 @@ def explain(
     labels = np.concatenate([s.labels for s in selected])
     pixels = np.concatenate([s.patches[:] for s in selected])
     heat, probabilities = cams(model, pixels, method)
-    overlays = np.stack([_overlay(patch, cam) for patch, cam in zip(pixels, heat, strict=True)])
+    overlays = np.stack([overlay(patch, cam) for patch, cam in zip(pixels, heat, strict=True)])
     out = Path(out)
     written = []
     for i, (id_, label, p) in enumerate(zip(ids, labels, probabilities, strict=True)):
@@ -134,7 +134,8 @@ def _store_selection(store: Store, limit: int) -> PatchSet:
     return PatchSet(store.ids[rows], store.labels[rows], StoreRows(store, rows), str(store.path))
 
 
-def _overlay(patch: np.ndarray, heat: np.ndarray) -> np.ndarray:
+def overlay(patch: np.ndarray, heat: np.ndarray) -> np.ndarray:
+    """The uint8 patch under its heatmap, as every explain figure (and the web app) shows it."""
     return show_cam_on_image(patch.astype(np.float32) / 255.0, heat, use_rgb=True, image_weight=HEAT_WEIGHT)
 
 

@@ -1,0 +1,62 @@
+"""A region image uploaded to ``/slide`` -> the heatmap and summary that ``histodetect slide`` writes.
+
+The slide code reads files, so the upload is written into a temporary folder for the length of one call and the
+folder is removed after it, whatever happens: nothing uploaded stays on disk. The image's size is checked from
+its header first (decompression bombs), and its format from its first bytes, not from the client's file name.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from histodetect.app.limits import image_pixels
+from histodetect.app.settings import Settings
+from histodetect.errors import InferError
+from histodetect.infer.engine import Predictor
+from histodetect.infer.slide import score_slide
+
+SIGNATURES = {b"\x89PNG": ".png", b"\xff\xd8\xff": ".jpg", b"II*\x00": ".tif", b"MM\x00*": ".tif", b"II+\x00": ".tif"}
+HIDDEN_KEYS = ("image", "runs")  # the summary's file-system paths: the temporary file, the run folders
+
+
+def check_region(data: bytes, name: str, max_pixels: int) -> str:
+    """The file suffix the slide code reads ``data`` by; refuses what is not PNG/JPEG/TIFF or is over the limit."""
+    suffix = next((s for magic, s in SIGNATURES.items() if data.startswith(magic)), None)
+    if suffix is None:
+        raise InferError(f"{name}: not a PNG, JPEG or TIFF image")
+    pixels = image_pixels(data)
+    if pixels > max_pixels:
+        raise InferError(
+            f"{name}: {pixels / 1e6:.1f} megapixels is over this server's limit of {max_pixels / 1e6:g}; "
+            "send a smaller region or use `histodetect slide` on the file"
+        )
+    return suffix
+
+
+def score_region(
+    predictor: Predictor, settings: Settings, data: bytes, name: str, suffix: str
+) -> tuple[dict[str, Any], bytes]:
+    """The slide summary (paths replaced by ``name``) and ``heatmap.png``'s bytes; runs on the model thread.
+
+    At merge with the new slide code this becomes ``score_slide(predictor, image, out, min_tissue=...,
+    threshold=...)``; ``predictor`` is the server's own, already loaded.
+    """
+    del predictor  # today's score_slide loads the runs itself
+    with tempfile.TemporaryDirectory(prefix="histodetect-region-") as folder:
+        image = Path(folder) / f"region{suffix}"
+        image.write_bytes(data)
+        summary = score_slide(
+            settings.runs,
+            image,
+            Path(folder) / "out",
+            min_tissue=settings.region_min_tissue,
+            threshold=settings.threshold,
+            tta=settings.tta,
+            precision=settings.precision,
+        )
+        heatmap = (Path(folder) / "out" / "heatmap.png").read_bytes()
+    for key in HIDDEN_KEYS:
+        summary.pop(key, None)
+    return {"filename": name, **summary}, heatmap

@@ -1,0 +1,1 @@
+"""The app's routes, one module per concern, each an ``APIRouter`` that :mod:`histodetect.app.main` includes."""

@@ -1,0 +1,82 @@
+"""A tiny real run to serve (baseline-cnn, 16 patches, one epoch), the app on it, and a live uvicorn on loopback.
+
+The app is served in fp32 so that its answers compare with ``Predictor`` within 1e-5. ``live_server`` runs the
+same uvicorn set-up as ``histodetect serve`` in a thread, on a socket bound to a free 127.0.0.1 port, and stops it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from histodetect.app import Settings, create_app
+from histodetect.app.server import bind, uvicorn_server
+from histodetect.data.store import Store
+from histodetect.infer.engine import Predictor
+from histodetect.train.config import TrainConfig
+from histodetect.train.run import train
+
+TINY = dict(epochs=1, batch_size=8, limit_train=16, val_fraction=0.2, patience=0, num_workers=0)
+LiveServer = Callable[..., contextlib.AbstractContextManager[str]]
+
+
+@pytest.fixture(scope="session")
+def served_run(tmp_path_factory: pytest.TempPathFactory, sample_store: Store) -> Path:
+    run = tmp_path_factory.mktemp("app-runs") / "baseline-cnn"
+    train(sample_store, run, TrainConfig(model="baseline-cnn", pretrained="none", **TINY))
+    return run
+
+
+@pytest.fixture(scope="session")
+def settings(served_run: Path) -> Settings:
+    return Settings((served_run,), precision="fp32")
+
+
+@pytest.fixture(scope="session")
+def reference(served_run: Path) -> Predictor:
+    """``predict``'s own scoring of the served run, at the server's precision."""
+    return Predictor([served_run], precision="fp32", progress=False)
+
+
+@pytest.fixture(scope="session")
+def patch_files(sample_dir: Path) -> list[Path]:
+    return sorted((sample_dir / "test").glob("*.tif"))
+
+
+@pytest.fixture(scope="module")
+def client(settings: Settings) -> Iterator[TestClient]:
+    with TestClient(create_app(settings), raise_server_exceptions=False) as test_client:
+        yield test_client
+
+
+@pytest.fixture(scope="session")
+def live_server() -> LiveServer:
+    """``live_server(settings, **changes)``: a context manager that serves the app and yields its base URL."""
+
+    @contextlib.contextmanager
+    def serve(settings: Settings, **changes: Any) -> Iterator[str]:
+        settings = dataclasses.replace(settings, **changes)
+        server = uvicorn_server(create_app(settings), settings)
+        sock = bind("127.0.0.1", 0)
+        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 30
+        while not server.started and thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert server.started, "uvicorn did not start"
+        try:
+            yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+        finally:
+            server.should_exit = True
+            thread.join(timeout=15)
+            sock.close()
+
+    return serve

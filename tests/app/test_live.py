@@ -1,0 +1,154 @@
+"""A real uvicorn on a free loopback port: slow clients are cut, excess connections get 503, and under load from
+many threads with bad requests mixed in every good answer equals predict's and the server stays healthy."""
+
+from __future__ import annotations
+
+import io
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import httpx
+import numpy as np
+from PIL import Image
+
+from histodetect.app import Settings
+from histodetect.infer.engine import Predictor
+
+from .conftest import LiveServer
+
+
+def connect(url: str) -> socket.socket:
+    parts = urlsplit(url)
+    return socket.create_connection((parts.hostname, parts.port), timeout=10)
+
+
+def read_status(sock: socket.socket) -> int:
+    """The status code of the answer on ``sock`` (b'' once the server has closed it)."""
+    head = sock.recv(4096)
+    return int(head.split(b" ", 2)[1]) if head else 0
+
+
+def test_a_client_that_sends_too_slowly_is_cut_off(settings: Settings, live_server: LiveServer) -> None:
+    with live_server(settings, request_timeout=1.0) as url:
+        sock = connect(url)
+        sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n")
+        started = time.monotonic()
+        status = 0
+        while time.monotonic() - started < 10:  # one byte every 0.2 s: it would take 5.5 hours
+            try:
+                sock.sendall(b"\0")
+            except OSError:
+                break
+            sock.settimeout(0.2)
+            try:
+                status = read_status(sock)
+                break
+            except TimeoutError:
+                continue
+        sock.close()
+        assert status == 408
+        assert time.monotonic() - started < 5
+        assert httpx.get(f"{url}/health").status_code == 200
+
+
+def test_a_client_that_trickles_its_headers_is_cut_off(settings: Settings, live_server: LiveServer) -> None:
+    with live_server(settings, request_timeout=1.0) as url:
+        sock = connect(url)
+        sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\n")
+        started = time.monotonic()
+        answer = b""
+        sock.settimeout(0.2)
+        while time.monotonic() - started < 10 and not answer:
+            try:
+                sock.sendall(b"X")  # one header byte every 0.2 s, never the end of the head
+                answer = sock.recv(4096)
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+        sock.close()
+        assert answer.startswith(b"HTTP/1.1 408")
+        assert time.monotonic() - started < 5
+        assert httpx.get(f"{url}/health").status_code == 200
+
+
+def test_connections_over_the_limit_get_503_not_a_queue(settings: Settings, live_server: LiveServer) -> None:
+    with live_server(settings, limit_concurrency=3, request_timeout=30.0) as url:
+        held = []
+        for _ in range(2):  # requests in progress, one after the other: their bodies never come
+            held.append(connect(url))
+            held[-1].sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n")
+            time.sleep(0.2)
+        answer = httpx.get(f"{url}/health")
+        assert answer.status_code == 503
+        for sock in held:
+            sock.close()
+        deadline = time.monotonic() + 10
+        while httpx.get(f"{url}/health").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert httpx.get(f"{url}/health").status_code == 200
+
+
+def test_a_content_length_that_is_not_a_number_is_answered_400(settings: Settings, live_server: LiveServer) -> None:
+    with live_server(settings) as url:
+        for length in ("²".encode(), b"12abc"):
+            sock = connect(url)
+            sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: " + length + b"\r\n\r\nxx")
+            assert read_status(sock) == 400
+            sock.close()
+
+
+def bad_requests(tif: bytes) -> list[dict]:
+    grey = io.BytesIO()
+    Image.new("L", (96, 96)).save(grey, format="PNG")
+    floats = io.BytesIO()
+    np.save(floats, np.zeros((2, 96, 96, 3), np.float32))
+    return [
+        {"content": b"not an image"},
+        {"content": grey.getvalue()},
+        {"content": floats.getvalue()},
+        {"content": tif[: len(tif) // 2]},
+        {"files": [("files", ("a.tif", tif, "image/tiff"))] * 3, "headers": {"X-Too-Many": "1"}},
+        {"content": b"\0" * 200_000},
+    ]
+
+
+def test_300_requests_from_8_threads_with_bad_ones_mixed_in(
+    settings: Settings, live_server: LiveServer, reference: Predictor, patch_files: list[Path]
+) -> None:
+    images = [path.read_bytes() for path in patch_files]
+    expected = reference.predict(np.stack([np.asarray(Image.open(p).convert("RGB")) for p in patch_files]))
+    bad = bad_requests(images[0])
+
+    def one(i: int, client: httpx.Client, url: str) -> tuple[int, int, float | None]:
+        if i % 5 == 4:  # every fifth request is bad in one of several ways
+            answer = client.post(f"{url}/predict", **bad[(i // 5) % len(bad)])
+            return i, answer.status_code, None
+        k = i % len(images)
+        if i % 2:
+            answer = client.post(f"{url}/predict", files=[("files", (f"{k}.tif", images[k], "image/tiff"))])
+            return i, answer.status_code, answer.json()[0]["probability"] if answer.status_code == 200 else None
+        answer = client.post(f"{url}/predict", content=images[k])
+        return i, answer.status_code, answer.json()["probabilities"][0] if answer.status_code == 200 else None
+
+    with live_server(settings, max_body=100_000, max_files=2) as url:
+        local = threading.local()
+
+        def task(i: int) -> tuple[int, int, float | None]:
+            if not hasattr(local, "client"):
+                local.client = httpx.Client(timeout=60)
+            return one(i, local.client, url)
+
+        with ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(task, range(300)))
+        for i, status, probability in results:
+            if i % 5 == 4:
+                assert 400 <= status < 500, (i, status)
+            else:
+                assert status == 200, (i, status)
+                assert abs(probability - expected[i % len(images)]) <= 1e-5, i
+        assert httpx.get(f"{url}/health").json()["status"] == "ok"
