@@ -9,10 +9,12 @@
    child's peak RSS, its largest reader worker's, and the peak PSS of the child and its workers together (sampled;
    forked workers share pages with the parent, which their RSS counts again): target under 2.5 GB. Also the
    tissue cells scored and their rate (reading, decoding and inference overlapped; mask and outputs excluded).
-3. In this process: ``Predictor.predict`` over the same distinct patches from a store (as ``histodetect predict
-   STORE`` runs), best of two passes; the target ratio slide / predict is at least 0.8.
-4. A ``--small`` slide: the old in-memory path (the whole image decoded, windows cut from it, the same tissue cells,
-   the same predictor) beside ``score_slide`` on the same file.
+3. Speed, in this process, alternating ``--repeats`` times (the best pass of each counts): the streaming path
+   (``score_cells``: reader workers, JPEG decoding, windows, inference) on ``--speed-cells`` tissue cells of the
+   big slide, and ``Predictor.predict`` over as many of the same patches from a store (as ``histodetect predict
+   STORE`` runs). The target ratio slide / predict is at least 0.8.
+4. A ``--small`` slide, from opening the file to the last probability, alternating: the old in-memory path (the
+   whole image decoded, windows cut from it, the same tissue cells, the same predictor) and the streaming one.
 
 The model is ``tf_efficientnet_lite0`` (ImageNet weights) at 96 px, precision auto (bf16 where the CPU has it).
 Prints one JSON object.
@@ -177,43 +179,77 @@ def score_in_child(slide: Path, out: Path) -> dict[str, Any]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def predict_rate(patches: np.ndarray, root: Path) -> float:
-    """``predict`` over a store of ``patches``: patches/s, best of two passes."""
-    from histodetect.data.store import StoreWriter
+def rate(count: int, fn: Any) -> float:
+    """Items/s of one call of ``fn``."""
+    started = time.perf_counter()
+    fn()
+    return count / (time.perf_counter() - started)
+
+
+def speed(slide: Path, patches: np.ndarray, root: Path, n: int, repeats: int) -> dict[str, float]:
+    """In this process, alternating: the streaming path on ``n`` tissue cells of ``slide`` (reader workers, JPEG
+    decoding, windows, inference) and ``predict`` over ``n`` of the same patches from a store."""
+    from histodetect.data.store import Store, StoreWriter
+    from histodetect.data.tissue import tissue_fraction
+    from histodetect.data.wsi import open_slide
     from histodetect.infer.engine import Predictor
+    from histodetect.infer.slide import choose_scale, score_cells
     from histodetect.models import create_model
 
-    with StoreWriter(root / "store", capacity=len(patches)) as writer:
-        ids = [f"p{k}" for k in range(len(patches))]
-        writer.add_many(patches, ids, [None] * len(ids), "test", ids, [""] * len(ids))
-        store = writer.commit(source="benchmark")
     predictor = Predictor([create_model(MODEL, pretrained="auto")], progress=False)
-    rates = []
-    for _ in range(2):
-        started = time.perf_counter()
-        predictor.predict(store.patches)
-        rates.append(len(patches) / (time.perf_counter() - started))
-    return max(rates)
+    with StoreWriter(root / "store", capacity=n) as writer:
+        ids = [f"p{k}" for k in range(n)]
+        writer.add_many(patches[np.arange(n) % len(patches)], ids, [None] * n, "test", ids, [""] * n)
+        store: Store = writer.commit(source="benchmark")
+    reader = open_slide(slide)
+    scale = choose_scale(reader, predictor.mpp)
+    width, height = reader.dimensions
+    grid = (math.ceil(height / scale.cell), math.ceil(width / scale.cell))
+    cells = np.argwhere(tissue_fraction(reader, scale.cell, grid)[0] >= 0.1)[:n]
+    slide_rates, predict_rates = [], []
+    for _ in range(repeats):
+        slide_rates.append(rate(len(cells), lambda: score_cells(predictor, reader, scale, cells, progress=False)))
+        predict_rates.append(rate(n, lambda: predictor.predict(store.patches)))
+    return {"cells": len(cells), "slide": max(slide_rates), "predict": max(predict_rates)}
 
 
-def in_memory_rate(slide: Path) -> float:
-    """The old path: decode the whole image, cut each tissue cell's window from it, predict."""
+def small_slide_rates(slide: Path, repeats: int) -> dict[str, float]:
+    """Tissue cells/s from opening the file to the last probability, alternating: the old in-memory path (the whole
+    image decoded, each tissue cell's window cut from it, predict) and the streaming one (OpenSlide, tissue mask
+    from a low level, reader workers)."""
     import tifffile
 
     from histodetect.data.tissue import tissue_fraction
-    from histodetect.data.wsi import ArrayReader
+    from histodetect.data.wsi import ArrayReader, open_slide
     from histodetect.infer.engine import Predictor
+    from histodetect.infer.slide import choose_scale, score_cells
     from histodetect.models import create_model
 
     predictor = Predictor([create_model(MODEL, pretrained="auto")], progress=False)
-    started = time.perf_counter()
-    image = tifffile.imread(slide, level=0)
-    grid = (-(-image.shape[0] // 32), -(-image.shape[1] // 32))
-    cells = np.argwhere(tissue_fraction(ArrayReader(image), 32, grid)[0] >= 0.1)
-    padded = np.pad(image, ((32, 64), (32, 64), (0, 0)), constant_values=255)
-    windows = np.stack([padded[r * 32 : r * 32 + 96, c * 32 : c * 32 + 96] for r, c in cells])
-    predictor.predict(windows)
-    return len(cells) / (time.perf_counter() - started)
+
+    def in_memory() -> int:
+        image = tifffile.imread(slide, level=0)
+        grid = (-(-image.shape[0] // 32), -(-image.shape[1] // 32))
+        cells = np.argwhere(tissue_fraction(ArrayReader(image), 32, grid)[0] >= 0.1)
+        padded = np.pad(image, ((32, 64), (32, 64), (0, 0)), constant_values=255)
+        predictor.predict(np.stack([padded[r * 32 : r * 32 + 96, c * 32 : c * 32 + 96] for r, c in cells]))
+        return len(cells)
+
+    def streaming() -> int:
+        with open_slide(slide) as reader:
+            scale = choose_scale(reader, predictor.mpp)
+            width, height = reader.dimensions
+            grid = (math.ceil(height / scale.cell), math.ceil(width / scale.cell))
+            cells = np.argwhere(tissue_fraction(reader, scale.cell, grid)[0] >= 0.1)
+            score_cells(predictor, reader, scale, cells, progress=False)
+        return len(cells)
+
+    rates: dict[str, list[float]] = {"in_memory": [], "streaming": []}
+    for _ in range(repeats):
+        for name, fn in (("in_memory", in_memory), ("streaming", streaming)):
+            started = time.perf_counter()
+            rates[name].append(fn() / (time.perf_counter() - started))
+    return {name: max(values) for name, values in rates.items()}
 
 
 def main() -> None:
@@ -222,6 +258,8 @@ def main() -> None:
     parser.add_argument("--islands", type=int, default=4)
     parser.add_argument("--island", type=int, default=2880, help="side of an island of patches, in pixels")
     parser.add_argument("--small", type=int, default=3000, help="side of the slide for the in-memory comparison")
+    parser.add_argument("--speed-cells", type=int, default=2000, help="tissue cells (and patches) per speed pass")
+    parser.add_argument("--repeats", type=int, default=2, help="alternating speed passes; the best of each counts")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -233,13 +271,11 @@ def main() -> None:
         corners = islands(args.size, args.islands, args.island)
         built = write_slide(root / "big.tif", args.size, patches, corners, args.island)
         big = score_in_child(root / "big.tif", root / "big")
-        used = patches[: min(len(patches), (args.island // PATCH) ** 2)]
-        predict = predict_rate(used, root)
+        rates = speed(root / "big.tif", patches, root, args.speed_cells, args.repeats)
         small_corners = [(PATCH * 5, PATCH * 5)]
         small_island = (args.small - PATCH * 10) // PATCH * PATCH
         write_slide(root / "small.tif", args.small, patches, small_corners, small_island)
-        small = score_in_child(root / "small.tif", root / "small")
-        memory = in_memory_rate(root / "small.tif")
+        small = small_slide_rates(root / "small.tif", args.repeats)
     result = {
         "model": MODEL,
         "patches_from": str(SHARED_TRAIN) if SHARED_TRAIN.is_dir() else "embedded sample",
@@ -251,16 +287,17 @@ def main() -> None:
         "cells": big["cells"],
         "cells_scored": big["cells_scored"],
         "slide_seconds": big["seconds"],
-        "slide_cells_per_second": big["cells_per_second"],
-        "predict_patches_per_second": round(predict, 1),
-        "ratio_slide_vs_predict": round(big["cells_per_second"] / predict, 3),
+        "slide_cells_per_second_whole_run": big["cells_per_second"],
+        "speed_cells": rates["cells"],
+        "slide_cells_per_second": round(rates["slide"], 1),
+        "predict_patches_per_second": round(rates["predict"], 1),
+        "ratio_slide_vs_predict": round(rates["slide"] / rates["predict"], 3),
         "target_ratio": TARGET,
         "precision": big["precision"],
         "small_slide": {
             "size": args.small,
-            "cells_scored": small["cells_scored"],
-            "score_slide_cells_per_second": small["cells_per_second"],
-            "in_memory_cells_per_second": round(memory, 1),
+            "streaming_cells_per_second": round(small["streaming"], 1),
+            "old_in_memory_cells_per_second": round(small["in_memory"], 1),
         },
     }
     print(json.dumps(result, indent=2))

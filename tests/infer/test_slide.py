@@ -316,3 +316,21 @@ def test_many_slides_shard_resume_and_a_bad_one_is_listed(
     assert bad.exit_code == 2 and "--shard" in bad.output
     not_a_run = runner.invoke(app, ["slide", str(svs), "--out", str(tmp_path / "o")])
     assert not_a_run.exit_code == 2 and "not a run folder" in not_a_run.output
+
+
+def test_the_model_scale_comes_from_the_run(baseline_run: Path, svs: Path, tmp_path: Path) -> None:
+    """A run records its mpp; one written before the field existed reads as PCam's; runs that disagree are refused;
+    a slide coarser than the run's scale is refused."""
+    old, fine = tmp_path / "old", tmp_path / "fine"
+    for copy, edit in ((old, lambda text: "\n".join(x for x in text.splitlines() if not x.startswith("mpp:"))),
+                       (fine, lambda text: text.replace("mpp: 0.972", "mpp: 0.486"))):  # fmt: skip
+        copy.mkdir()
+        for name in ("config.yaml", "model.safetensors"):
+            (copy / name).write_bytes((baseline_run / name).read_bytes())
+        (copy / "config.yaml").write_text(edit((baseline_run / "config.yaml").read_text()))
+    assert "mpp: 0.972" in (baseline_run / "config.yaml").read_text()
+    assert Predictor([old], progress=False).mpp == MODEL_MPP
+    with pytest.raises(InferError, match="different scales"):
+        Predictor([baseline_run, fine], progress=False)
+    with pytest.raises(InferError, match=r"scan\.svs.*coarser than the model's 0\.486"):
+        score_slide(Predictor([fine], progress=False), svs, tmp_path / "out", progress=False)

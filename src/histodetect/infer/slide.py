@@ -5,12 +5,13 @@ is cut into cells of 32 pixels *at the model's scale* and each cell is scored by
 every cell once, by the question the model was trained on.
 
 Scale: a run records the microns per pixel it was trained at (``TrainConfig.mpp``). The slide's own resolution
-comes from the file (OpenSlide's ``openslide.mpp-x/y``) or ``slide_mpp``; the pyramid level read is the coarsest one
-still at least as fine as the model's scale, and windows are resampled from it to the model's scale (not at all
-when the level is within ``SCALE_TOLERANCE`` of it, so such a slide is scored on its exact pixels; a level more
-than that coarser is refused, since upsampling invents no detail). A slide file
-without a resolution is refused unless ``slide_mpp`` is given; a plain image (PNG, JPEG, untiled TIFF: a region
-exported from a viewer) without one is taken to be at the model's scale, and ``summary.json`` says so
+comes from the file (OpenSlide's ``openslide.mpp-x/y``) or ``slide_mpp``. The level read is the coarsest one at
+least as fine as the model's scale, give or take ``SCALE_TOLERANCE``, and windows are averaged down from it to the
+model's scale; a factor within that tolerance of a whole number is rounded to it, so a level at the model's scale
+is read as it is (a slide at the model's scale is scored on its exact pixels) and one at twice the resolution is
+averaged 2x2 on its own pixel grid. A level coarser than the model's scale is refused: upsampling invents no detail.
+A slide file without a resolution is refused unless ``slide_mpp`` is given; a plain image (PNG, JPEG, untiled TIFF:
+a region exported from a viewer) without one is taken to be at the model's scale, and ``summary.json`` says so
 (``mpp_source``).
 
 Streaming: the tissue mask comes from a low-resolution view (:mod:`histodetect.data.tissue`); then blocks of
@@ -191,8 +192,9 @@ def score_cells(
 
         def flush(n: int) -> None:
             nonlocal pending, count
-            positions = np.concatenate([p for p, _ in pending])
-            windows = np.concatenate([w for _, w in pending])
+            if len(pending) > 1:  # one array; a block's windows are then batched as views, not copied again
+                pending = [(np.concatenate([p for p, _ in pending]), np.concatenate([w for _, w in pending]))]
+            positions, windows = pending[0]
             probabilities[positions[:n]] = predictor.predict_batch(windows[:n])
             pending = [(positions[n:], windows[n:])] if n < len(positions) else []
             count -= n

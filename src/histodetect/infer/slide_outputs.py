@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import shapely
-from skimage.measure import label
+from skimage.measure import label, regionprops
 
 from histodetect.data.wsi import SlideReader
 from histodetect.io import atomic_write_json
@@ -116,8 +116,9 @@ def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, separators=(",", ":")) + "\n", encoding="utf-8")
 
 
-def _box(row: int, col: int, cell: float) -> shapely.Polygon:
-    return shapely.box(col * cell, row * cell, (col + 1) * cell, (row + 1) * cell)
+def _boxes(rows: np.ndarray, cols: np.ndarray, cell: float) -> np.ndarray:
+    """The cells' squares in level-0 pixels (an array of shapely polygons)."""
+    return shapely.box(cols * cell, rows * cell, (cols + 1) * cell, (rows + 1) * cell)
 
 
 def tumour_regions(scored: ScoredSlide, threshold: float) -> dict[str, Any]:
@@ -125,10 +126,10 @@ def tumour_regions(scored: ScoredSlide, threshold: float) -> dict[str, Any]:
     heatmap = scored.heatmap
     components = label(heatmap >= threshold, connectivity=1)  # NaN (not scored) compares False
     features = []
-    for k in range(1, components.max() + 1):
-        rows, cols = np.nonzero(components == k)
+    for k, component in enumerate(regionprops(components), start=1):
+        rows, cols = component.coords[:, 0], component.coords[:, 1]
         p = heatmap[rows, cols]
-        region = shapely.union_all([_box(r, c, scored.cell) for r, c in zip(rows, cols, strict=True)])
+        region = shapely.union_all(_boxes(rows, cols, scored.cell))
         features.append(
             {
                 "type": "Feature",
@@ -152,13 +153,14 @@ def tumour_regions(scored: ScoredSlide, threshold: float) -> dict[str, Any]:
 
 def cell_tiles(scored: ScoredSlide) -> dict[str, Any]:
     """Every scored cell as a QuPath tile with its probability."""
+    boxes = _boxes(scored.cells[:, 0], scored.cells[:, 1], scored.cell)
     features = [
         {
             "type": "Feature",
-            "geometry": shapely.geometry.mapping(_box(r, c, scored.cell)),
+            "geometry": shapely.geometry.mapping(box),
             "properties": {"objectType": "tile", "measurements": {"probability": round(float(p), 6)}},
         }
-        for (r, c), p in zip(scored.cells, scored.probabilities, strict=True)
+        for box, p in zip(boxes, scored.probabilities, strict=True)
     ]
     return {"type": "FeatureCollection", "features": features}
 
@@ -176,10 +178,11 @@ def plot_heatmap(scored: ScoredSlide, summary: dict[str, Any], target: Path) -> 
     heatmap = scored.heatmap
     cmap = plt.get_cmap("YlOrRd")
     p = np.nan_to_num(heatmap, nan=0.0)
-    overlay = cmap(p)
-    overlay[..., 3] = np.where(np.isfinite(heatmap), 0.1 + 0.65 * p, 0.0)
+    overlay = cmap(p, bytes=True)  # uint8: a whole slide's grid has millions of cells
+    overlay[..., 3] = np.where(np.isfinite(heatmap), (0.1 + 0.65 * p) * 255, 0).astype(np.uint8)
     width, height = scored.reader.dimensions
-    fig, ax = plt.subplots(figsize=(9, max(2.0, 9 * height / width)), dpi=120)
+    side = 9 / max(width, height)  # inches per level-0 pixel: the longer side gets 9 inches
+    fig, ax = plt.subplots(figsize=(max(2.0, width * side), max(2.0, height * side)), dpi=120)
     ax.imshow(scored.reader.thumbnail(THUMBNAIL), extent=(0, width, height, 0))
     rows, cols = heatmap.shape
     ax.imshow(overlay, extent=(0, cols * scored.cell, rows * scored.cell, 0), interpolation="nearest")
