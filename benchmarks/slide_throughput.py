@@ -1,6 +1,6 @@
 """Whole-slide scoring: peak memory on a very large slide, and cells/s against ``predict`` on the same patches.
 
-    python benchmarks/slide_throughput.py [--size 60000] [--islands 4] [--island 2880] [--small 3000]
+    python benchmarks/slide_throughput.py [--size 60000] [--islands 2] [--island 1920] [--small 2000]
 
 1. Builds a ``--size`` x ``--size`` JPEG-compressed tiled pyramidal TIFF at 0.972 um/px (the model's scale), tile by
    tile (never in memory): glass, with ``--islands`` square islands of ``--island`` px covered in real patches
@@ -255,10 +255,10 @@ def small_slide_rates(slide: Path, repeats: int) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=60_000)
-    parser.add_argument("--islands", type=int, default=4)
-    parser.add_argument("--island", type=int, default=2880, help="side of an island of patches, in pixels")
-    parser.add_argument("--small", type=int, default=3000, help="side of the slide for the in-memory comparison")
-    parser.add_argument("--speed-cells", type=int, default=2000, help="tissue cells (and patches) per speed pass")
+    parser.add_argument("--islands", type=int, default=2)
+    parser.add_argument("--island", type=int, default=1920, help="side of an island of patches, in pixels")
+    parser.add_argument("--small", type=int, default=2000, help="side of the slide for the in-memory comparison")
+    parser.add_argument("--speed-cells", type=int, default=1000, help="tissue cells (and patches) per speed pass")
     parser.add_argument("--repeats", type=int, default=2, help="alternating speed passes; the best of each counts")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
