@@ -390,7 +390,9 @@ def slide(
     level: Annotated[
         int | None, typer.Option(help="Pyramid level to read (default: the one closest to the model's scale).")
     ] = None,
-    min_tissue: Annotated[float, typer.Option(help="Score cells with at least this share of tissue.")] = 0.1,
+    min_tissue: Annotated[
+        float, typer.Option(help="Score cells whose 96 px window has at least this share of tissue.")
+    ] = 0.1,
     mask: Annotated[
         Path | None, typer.Option(help="Score only inside: a PNG mask or GeoJSON/XML polygons (or a folder of them).")
     ] = None,

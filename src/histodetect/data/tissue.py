@@ -6,6 +6,7 @@ a pixel is tissue when its HSV saturation is above an Otsu threshold (stain is s
 not) and it is not near black (scanner borders, slide labels). Otsu is clamped to ``SATURATION_RANGE``: on a region
 that is all tissue, or all glass, the unclamped split would fall inside one class. Holes smaller than a cell are
 filled and specks smaller than a quarter cell removed (scikit-image morphology).
+The slide scorer selects cells by the tissue share of their 96 px window (:func:`window_share`).
 
 ``--mask`` narrows the scored cells to a region: a PNG (the slide's shape at any scale; nonzero = inside) or
 polygons (GeoJSON or ASAP XML, level-0 pixels); a cell is inside when its centre is.
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from scipy.ndimage import uniform_filter
 from skimage.filters import threshold_otsu
 from skimage.morphology import remove_small_holes, remove_small_objects
 
@@ -25,7 +27,7 @@ from histodetect.data.annotations import inside, read_polygons
 from histodetect.data.wsi import SlideReader
 from histodetect.errors import InferError
 
-SATURATION_RANGE = (0.05, 0.15)  # bounds of the Otsu threshold on saturation
+SATURATION_RANGE = (0.04, 0.08)  # bounds of the Otsu threshold on saturation
 DARK = 30  # brightest channel below this: black, not stain
 MASK_PIXELS = 32_000_000  # at most this many pixels in the tissue view (4 per cell side when they fit, else 2, 1)
 BAND_PIXELS = 4_000_000  # pixels of the view read at once
@@ -49,6 +51,13 @@ def tissue_fraction(reader: SlideReader, cell: float, grid: tuple[int, int]) -> 
         tissue = remove_small_holes(tissue, max_size=k * k)
         tissue = remove_small_objects(tissue, max_size=k * k // 4)
     return tissue.reshape(rows, k, cols, k).mean(axis=(1, 3), dtype=np.float32), threshold
+
+
+def window_share(fraction: np.ndarray) -> np.ndarray:
+    """The tissue share of each cell's window (the cell and its 8 neighbours: the 96 px the model sees), glass beyond
+    the grid. Cells are selected by this rather than by their own share: a patch whose centre is fat but whose
+    window is tissue is a question the model was trained on, and the heatmap keeps no holes for it."""
+    return uniform_filter(fraction, size=3, mode="constant").astype(np.float32)
 
 
 def _saturation(rgb: np.ndarray) -> np.ndarray:

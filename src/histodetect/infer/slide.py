@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from histodetect.data.annotations import inside, read_polygons
 from histodetect.data.store import PATCH_SHAPE
-from histodetect.data.tissue import region_mask, tissue_fraction
+from histodetect.data.tissue import region_mask, tissue_fraction, window_share
 from histodetect.data.wsi import SlideReader, open_slide
 from histodetect.errors import InferError, UserError
 from histodetect.infer import slide_outputs
@@ -244,7 +244,8 @@ def score_slide(
         width, height = reader.dimensions
         grid = (math.ceil(height / scale.cell), math.ceil(width / scale.cell))
         fraction, saturation = tissue_fraction(reader, scale.cell, grid)
-        selected = fraction >= min_tissue if min_tissue > 0 else np.ones(grid, dtype=bool)
+        window = window_share(fraction)
+        selected = window >= min_tissue if min_tissue > 0 else np.ones(grid, dtype=bool)
         if mask is not None:
             selected &= region_mask(mask, reader, scale.cell, grid)
         truth_area = read_polygons(annotations) if annotations is not None else None
@@ -258,7 +259,9 @@ def score_slide(
                 centres = (cells[:, ::-1] + 0.5) * scale.cell
                 truth = inside(truth_area, centres[:, 0], centres[:, 1])
             cell_mm = CELL * scale.model_mpp_read / 1000
-            scored = slide_outputs.ScoredSlide(reader, scale.cell, cell_mm**2, fraction, cells, probabilities, truth)
+            scored = slide_outputs.ScoredSlide(
+                reader, scale.cell, cell_mm**2, fraction, window, cells, probabilities, truth
+            )
             scores = slide_outputs.summarise(scored, threshold=threshold, top_k=top_k)
             checked = {}
             if truth_area is not None:

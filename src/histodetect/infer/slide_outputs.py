@@ -2,8 +2,8 @@
 the coordinate system slide viewers use.
 
 - ``cells.csv``: one row per scored cell: ``row,col`` in the cell grid, ``x,y,size`` (top-left corner and side in
-  level-0 pixels), ``tissue`` (share of the cell that is tissue), ``probability``; ``tumour`` (0/1, the cell's centre
-  inside an annotated tumour) when annotations were given.
+  level-0 pixels), ``tissue`` (share of the cell's 96 px window that is tissue), ``probability``; ``tumour`` (0/1,
+  the cell's centre inside an annotated tumour) when annotations were given.
 - ``heatmap.npy``: float32, one value per cell of the grid, NaN where not scored.
 - ``heatmap.png``: a thumbnail of the slide with each scored cell tinted by its probability, and a colour bar.
 - ``tumour.geojson``: a FeatureCollection QuPath imports by drag-and-drop: each connected region of cells at or
@@ -40,6 +40,7 @@ class ScoredSlide:
     cell: float  # a cell's side in level-0 pixels
     cell_mm2: float  # a cell's area in square millimetres
     fraction: np.ndarray  # (rows, cols) tissue share of every cell of the grid
+    window: np.ndarray  # (rows, cols) tissue share of every cell's 96 px window
     cells: np.ndarray  # (n, 2) row, col of the scored cells, row-major
     probabilities: np.ndarray  # (n,)
     truth: np.ndarray | None  # (n,) bool: centre inside an annotated tumour
@@ -98,7 +99,7 @@ def write_all(
             "x": np.round(cols * scored.cell, 2),
             "y": np.round(rows * scored.cell, 2),
             "size": round(scored.cell, 4),
-            "tissue": scored.fraction[rows, cols].round(3),
+            "tissue": scored.window[rows, cols].round(3),
             "probability": scored.probabilities,
         }
     )
