@@ -178,6 +178,9 @@ def train(
     ] = None,
     dropout: Annotated[float | None, typer.Option()] = None,
     image_size: Annotated[str | None, typer.Option(help=IMAGE_SIZE_HELP)] = None,
+    mpp: Annotated[
+        float | None, typer.Option(help="Microns per pixel of the patches (default 0.972: PCam/Kaggle); slide uses it.")
+    ] = None,
     optimizer: Annotated[str | None, typer.Option(help="adam | adamw | rmsprop | sgd.")] = None,
     lr: Annotated[float | None, typer.Option()] = None,
     weight_decay: Annotated[float | None, typer.Option()] = None,
@@ -455,37 +458,84 @@ def predict(
 @friendly
 def slide(
     inputs: Annotated[
-        list[Path], typer.Argument(help="RUN [RUN...] IMAGE: run folders or .onnx files, then one large image.")
+        list[Path],
+        typer.Argument(
+            help="RUN... SLIDE_OR_FOLDER...: run folders or .onnx files, then slide files (SVS, NDPI, MIRAX, tiled "
+            "TIFF, ... or a PNG/JPEG/TIFF region) and folders of them."
+        ),
     ],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for heatmap.png/.npy, cells.csv, summary.json.")],
-    level: Annotated[int, typer.Option(help="Pyramid level of a TIFF/SVS (0 = full resolution).")] = 0,
-    stride: Annotated[int, typer.Option(help="Cell size in pixels; each is scored by the 96 px window on it.")] = 32,
-    min_tissue: Annotated[float, typer.Option(help="Score cells with at least this share of tissue.")] = 0.1,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder; each slide goes into OUT/<slide name>/.")],
+    slide_mpp: Annotated[
+        float | None, typer.Option(help="Microns per pixel of level 0, for files that do not record it.")
+    ] = None,
+    level: Annotated[
+        int | None, typer.Option(help="Pyramid level to read (default: the one closest to the model's scale).")
+    ] = None,
+    min_tissue: Annotated[
+        float, typer.Option(help="Score cells whose 96 px window has at least this share of tissue.")
+    ] = 0.1,
+    mask: Annotated[
+        Path | None, typer.Option(help="Score only inside: a PNG mask or GeoJSON/XML polygons (or a folder of them).")
+    ] = None,
+    annotations: Annotated[
+        Path | None,
+        typer.Option(help="Tumour outlines (GeoJSON or Camelyon16 ASAP XML, or a folder of them): cell ROC AUC."),
+    ] = None,
+    threshold: Annotated[float, typer.Option(help="Probability counted as tumour (regions, areas, decision).")] = 0.5,
+    top_k: Annotated[int, typer.Option(help="The slide score is the mean of the top-k cells.")] = 10,
+    geojson: Annotated[
+        str, typer.Option(help="regions: tumour.geojson only | cells: also every scored cell (cells.geojson).")
+    ] = "regions",
+    shard: Annotated[str, typer.Option(help="I/N: score every N-th slide from the I-th (0-based), for array jobs.")] = (
+        "0/1"
+    ),
+    workers: Annotated[int | None, typer.Option(help="Reader processes (default: cores - 1, at most 8).")] = None,
     tta: Tta = "none",
     precision: Precision = "auto",
-    threshold: Annotated[float, typer.Option(help="Probability counted as tumour in the summary.")] = 0.5,
     batch_size: BatchSize = None,
 ) -> None:
-    """A tumour heatmap over a large image (a slide region or a pyramid level at ~1 micron a pixel)."""
-    from histodetect.infer.slide import score_slide
+    """Tumour heatmaps, QuPath GeoJSON and slide scores for whole slides, at the model's microns per pixel."""
+    from histodetect.infer.engine import Predictor
+    from histodetect.infer.slide_batch import parse_shard, score_slides, split_runs_and_slides
 
-    runs, image = _runs_then(inputs, "slide", "an IMAGE")
-    summary = score_slide(
-        runs,
-        image,
+    if geojson not in ("regions", "cells"):
+        raise UserError(f"--geojson {geojson!r}: choose regions or cells")
+    runs, slides = split_runs_and_slides(inputs)
+    predictor = Predictor(runs, tta=tta, batch_size=batch_size, precision=precision)
+
+    def report(name: str, row: dict[str, Any]) -> None:
+        if "error" in row:
+            console.print(f"[bold red]error:[/] {row['error']}", highlight=False, soft_wrap=True)
+        elif row.get("skipped"):
+            console.print(f"{name}: done earlier, skipped", highlight=False)
+        else:
+            console.print(
+                f"{name}: {row['cells_scored']:,} tissue cells, {row['cells_at_or_above_threshold']:,} at P >= "
+                f"{threshold:g}, slide score {row['slide_score'] or 0:.3f} ({row['cells_per_second'] or 0:,.0f} "
+                f"cells/s): [bold]{out / name}[/]",
+                highlight=False,
+            )
+
+    rows = score_slides(
+        predictor,
+        slides,
         out,
+        shard=parse_shard(shard),
+        mask=mask,
+        annotations=annotations,
+        report=report,
+        slide_mpp=slide_mpp,
         level=level,
-        stride=stride,
         min_tissue=min_tissue,
-        tta=tta,
         threshold=threshold,
-        batch_size=batch_size,
-        precision=precision,
+        top_k=top_k,
+        cell_features=geojson == "cells",
+        workers=workers,
     )
-    console.print(
-        f"{summary['cells_scored']} tissue cells scored, {summary['cells_at_or_above_threshold']} at P >= "
-        f"{threshold:g} (max {summary['max_probability'] or 0:.3f}): [bold]{out / 'heatmap.png'}[/]"
-    )
+    failed = sum("error" in row for row in rows)
+    console.print(f"{len(rows) - failed} of {len(rows)} slides done: [bold]{out / 'slides.csv'}[/]")
+    if failed:
+        raise typer.Exit(2)
 
 
 @app.command()

@@ -18,7 +18,7 @@ from histodetect.infer.engine import Predictor
 from histodetect.infer.slide import score_slide
 
 SIGNATURES = {b"\x89PNG": ".png", b"\xff\xd8\xff": ".jpg", b"II*\x00": ".tif", b"MM\x00*": ".tif", b"II+\x00": ".tif"}
-HIDDEN_KEYS = ("image", "runs")  # the summary's file-system paths: the temporary file, the run folders
+HIDDEN_KEYS = ("slide", "runs", "mask", "annotations")  # the summary's file-system paths
 
 
 def check_region(data: bytes, name: str, max_pixels: int) -> str:
@@ -38,23 +38,19 @@ def check_region(data: bytes, name: str, max_pixels: int) -> str:
 def score_region(
     predictor: Predictor, settings: Settings, data: bytes, name: str, suffix: str
 ) -> tuple[dict[str, Any], bytes]:
-    """The slide summary (paths replaced by ``name``) and ``heatmap.png``'s bytes; runs on the model thread.
-
-    At merge with the new slide code this becomes ``score_slide(predictor, image, out, min_tissue=...,
-    threshold=...)``; ``predictor`` is the server's own, already loaded.
-    """
-    del predictor  # today's score_slide loads the runs itself
+    """The slide summary (paths replaced by ``name``) and ``heatmap.png``'s bytes; runs on the model thread with
+    the server's own, already loaded ``predictor``, through the same code as ``histodetect slide``."""
     with tempfile.TemporaryDirectory(prefix="histodetect-region-") as folder:
         image = Path(folder) / f"region{suffix}"
         image.write_bytes(data)
         summary = score_slide(
-            settings.runs,
+            predictor,
             image,
             Path(folder) / "out",
             min_tissue=settings.region_min_tissue,
             threshold=settings.threshold,
-            tta=settings.tta,
-            precision=settings.precision,
+            workers=0,
+            progress=False,
         )
         heatmap = (Path(folder) / "out" / "heatmap.png").read_bytes()
     for key in HIDDEN_KEYS:

@@ -20,12 +20,22 @@ from typing import Protocol
 import numpy as np
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeRemainingColumn,
+)
+from rich.text import Text
 
 from histodetect.data.augment import dihedral, to_float
 from histodetect.device import cpu_has_bf16, resolve_accelerator
 from histodetect.errors import InferError
 from histodetect.models import Classifier
+from histodetect.train.config import TrainConfig
 
 # Indices into histodetect.data.augment.dihedral: k % 4 quarter turns, then a left-right flip when k >= 4.
 # flips = identity, left-right (4), top-bottom (6 = half turn + left-right), both (2 = half turn).
@@ -63,6 +73,10 @@ class Predictor:
     fp32 for tf_efficientnet_lite0 at 96 px on the project's AVX-512 machines) and fp32 elsewhere; ``fp32`` forces
     full precision (exact comparisons with an ONNX export). ONNX members always run in fp32 on onnxruntime's CPU
     provider.
+
+    ``mpp``: the microns per pixel the runs were trained at (their ``config.yaml``); members that do not record it
+    (``.onnx`` files, ``Classifier`` objects) are taken to be at the PCam/Kaggle default, and runs that disagree are
+    refused, since one slide is resampled to one scale.
     """
 
     def __init__(
@@ -89,7 +103,13 @@ class Predictor:
         self.transforms = TTA_TRANSFORMS[tta]
         self.batch_size = batch_size or DEFAULT_BATCH.get(self.device.type, DEFAULT_BATCH["cpu"])
         self.progress = progress
+        self.tta = tta
+        self.sources = [str(run) for run in runs if not isinstance(run, Classifier)]
+        self._mpps: set[float] = set()
         self.members: list[_Member] = [self._load(run) for run in runs]
+        if len(self._mpps) > 1:
+            raise InferError(f"the runs were trained at different scales ({sorted(self._mpps)} microns a pixel)")
+        self.mpp = self._mpps.pop() if self._mpps else TrainConfig.mpp
 
     @property
     def precision(self) -> str:
@@ -106,24 +126,36 @@ class Predictor:
             return OnnxMember(run)
         from histodetect.train.runfolder import load_model  # Lightning is imported only when a run folder is used
 
-        model, _ = load_model(run)
+        model, config = load_model(run)
+        self._mpps.add(config.mpp)
         return _TorchMember(model, self.device, self.autocast_dtype, self.channels_last)
 
     def predict(self, patches: PatchReader, *, label: str = "predict") -> np.ndarray:
         """float32 probabilities ``(N,)`` for uint8 ``(N, H, W, 3)`` patches, read one batch at a time."""
         n = len(patches)
         total = np.zeros(n, dtype=np.float64)
-        with _progress(self.progress, n, label) as advance:
+        with progress_bar(self.progress, n, label) as advance:
             for start in range(0, n, self.batch_size):
                 batch = np.asarray(patches[start : start + self.batch_size])
-                _check_batch(batch)
-                # Decoded images are often read-only views (PIL, the raw-TIFF fast path); torch wants its own.
-                pixels = torch.from_numpy(batch.copy() if not batch.flags.writeable else np.ascontiguousarray(batch))
-                with torch.inference_mode():
-                    for member in self.members:
-                        total[start : start + len(batch)] += member(pixels, self.transforms).double().cpu().numpy()
+                total[start : start + len(batch)] = self._sum(batch)
                 advance(len(batch))
         return (total / (len(self.members) * len(self.transforms))).astype(np.float32)
+
+    def predict_batch(self, batch: np.ndarray) -> np.ndarray:
+        """float32 probabilities of one uint8 ``(N, H, W, 3)`` batch, without a progress bar (callers that stream
+        their own batches, such as the slide scorer, report progress themselves)."""
+        return (self._sum(batch) / (len(self.members) * len(self.transforms))).astype(np.float32)
+
+    def _sum(self, batch: np.ndarray) -> np.ndarray:
+        """float64 sums of every member's probabilities over the TTA transforms."""
+        _check_batch(batch)
+        # Decoded images are often read-only views (PIL, the raw-TIFF fast path); torch wants its own.
+        pixels = torch.from_numpy(batch.copy() if not batch.flags.writeable else np.ascontiguousarray(batch))
+        total = np.zeros(len(batch), dtype=np.float64)
+        with torch.inference_mode():
+            for member in self.members:
+                total += member(pixels, self.transforms).double().cpu().numpy()
+        return total
 
 
 def _autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
@@ -202,14 +234,27 @@ class OnnxMember:
         return torch.from_numpy(total)
 
 
+class _Rate(ProgressColumn):
+    """Items a second, e.g. ``812 cells/s``."""
+
+    def __init__(self, unit: str) -> None:
+        super().__init__()
+        self.unit = unit
+
+    def render(self, task: Task) -> Text:
+        return Text(f"{task.speed or 0:,.0f} {self.unit}/s")
+
+
 @contextlib.contextmanager
-def _progress(enabled: bool, total: int, label: str) -> Iterator[Callable[[int], None]]:
-    """A progress bar on an interactive stderr; silent in pipes, CI logs and tests."""
+def progress_bar(enabled: bool, total: int, label: str, unit: str | None = None) -> Iterator[Callable[[int], None]]:
+    """A progress bar on an interactive stderr (with the rate in ``unit``/s when given); silent in pipes, CI logs
+    and tests."""
     console = Console(stderr=True)
     if not (enabled and console.is_terminal):
         yield lambda _n: None
         return
-    columns = (TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    rate = (_Rate(unit),) if unit else ()
+    columns = (TextColumn(label), BarColumn(), MofNCompleteColumn(), *rate, TimeRemainingColumn())
     with Progress(*columns, console=console, transient=True) as bar:
         task = bar.add_task(label, total=total)
         yield lambda n: bar.advance(task, n)

@@ -1,237 +1,318 @@
-"""``histodetect slide``: one large image (a slide region, or a level of a pyramidal TIFF) -> a tumour heatmap.
+"""``histodetect slide``: a whole slide (or an image region) -> a tumour heatmap, cells, GeoJSON and a slide score.
 
-A PCam/Kaggle label speaks for a patch's centre 32x32 pixels; the rest of the 96x96 patch is context. So the image
-is cut into cells of ``stride`` pixels (32 by default) and each cell is scored by the 96x96 window centred on it,
-the image padded with white so that border cells have one too: at the default stride every cell is scored once,
-by the model answering exactly the question it was trained on. Cells that are mostly glass (unsaturated or near
-white) are not scored; on a slide they are most of the area.
+A PCam/Kaggle label speaks for a patch's centre 32x32 pixels; the rest of the 96x96 patch is context. So the slide
+is cut into cells of 32 pixels *at the model's scale* and each cell is scored by the 96x96 window centred on it:
+every cell once, by the question the model was trained on.
 
-The model has only seen patches at the magnification of the competition data (PCam: about 1 micron a pixel, a
-10x objective), so the image must be at that scale: pick the pyramid level (``level``) or resize beforehand.
+Scale: a run records the microns per pixel it was trained at (``TrainConfig.mpp``). The slide's own resolution
+comes from the file (OpenSlide's ``openslide.mpp-x/y``) or ``slide_mpp``. The level read is the coarsest one at
+least as fine as the model's scale, give or take ``SCALE_TOLERANCE``, and windows are averaged down from it to the
+model's scale; a factor within that tolerance of a whole number is rounded to it, so a level at the model's scale
+is read as it is (a slide at the model's scale is scored on its exact pixels) and one at twice the resolution is
+averaged 2x2 on its own pixel grid. A level coarser than the model's scale is refused: upsampling invents no detail.
+A slide file without a resolution is refused unless ``slide_mpp`` is given; a plain image (PNG, JPEG, untiled TIFF:
+a region exported from a viewer) without one is taken to be at the model's scale, and ``summary.json`` says so
+(``mpp_source``).
 
-Outputs, written atomically into one folder: ``heatmap.npy`` (float32 cells, NaN where not scored), ``cells.csv``
-(one row per scored cell: row, col, x, y of its top-left pixel, probability), ``heatmap.png`` (the image with the
-heatmap over it) and ``summary.json``.
+Streaming: the tissue mask comes from a low-resolution view (:mod:`histodetect.data.tissue`); then blocks of
+``BLOCK`` x ``BLOCK`` cells that hold tissue are read, one region each with the 32 px margin the windows need, by
+``DataLoader`` worker processes, so decoding overlaps inference; batches go through :class:`Predictor` (its TTA,
+precision and ensemble). Memory holds the cell grid and a few blocks, whatever the slide's size.
+
+Outputs go into a hidden folder renamed to ``out`` at the end (:mod:`histodetect.infer.slide_outputs` writes
+them), so a failed or killed slide leaves nothing that looks finished.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
+import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
+from torch.utils.data import DataLoader, Dataset
 
+from histodetect.data.annotations import inside, read_polygons
 from histodetect.data.store import PATCH_SHAPE
-from histodetect.infer.engine import InferError, Predictor
-from histodetect.io import atomic_path, atomic_write_json
+from histodetect.data.tissue import region_mask, tissue_fraction, window_share
+from histodetect.data.wsi import SlideReader, open_slide
+from histodetect.errors import InferError, UserError
+from histodetect.infer import slide_outputs
+from histodetect.infer.engine import Predictor, progress_bar
 
 WINDOW = PATCH_SHAPE[0]  # 96: what every model was trained on
-CENTRE = 32  # the labelled centre of a window
-MAX_PIXELS = 250_000_000  # ~750 MB as RGB; a whole slide at full resolution is far larger: choose a level
-TIFF_SUFFIXES = frozenset({".tif", ".tiff", ".svs", ".btf"})
-SATURATION = 0.07  # HSV saturation above which a pixel counts as stained tissue (glass and white are below)
-THUMBNAIL = 1600  # longest side of heatmap.png's image, in pixels
+CELL = 32  # the labelled centre of a window
+MARGIN = (WINDOW - CELL) // 2  # context on each side of a cell
+BLOCK = 16  # cells a side read as one region: 576 px for 512 px of cells, so margins cost ~27% extra reading
+# Scale factors within 8% of a whole number are rounded to it: within 8% of 1, a level is read as it is (no
+# resampling). The training data already span that much: Camelyon16's two scanners work at 0.243 and 0.226 um/px,
+# so PCam's 0.972 um/px patches are really 0.90-0.97; and a slide's recorded mpp is rarely better than a few percent.
+SCALE_TOLERANCE = 0.08
+TOP_K = 10  # the slide score is the mean of the k most suspicious cells (and their max)
+PARTIAL = ".partial-"
 
 
-def read_image(path: str | os.PathLike[str], *, level: int = 0) -> np.ndarray:
-    """uint8 ``(H, W, 3)`` RGB of ``path``: a TIFF (pyramid ``level``, as tifffile reads SVS too) or any image Pillow
-    reads. Refuses what cannot be an H&E image and what would not fit in memory, naming the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such image")
-    if path.suffix.lower() in TIFF_SUFFIXES:
-        pixels = _read_tiff(path, level)
+@dataclass(frozen=True)
+class Scale:
+    """How the model's pixels map onto the slide: ``factor`` level pixels per model pixel at ``level``."""
+
+    slide_mpp: float
+    mpp_source: str
+    model_mpp: float
+    level: int
+    downsample: float
+    factor: float
+
+    @property
+    def level0_per_pixel(self) -> float:
+        """Level-0 pixels per model pixel."""
+        return self.factor * self.downsample
+
+    @property
+    def model_mpp_read(self) -> float:
+        """Microns per model pixel as read: the model's scale, up to the ``SCALE_TOLERANCE`` left unresampled."""
+        return self.slide_mpp * self.level0_per_pixel
+
+    @property
+    def cell(self) -> float:
+        """A cell's side in level-0 pixels."""
+        return CELL * self.level0_per_pixel
+
+
+def choose_scale(
+    reader: SlideReader, model_mpp: float, slide_mpp: float | None = None, level: int | None = None
+) -> Scale:
+    """The level to read and the resampling factor that bring ``reader`` to ``model_mpp``."""
+    if model_mpp <= 0:
+        raise InferError(f"the model's scale is {model_mpp} microns a pixel; it must be positive (train --mpp)")
+    if slide_mpp is not None:
+        if slide_mpp <= 0:
+            raise InferError(f"--slide-mpp {slide_mpp}: must be a positive number of microns a pixel")
+        source = "--slide-mpp"
+    elif reader.mpp is not None:
+        slide_mpp, source = reader.mpp, "file"
+    elif reader.in_memory:
+        slide_mpp, source = model_mpp, "assumed: a plain image at the model's scale"
     else:
-        if level:
-            raise InferError(f"{path}: --level applies to pyramidal TIFF files only")
-        pixels = _read_pillow(path)
-    if pixels.ndim == 3 and pixels.shape[-1] == 4:  # RGBA: composite over white, as a viewer shows it
-        alpha = pixels[..., 3:4].astype(np.float32) / 255
-        pixels = (pixels[..., :3] * alpha + 255 * (1 - alpha)).round().astype(np.uint8)
-    if pixels.ndim != 3 or pixels.shape[-1] != 3 or pixels.dtype != np.uint8:
-        raise InferError(f"{path}: expected an 8-bit RGB image, got {pixels.dtype} with shape {pixels.shape}")
-    if min(pixels.shape[:2]) < 1:
-        raise InferError(f"{path}: the image is empty")
-    return pixels
-
-
-def _check_size(path: Path, height: int, width: int) -> None:
-    if height * width > MAX_PIXELS:
         raise InferError(
-            f"{path}: {width}x{height} pixels is more than {MAX_PIXELS // 1_000_000} megapixels; choose a lower "
-            "--level of the pyramid (the model wants about 1 micron a pixel) or crop the region of interest"
+            f"{reader.path}: the file does not record its microns per pixel; pass --slide-mpp "
+            "(about 0.25 for a 40x scan, 0.5 for 20x)"
         )
+    wanted = model_mpp / slide_mpp  # level-0 pixels per model pixel
+    if level is None:
+        level = reader.best_level(wanted * (1 + SCALE_TOLERANCE))
+    elif not 0 <= level < len(reader.level_downsamples):
+        raise InferError(
+            f"{reader.name}: --level {level} does not exist; it has levels 0..{len(reader.level_downsamples) - 1}"
+        )
+    downsample = reader.level_downsamples[level]
+    factor = wanted / downsample
+    if factor < 1 - SCALE_TOLERANCE:
+        raise InferError(
+            f"{reader.name}: level {level} is at {slide_mpp * downsample:.3g} microns a pixel, coarser than the "
+            f"model's {model_mpp:.3g}; pass a finer --level or check --slide-mpp"
+        )
+    if round(factor) >= 1 and abs(factor - round(factor)) <= SCALE_TOLERANCE * factor:
+        factor = float(round(factor))
+    return Scale(slide_mpp, source, model_mpp, level, downsample, factor)
 
 
-def _read_tiff(path: Path, level: int) -> np.ndarray:
-    import tifffile
+class CellBlocks(Dataset[tuple[np.ndarray, np.ndarray | None, str | None]]):
+    """The windows of the listed cells, a block of cells at a time: item ``i`` is (positions of its cells in
+    ``cells``, their uint8 ``(n, 96, 96, 3)`` windows, None) or (positions, None, the error) when the slide cannot
+    be read there (a worker's exception would reach the user as a traceback)."""
 
-    try:
-        with tifffile.TiffFile(path) as tif:
-            levels = tif.series[0].levels
-            if not 0 <= level < len(levels):
-                raise InferError(f"{path}: --level {level} does not exist; the file has levels 0..{len(levels) - 1}")
-            shape = levels[level].shape
-            if len(shape) == 3 and shape[0] in (3, 4) and shape[-1] not in (3, 4):  # planar (C, H, W)
-                _check_size(path, shape[1], shape[2])
-                return np.moveaxis(levels[level].asarray(), 0, -1)
-            _check_size(path, shape[0], shape[1] if len(shape) > 1 else 1)
-            return levels[level].asarray()
-    except InferError:
-        raise
-    except Exception as exc:  # tifffile raises many types: bad headers, codecs it lacks (pip install imagecodecs)
-        raise InferError(f"{path}: cannot read as TIFF ({type(exc).__name__}: {exc})") from exc
-
-
-def _read_pillow(path: Path) -> np.ndarray:
-    from PIL import Image
-
-    try:
-        with Image.open(path) as image:
-            _check_size(path, image.height, image.width)
-            if image.mode not in ("RGB", "RGBA"):
-                raise InferError(f"{path}: colour mode {image.mode}; an H&E image must be RGB")
-            return np.asarray(image)
-    except InferError:
-        raise
-    except Exception as exc:  # Pillow raises several types for unreadable or truncated files
-        raise InferError(f"{path}: cannot read as an image ({type(exc).__name__}: {exc})") from exc
-
-
-def tissue_fraction(image: np.ndarray, stride: int) -> np.ndarray:
-    """Share of each ``stride`` cell's pixels that are stained tissue: HSV saturation above ``SATURATION`` and not
-    near black (scanner borders). Computed a band of cells at a time, so it costs little memory."""
-    rows, cols = -(-image.shape[0] // stride), -(-image.shape[1] // stride)
-    out = np.zeros((rows, cols), dtype=np.float32)
-    for r in range(rows):
-        band = image[r * stride : (r + 1) * stride]
-        high = band.max(axis=-1).astype(np.int16)
-        low = band.min(axis=-1).astype(np.int16)
-        tissue = ((high - low) > SATURATION * high) & (high > 30)
-        padded = np.zeros((stride, cols * stride), dtype=bool)
-        padded[: tissue.shape[0], : tissue.shape[1]] = tissue
-        out[r] = padded.reshape(stride, cols, stride).mean(axis=(0, 2))
-    return out
-
-
-class CellWindows:
-    """The 96x96 window centred on each listed cell, read on demand (a ``PatchReader`` for the engine)."""
-
-    def __init__(self, image: np.ndarray, cells: np.ndarray, stride: int) -> None:
-        pad = (WINDOW - stride) // 2
-        self.padded = np.pad(image, ((pad, pad + stride), (pad, pad + stride), (0, 0)), constant_values=255)
+    def __init__(self, reader: SlideReader, scale: Scale, cells: np.ndarray) -> None:
+        self.reader = reader
+        self.scale = scale
         self.cells = cells
-        self.stride = stride
+        block_id = (cells[:, 0] // BLOCK) * (cells[:, 1].max(initial=0) // BLOCK + 1) + cells[:, 1] // BLOCK
+        order = np.argsort(block_id, kind="stable")
+        bounds = np.flatnonzero(np.diff(block_id[order])) + 1
+        self.groups = np.split(order, bounds) if len(order) else []
 
     def __len__(self) -> int:
-        return len(self.cells)
+        return len(self.groups)
 
-    def __getitem__(self, index: slice) -> np.ndarray:
-        s = self.stride
-        return np.stack([self.padded[r * s : r * s + WINDOW, c * s : c * s + WINDOW] for r, c in self.cells[index]])
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray | None, str | None]:
+        positions = self.groups[i]
+        rows, cols = self.cells[positions, 0], self.cells[positions, 1]
+        r0, c0 = rows.min(), cols.min()
+        height = (rows.max() - r0 + 1) * CELL + 2 * MARGIN
+        width = (cols.max() - c0 + 1) * CELL + 2 * MARGIN
+        x0, y0 = c0 * CELL - MARGIN, r0 * CELL - MARGIN  # model pixels
+        s = self.scale.level0_per_pixel
+        try:
+            region = self.reader.read_scaled(
+                (x0 * s, y0 * s, (x0 + width) * s, (y0 + height) * s), (width, height), level=self.scale.level
+            )
+        except UserError as exc:
+            return positions, None, str(exc)
+        views = np.lib.stride_tricks.sliding_window_view(region, (WINDOW, WINDOW, 3))[::CELL, ::CELL, 0]
+        return positions, np.ascontiguousarray(views[rows - r0, cols - c0]), None
+
+
+def _as_is(item: Any) -> Any:
+    """No collation: blocks arrive as the numpy arrays the worker made."""
+    return item
+
+
+def default_workers() -> int:
+    """Reader processes: one core is left to inference, at most 8."""
+    return max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
+def score_cells(
+    predictor: Predictor,
+    reader: SlideReader,
+    scale: Scale,
+    cells: np.ndarray,
+    *,
+    workers: int | None = None,
+    progress: bool = True,
+) -> np.ndarray:
+    """float32 probability of each ``(row, col)`` in ``cells``, by the window centred on it."""
+    probabilities = np.full(len(cells), np.nan, dtype=np.float32)
+    if not len(cells):
+        return probabilities
+    blocks = CellBlocks(reader, scale, cells)
+    workers = 0 if reader.in_memory else (default_workers() if workers is None else workers)
+    loader = DataLoader(
+        blocks, batch_size=None, num_workers=workers, collate_fn=_as_is, prefetch_factor=4 if workers else None
+    )
+    pending: list[tuple[np.ndarray, np.ndarray]] = []
+    count = 0
+    with progress_bar(progress, len(cells), reader.name, unit="cells") as advance:
+
+        def flush(n: int) -> None:
+            nonlocal pending, count
+            if len(pending) > 1:  # one array; a block's windows are then batched as views, not copied again
+                pending = [(np.concatenate([p for p, _ in pending]), np.concatenate([w for _, w in pending]))]
+            positions, windows = pending[0]
+            probabilities[positions[:n]] = predictor.predict_batch(windows[:n])
+            pending = [(positions[n:], windows[n:])] if n < len(positions) else []
+            count -= n
+            advance(n)
+
+        for positions, windows, error in loader:
+            if error is not None:
+                raise InferError(error)
+            pending.append((positions, windows))
+            count += len(positions)
+            while count >= predictor.batch_size:
+                flush(predictor.batch_size)
+        if count:
+            flush(count)
+    return probabilities
 
 
 def score_slide(
-    runs: Sequence[str | os.PathLike[str]],
-    image_path: str | os.PathLike[str],
+    predictor: Predictor,
+    slide: str | os.PathLike[str] | SlideReader,
     out: str | os.PathLike[str],
     *,
-    level: int = 0,
-    stride: int = CENTRE,
     min_tissue: float = 0.1,
-    tta: str = "none",
     threshold: float = 0.5,
-    batch_size: int | None = None,
-    precision: str = "auto",
+    slide_mpp: float | None = None,
+    level: int | None = None,
+    mask: str | os.PathLike[str] | None = None,
+    annotations: str | os.PathLike[str] | None = None,
+    cell_features: bool = False,
+    top_k: int = TOP_K,
+    workers: int | None = None,
+    progress: bool = True,
 ) -> dict[str, Any]:
-    """Score every tissue cell of ``image_path`` with the mean of ``runs``; write the outputs; return the summary."""
-    if stride < 8 or stride > WINDOW or stride % 2:
-        raise InferError(f"--stride {stride}: must be an even number of pixels from 8 to {WINDOW}")
+    """Score every tissue cell of ``slide`` (a path, or a reader already open) with ``predictor`` and write the
+    slide's folder ``out`` (which must not exist, or be empty): ``cells.csv``, ``heatmap.npy``, ``heatmap.png``,
+    ``tumour.geojson`` (and ``cells.geojson`` with ``cell_features``) and ``summary.json``. Returns the summary."""
     if not 0.0 <= min_tissue <= 1.0:
         raise InferError(f"--min-tissue {min_tissue}: must be within [0, 1]")
     if not 0.0 <= threshold <= 1.0:
         raise InferError(f"--threshold {threshold}: must be within [0, 1]")
+    if top_k < 1:
+        raise InferError(f"--top-k {top_k}: must be at least 1")
     started = time.perf_counter()
-    image = read_image(image_path, level=level)
-    predictor = Predictor(runs, tta=tta, batch_size=batch_size, precision=precision)
-    fraction = tissue_fraction(image, stride)
-    scored = fraction >= min_tissue  # all cells when min_tissue is 0
-    cells = np.argwhere(scored)
-    probabilities = predictor.predict(CellWindows(image, cells, stride), label="slide")
-    heatmap = np.full(fraction.shape, np.nan, dtype=np.float32)
-    heatmap[scored] = probabilities  # argwhere and boolean indexing share row-major order
-
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out / "heatmap.npy") as tmp, open(tmp, "wb") as fh:
-        np.save(fh, heatmap)
-    frame = pd.DataFrame(
-        {
-            "row": cells[:, 0],
-            "col": cells[:, 1],
-            "x": cells[:, 1] * stride,
-            "y": cells[:, 0] * stride,
-            "tissue": fraction[scored].round(3),
-            "probability": probabilities,
-        }
-    )
-    with atomic_path(out / "cells.csv") as tmp:
-        frame.to_csv(tmp, index=False)
-    summary = {
-        "image": str(image_path),
-        "level": level,
-        "width": int(image.shape[1]),
-        "height": int(image.shape[0]),
-        "stride": stride,
-        "cells": int(heatmap.size),
-        "cells_scored": len(cells),
-        "min_tissue": min_tissue,
-        "threshold": threshold,
-        "cells_at_or_above_threshold": int((probabilities >= threshold).sum()),
-        "max_probability": float(probabilities.max()) if len(cells) else None,
-        "mean_probability": float(probabilities.mean()) if len(cells) else None,
-        "runs": [str(r) for r in runs],
-        "tta": tta,
-        "precision": predictor.precision,
-        "seconds": round(time.perf_counter() - started, 2),
-    }
-    _plot(image, heatmap, stride, summary, out / "heatmap.png")
-    atomic_write_json(out / "summary.json", summary)
+    with contextlib.ExitStack() as stack:
+        reader = slide if isinstance(slide, SlideReader) else stack.enter_context(open_slide(slide))
+        scale = choose_scale(reader, predictor.mpp, slide_mpp, level)
+        width, height = reader.dimensions
+        grid = (math.ceil(height / scale.cell), math.ceil(width / scale.cell))
+        fraction, saturation = tissue_fraction(reader, scale.cell, grid)
+        window = window_share(fraction)
+        selected = window >= min_tissue if min_tissue > 0 else np.ones(grid, dtype=bool)
+        if mask is not None:
+            selected &= region_mask(mask, reader, scale.cell, grid)
+        truth_area = read_polygons(annotations) if annotations is not None else None
+        cells = np.argwhere(selected)
+        with _folder(Path(out)) as folder:
+            scoring = time.perf_counter()
+            probabilities = score_cells(predictor, reader, scale, cells, workers=workers, progress=progress)
+            scoring = time.perf_counter() - scoring
+            truth = None
+            if truth_area is not None:
+                centres = (cells[:, ::-1] + 0.5) * scale.cell
+                truth = inside(truth_area, centres[:, 0], centres[:, 1])
+            cell_mm = CELL * scale.model_mpp_read / 1000
+            scored = slide_outputs.ScoredSlide(
+                reader, scale.cell, cell_mm**2, fraction, window, cells, probabilities, truth
+            )
+            scores = slide_outputs.summarise(scored, threshold=threshold, top_k=top_k)
+            checked = {}
+            if truth_area is not None:
+                checked = slide_outputs.agreement(scored, truth_area.area > 0, scores["slide_positive"])
+            summary = {
+                "slide": str(reader.path) if reader.path is not None else reader.name,
+                "reader": reader.kind,
+                "vendor": getattr(reader, "vendor", None),
+                "width": width,
+                "height": height,
+                "levels": len(reader.level_dimensions),
+                "mpp": scale.slide_mpp,
+                "mpp_source": scale.mpp_source,
+                "model_mpp": scale.model_mpp,
+                "level": scale.level,
+                "level_downsample": scale.downsample,
+                "scale_factor": scale.factor,
+                "cell_size": round(scale.cell, 4),
+                "grid": list(grid),
+                "min_tissue": min_tissue,
+                "saturation_threshold": round(saturation, 4),
+                "mask": str(mask) if mask is not None else None,
+                **scores,
+                "annotations": str(annotations) if annotations is not None else None,
+                **checked,
+                "runs": predictor.sources,
+                "tta": predictor.tta,
+                "precision": predictor.precision,
+                "scoring_seconds": round(scoring, 2),
+                "cells_per_second": round(len(cells) / scoring, 1) if scoring > 0 and len(cells) else None,
+                "seconds": round(time.perf_counter() - started, 2),
+            }
+            slide_outputs.write_all(folder, scored, summary, threshold=threshold, cell_features=cell_features)
     return summary
 
 
-def _plot(image: np.ndarray, heatmap: np.ndarray, stride: int, summary: dict[str, Any], target: Path) -> None:
-    """The image with each scored cell tinted by its probability; the tint's opacity grows with it, so tissue the
-    model finds benign stays readable and glass is left as it is."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.cm import ScalarMappable
-    from matplotlib.colors import Normalize
-
-    cmap = plt.get_cmap("YlOrRd")
-    p = np.nan_to_num(heatmap, nan=0.0)
-    overlay = cmap(p)
-    overlay[..., 3] = np.where(np.isfinite(heatmap), 0.1 + 0.65 * p, 0.0)
-    step = max(1, -(-max(image.shape[:2]) // THUMBNAIL))
-    height, width = image.shape[:2]
-    fig, ax = plt.subplots(figsize=(9, 9 * height / width), dpi=120)
-    ax.imshow(image[::step, ::step], extent=(0, width, height, 0))
-    cells_extent = (0, heatmap.shape[1] * stride, heatmap.shape[0] * stride, 0)
-    ax.imshow(overlay, extent=cells_extent, interpolation="nearest")
-    ax.set(xlim=(0, width), ylim=(height, 0), xticks=[], yticks=[])
-    ax.set_title(
-        f"{Path(summary['image']).name}: {summary['cells_at_or_above_threshold']} of {summary['cells_scored']} "
-        f"tissue cells at P >= {summary['threshold']:g}",
-        fontsize=10,
-    )
-    mappable = ScalarMappable(norm=Normalize(0, 1), cmap=cmap)
-    fig.colorbar(mappable, ax=ax, fraction=0.04, pad=0.02, label="P(tumour in the cell)")
-    with atomic_path(target) as tmp:
-        fig.savefig(tmp, format="png", bbox_inches="tight")
-    plt.close(fig)
+@contextlib.contextmanager
+def _folder(out: Path) -> Iterator[Path]:
+    """A hidden sibling of ``out`` to write into, renamed to ``out`` when the block succeeds and removed when it
+    fails. ``out`` may exist only as an empty folder: a finished slide is never overwritten."""
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
+        raise InferError(f"{out}: already exists and is not empty; remove it or choose another --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f".{out.name}{PARTIAL}*"):  # left by a killed run of this slide
+        shutil.rmtree(stale, ignore_errors=True)
+    building = out.parent / f".{out.name}{PARTIAL}{os.getpid()}"
+    building.mkdir()
+    try:
+        yield building
+        if out.exists():
+            out.rmdir()
+        os.replace(building, out)
+    finally:
+        shutil.rmtree(building, ignore_errors=True)

@@ -45,6 +45,9 @@ class TrainConfig:
     # Pixels a side the network sees (patches are resized, bilinear): 96 = native; "auto" = the backbone's own
     # pretrained input size (224 for most ImageNet models: ~5x the compute of 96).
     image_size: int | str = 96
+    # Microns per pixel of the training patches: PCam and the Kaggle data are Camelyon16's 40x scans (0.243 um/px)
+    # downsampled 4x. `slide` resamples every slide to this scale.
+    mpp: float = 0.972
     # optimisation
     optimizer: str = "adamw"
     lr: float = 1e-3

@@ -1,0 +1,102 @@
+"""Where the tissue is: the share of each cell that is stained tissue, from a low-resolution view of the slide.
+
+Glass is most of a slide's area, so the slide scorer reads and scores only cells with tissue. The view is read at a
+few pixels per cell (from the pyramid level closest to that, band by band, so memory does not grow with the slide);
+a pixel is tissue when its HSV saturation is above an Otsu threshold (stain is saturated, glass and white fat are
+not) and it is not near black (scanner borders, slide labels). Otsu is clamped to ``SATURATION_RANGE``: on a region
+that is all tissue, or all glass, the unclamped split would fall inside one class. Holes smaller than a cell are
+filled and specks smaller than a quarter cell removed (scikit-image morphology).
+The slide scorer selects cells by the tissue share of their 96 px window (:func:`window_share`).
+
+``--mask`` narrows the scored cells to a region: a PNG (the slide's shape at any scale; nonzero = inside) or
+polygons (GeoJSON or ASAP XML, level-0 pixels); a cell is inside when its centre is.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from scipy.ndimage import uniform_filter
+from skimage.filters import threshold_otsu
+from skimage.morphology import remove_small_holes, remove_small_objects
+
+from histodetect.data.annotations import inside, read_polygons
+from histodetect.data.wsi import SlideReader
+from histodetect.errors import InferError
+
+SATURATION_RANGE = (0.04, 0.08)  # bounds of the Otsu threshold on saturation
+DARK = 30  # brightest channel below this: black, not stain
+MASK_PIXELS = 32_000_000  # at most this many pixels in the tissue view (4 per cell side when they fit, else 2, 1)
+BAND_PIXELS = 4_000_000  # pixels of the view read at once
+SHAPE_TOLERANCE = 0.02  # a PNG mask's aspect ratio may differ from the slide's by this much (rounding)
+
+
+def tissue_fraction(reader: SlideReader, cell: float, grid: tuple[int, int]) -> tuple[np.ndarray, float]:
+    """float32 ``grid`` (rows, cols): the tissue share of each ``cell``-sized (level-0 pixels) cell; and the
+    saturation threshold used."""
+    rows, cols = grid
+    k = next((k for k in (4, 2) if rows * cols * k * k <= MASK_PIXELS), 1)
+    saturation = np.zeros((rows * k, cols * k), dtype=np.uint8)
+    band = max(1, BAND_PIXELS // (cols * k * k))
+    for r0 in range(0, rows, band):
+        r1 = min(rows, r0 + band)
+        view = reader.read_scaled((0, r0 * cell, cols * cell, r1 * cell), (cols * k, (r1 - r0) * k))
+        saturation[r0 * k : r1 * k] = _saturation(view)
+    threshold = _otsu(saturation)
+    tissue = saturation > round(threshold * 255)
+    if k > 1:
+        tissue = remove_small_holes(tissue, max_size=k * k)
+        tissue = remove_small_objects(tissue, max_size=k * k // 4)
+    return tissue.reshape(rows, k, cols, k).mean(axis=(1, 3), dtype=np.float32), threshold
+
+
+def window_share(fraction: np.ndarray) -> np.ndarray:
+    """The tissue share of each cell's window (the cell and its 8 neighbours: the 96 px the model sees), glass beyond
+    the grid. Cells are selected by this rather than by their own share: a patch whose centre is fat but whose
+    window is tissue is a question the model was trained on, and the heatmap keeps no holes for it."""
+    return uniform_filter(fraction, size=3, mode="constant").astype(np.float32)
+
+
+def _saturation(rgb: np.ndarray) -> np.ndarray:
+    """uint8 HSV saturation (0-255), 0 for near-black pixels."""
+    high = rgb.max(axis=-1).astype(np.int32)
+    low = rgb.min(axis=-1).astype(np.int32)
+    s = np.where(high >= DARK, (high - low) * 255 // np.maximum(high, 1), 0)
+    return s.astype(np.uint8)
+
+
+def _otsu(saturation: np.ndarray) -> float:
+    counts = np.bincount(saturation.ravel(), minlength=256)
+    if np.count_nonzero(counts) < 2:
+        return SATURATION_RANGE[0]
+    threshold = threshold_otsu(hist=(counts, np.arange(256))) / 255
+    return float(np.clip(threshold, *SATURATION_RANGE))
+
+
+def region_mask(path: str | os.PathLike[str], reader: SlideReader, cell: float, grid: tuple[int, int]) -> np.ndarray:
+    """bool ``grid``: the cells whose centre lies inside the region ``path`` outlines (PNG mask or polygons)."""
+    path = Path(path)
+    rows, cols = grid
+    x = (np.arange(cols) + 0.5) * cell
+    y = (np.arange(rows) + 0.5) * cell
+    if path.suffix.lower() != ".png":
+        xx, yy = np.meshgrid(x, y)
+        return inside(read_polygons(path), xx, yy)
+    try:
+        with Image.open(path) as image:
+            mask = np.asarray(image.convert("L")) > 0
+    except (OSError, ValueError) as exc:
+        raise InferError(f"{path}: not a readable PNG mask ({exc})") from exc
+    width, height = reader.dimensions
+    ratio = (mask.shape[1] / mask.shape[0]) / (width / height)
+    if abs(ratio - 1) > SHAPE_TOLERANCE:
+        raise InferError(
+            f"{path}: a {mask.shape[1]}x{mask.shape[0]} mask does not have the shape of {reader.name} "
+            f"({width}x{height}); it must cover the whole slide, at any scale"
+        )
+    col = np.minimum((x * mask.shape[1] / width).astype(np.int64), mask.shape[1] - 1)
+    row = np.minimum((y * mask.shape[0] / height).astype(np.int64), mask.shape[0] - 1)
+    return mask[row[:, None], col[None, :]]
