@@ -18,6 +18,7 @@ UNSAFE = (
     (re.compile(r"\.\."), "'..' in id"),
     (re.compile(r"^[A-Za-z]:"), "drive letter in id"),
 )
+CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # Every unsafe id holds one of these (or is empty, or holds a line break): a screen that is cheap over all ids at once.
 SCREEN = (*(chr(code) for code in range(32) if chr(code) != "\n"), "\x7f", "/", "\\", "..", ":")
 
@@ -38,6 +39,15 @@ def first_unsafe(names: Sequence[str]) -> int | None:
     if all(names) and joined.count("\n") == len(names) - 1 and not any(mark in joined for mark in SCREEN):
         return None
     return next((position for position, name in enumerate(names) if unsafe_reason(name)), None)
+
+
+def group_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a slide group (empty, or text a terminal would act on); None when it is fine.
+
+    A group never names a file, so only what would make it unprintable or meaningless is refused."""
+    if not name.strip():
+        return "empty group"
+    return "control character in group" if CONTROL.search(name) else None
 
 
 def looks_like_sha1(name: str) -> bool:
