@@ -19,6 +19,7 @@ UNSAFE = (
     (re.compile(r"^[A-Za-z]:"), "drive letter in id"),
 )
 CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+CONTROL_BUT_NEWLINE = re.compile(r"[\x00-\x09\x0b-\x1f\x7f]")  # names joined by line breaks, screened at once
 # Every unsafe id holds one of these (or is empty, or holds a line break): a screen that is cheap over all ids at once.
 SCREEN = (*(chr(code) for code in range(32) if chr(code) != "\n"), "\x7f", "/", "\\", "..", ":")
 
@@ -48,6 +49,16 @@ def group_problem(name: str) -> str | None:
     if not name.strip():
         return "empty group"
     return "control character in group" if CONTROL.search(name) else None
+
+
+def first_bad_group(names: Sequence[str]) -> int | None:
+    """Position of the first name that is not empty and not a valid group (see :func:`group_problem`), or None.
+    Screened at once, as :func:`first_unsafe` does, since a store's index is checked every time it opens."""
+    joined = "\n".join(names)
+    screened = joined.count("\n") == len(names) - 1 and CONTROL_BUT_NEWLINE.search(joined) is None
+    if screened and all(name.strip() or not name for name in names):
+        return None
+    return next((at for at, name in enumerate(names) if name and group_problem(name)), None)
 
 
 def looks_like_sha1(name: str) -> bool:
