@@ -68,6 +68,18 @@ def test_pcam_meta_csv_gives_each_patch_its_slide_and_position_and_never_its_lab
     assert "3 over 240 patches" in info.output
 
 
+def test_an_unlabeled_pcam_split_keeps_no_slide(sample_arrays: Arrays, tmp_path: Path) -> None:
+    pixels, labels, _ = sample_arrays
+    write_meta(write_pcam(tmp_path / "pcam", "train", pixels[:150], labels[:150]), labels[:150])
+    write_pcam(tmp_path / "pcam", "valid", pixels[150:200], labels[150:200])  # labeled, but without its meta CSV
+    write_meta(write_pcam(tmp_path / "pcam", "test", pixels[200:], None), labels[200:])
+    result = run(tmp_path / "pcam", tmp_path)
+    store = result.store
+    assert store is not None and (store.groups[store.rows(["valid", "test"])] == "").all()
+    assert (store.groups[store.rows("train")] != "").all()
+    assert sorted(kinds(result)) == ["group_not_recorded", "missing_labels", "no_group"]
+
+
 def test_pcam_meta_csv_out_of_step_with_its_hdf5_is_refused(sample_arrays: Arrays, tmp_path: Path) -> None:
     pixels, labels, _ = sample_arrays
     write_meta(write_pcam(tmp_path / "pcam", "train", pixels[:100], labels[:100]), labels, rows=99)
