@@ -26,7 +26,7 @@ from pathlib import Path
 import h5py
 
 from histodetect.data.ids import group_problem, shown
-from histodetect.data.sources import PCAM_X, Item, Problems, csv_rows, pcam_meta_path, pcam_patch_count, relative
+from histodetect.data.sources import PCAM_X, Item, Problems, csv_table, pcam_meta_path, pcam_patch_count
 from histodetect.data.store import Place
 from histodetect.errors import IngestError
 
@@ -39,21 +39,14 @@ def read_pcam_meta(path: Path, root: Path, split: str, count: int, problems: Pro
     """The place of each of a PCam split's ``count`` patches, row for row, from its meta CSV; None when the file
     cannot be used (recorded in ``problems``): a missing column, or rows that do not pair one to one with the
     patches. A row with an unusable slide name or position is an error and gives that patch no place."""
-    file = relative(path, root)
-    rows = csv_rows(path, file, split, problems)
-    if rows is None:
+    table = csv_table(path, root, split, META_COLUMNS, problems, "coord_y,coord_x,tumor_patch,center_tumor_patch,wsi")
+    if table is None:
         return None
-    (_, header), body = rows[0], rows[1:]
-    columns = [name.strip().lower() for name in header]
-    if missing := [name for name in META_COLUMNS if name not in columns]:
-        detail = f"header {','.join(header)!r} has no {missing}; expected PCam's coord_y,coord_x,...,wsi"
-        problems.error("csv_missing_column", split, None, file, detail)
-        return None
+    file, at, body = table
     if len(body) != count:
         detail = f"{len(body)} rows for {count} patches: not row for row with the HDF5 file; no slide recorded"
         problems.error("bad_meta", split, None, file, detail)
         return None
-    at = [columns.index(name) for name in META_COLUMNS]
     places: list[Place | None] = []
     for line, row in body:
         wsi, x_text, y_text = (row[i].strip() if i < len(row) else "" for i in at)
@@ -111,17 +104,10 @@ def read_groups_file(path: Path, root: Path, problems: Problems, split_of: Mappi
     unprintable group is an error for that id (``split_of`` says in which split it is, where known)."""
     if not path.is_file():
         raise IngestError(f"--groups {path}: no such file")
-    file = relative(path, root)
-    rows = csv_rows(path, file, None, problems)
-    if rows is None:
+    table = csv_table(path, root, None, GROUP_COLUMNS, problems)
+    if table is None:
         return None
-    (_, header), body = rows[0], rows[1:]
-    columns = [name.strip().lower() for name in header]
-    if missing := [name for name in GROUP_COLUMNS if name not in columns]:
-        detail = f"header {','.join(header)!r} has no {missing}; expected a header 'id,group'"
-        problems.error("csv_missing_column", None, None, file, detail)
-        return None
-    id_col, group_col = (columns.index(name) for name in GROUP_COLUMNS)
+    file, (id_col, group_col), body = table
     seen: dict[str, list[tuple[int, str]]] = defaultdict(list)
     for line, row in body:
         raw = row[id_col] if id_col < len(row) else ""

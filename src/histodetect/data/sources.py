@@ -415,24 +415,11 @@ def _read_csv(
     ``unlabeled_image`` per image), an unsafe id or a bad label is an error for that id, and an id listed
     twice is kept once (warning) unless its rows disagree (error: the id is dropped with --skip-bad).
     """
-    file = relative(path, root)
-    rows = csv_rows(path, file, split, problems)
-    if rows is None:
+    table = csv_table(path, root, split, ("id", "label") if with_labels else ("id",), problems)
+    if table is None:
         return None
-    (_, header), body = rows[0], rows[1:]
-    columns = [name.strip().lower() for name in header]
-    needed = ["id", "label"] if with_labels else ["id"]
-    if missing := [name for name in needed if name not in columns]:
-        looks_like_data = bool(header) and (looks_like_sha1(header[0].strip()) or _parse_label(header[-1]) is not None)
-        kind, what = (
-            ("csv_missing_header", f"first line {','.join(header)!r} looks like data, not a header")
-            if looks_like_data
-            else ("csv_missing_column", f"header {','.join(header)!r} has no {missing}")
-        )
-        problems.error(kind, split, None, file, f"{what}; expected a header {','.join(needed)!r}")
-        return None
-    id_col = columns.index("id")
-    label_col = columns.index("label") if with_labels else None
+    file, at, body = table
+    id_col, label_col = at[0], (at[1] if with_labels else None)
     seen: dict[str, list[tuple[int, str | None]]] = defaultdict(list)
     for line, row in body:
         raw = row[id_col] if id_col < len(row) else ""
@@ -446,6 +433,30 @@ def _read_csv(
         label = None if label_col is None else (row[label_col] if label_col < len(row) else "")
         seen[id_].append((line, label))
     return {id_: _settle_rows(id_, entries, split, file, problems) for id_, entries in seen.items()}
+
+
+def csv_table(
+    path: Path, root: Path, split: str | None, needed: tuple[str, ...], problems: Problems, expected: str | None = None
+) -> tuple[str, list[int], list[tuple[int, list[str]]]] | None:
+    """A CSV's name for the report, the positions of its ``needed`` columns (named in its header, in any order,
+    among others) and its body rows with their lines; None, with a fatal problem recorded, when it is unusable or
+    lacks a column (``expected`` names the header wanted, default the needed columns)."""
+    file = relative(path, root)
+    rows = csv_rows(path, file, split, problems)
+    if rows is None:
+        return None
+    (_, header), body = rows[0], rows[1:]
+    columns = [name.strip().lower() for name in header]
+    if missing := [name for name in needed if name not in columns]:
+        looks_like_data = bool(header) and (looks_like_sha1(header[0].strip()) or _parse_label(header[-1]) is not None)
+        kind, what = (
+            ("csv_missing_header", f"first line {','.join(header)!r} looks like data, not a header")
+            if looks_like_data
+            else ("csv_missing_column", f"header {','.join(header)!r} has no {missing}")
+        )
+        problems.error(kind, split, None, file, f"{what}; expected a header {expected or ','.join(needed)!r}")
+        return None
+    return file, [columns.index(name) for name in needed], body
 
 
 def csv_rows(path: Path, file: str, split: str | None, problems: Problems) -> list[tuple[int, list[str]]] | None:
