@@ -90,6 +90,16 @@ def ingest(
         str | None,
         typer.Option(help="Folder-per-class layout: 'NEG,POS' folder names, e.g. 'normal,tumor' (default '0,1')."),
     ] = None,
+    pcam_meta: Annotated[
+        Path | None,
+        typer.Option(
+            help="Folder with PCam's *_x.h5 and *_meta.csv files: records each patch's slide, matched by the SHA-1 "
+            "of its pixels (the competition's ids)."
+        ),
+    ] = None,
+    groups: Annotated[
+        Path | None, typer.Option(help="CSV of id,group: records each patch's group (e.g. its slide).")
+    ] = None,
     skip_bad: Annotated[
         bool, typer.Option(help="Write the store without the bad items (all listed in the report).")
     ] = False,
@@ -110,6 +120,8 @@ def ingest(
         out,
         labels=labels,
         class_dirs=class_dirs,
+        pcam_meta=pcam_meta,
+        groups=groups,
         skip_bad=skip_bad,
         overwrite=overwrite,
         workers=workers,
@@ -206,7 +218,10 @@ def train(
         float | None,
         typer.Option(help="Untouched test hold-out, drawn first and kept out of every fold (evaluate --split test)."),
     ] = None,
-    groups: Annotated[str | None, typer.Option(help="CSV of id,group for a grouped split.")] = None,
+    groups: Annotated[
+        str | None,
+        typer.Option(help="A split by group: 'auto' (the slides the store holds) or a CSV of id,group."),
+    ] = None,
     folds: Annotated[int | None, typer.Option()] = None,
     fold: Annotated[int | None, typer.Option()] = None,
     all_folds: Annotated[

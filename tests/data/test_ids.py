@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from histodetect.data.ids import first_unsafe, shown, unsafe_reason
+from histodetect.data.ids import first_bad_group, first_unsafe, group_problem, shown, unsafe_reason
 
 SAFE = ["f38a6374c348f90b587e046aac6079959adf3835", "patch.v2", "a b", "tumour_01"]
 
@@ -19,6 +19,15 @@ def test_first_unsafe_finds_what_unsafe_reason_refuses(bad: str, where: int) -> 
 
 def test_first_unsafe_passes_safe_ids() -> None:
     assert first_unsafe(SAFE) is None and first_unsafe([]) is None
+
+
+@pytest.mark.parametrize("bad", [" ", "\t", "a\nb", "\x1b[31m", "slide\x7f", "\r"])
+@pytest.mark.parametrize("where", [0, 2, 5])
+def test_first_bad_group_finds_what_group_problem_refuses(bad: str, where: int) -> None:
+    fine = ["camelyon16_train_normal_001", "", "patient 7/slide 2", "..", "tumor_056"]
+    names = [*fine[:where], bad, *fine[where:]]
+    assert group_problem(bad) is not None and first_bad_group(names) == where
+    assert first_bad_group(fine) is None and first_bad_group([]) is None
 
 
 def test_shown_escapes_control_characters_and_shows_spaces() -> None:

@@ -34,6 +34,8 @@ from histodetect.data import ingest as ingest_module
 from histodetect.data.ingest import IngestResult, describe_store, ingest
 from histodetect.data.store import Store
 
+from .conftest import write_pcam
+
 N_SAMPLE_TRAIN = 240
 N_SAMPLE_TEST = 16
 
@@ -375,25 +377,6 @@ def test_same_id_in_both_class_folders_is_a_conflict(sample_dir: Path, tmp_path:
 
 
 # ------------------------------------------------------------------------------------------------ PCam HDF5
-def write_pcam(folder: Path, split: str, pixels: np.ndarray, labels: np.ndarray | None) -> Path:
-    """Exactly the PCam layout: uint8 (N, 96, 96, 3) under 'x', uint8 (N, 1, 1, 1) under 'y'."""
-    folder.mkdir(parents=True, exist_ok=True)
-    x = folder / f"camelyonpatch_level_2_split_{split}_x.h5"
-    with h5py.File(x, "w") as fh:
-        fh.create_dataset("x", data=pixels.astype(np.uint8), chunks=(32, 96, 96, 3), compression="gzip")
-    if labels is not None:
-        with h5py.File(folder / f"camelyonpatch_level_2_split_{split}_y.h5", "w") as fh:
-            fh.create_dataset("y", data=labels.astype(np.uint8).reshape(-1, 1, 1, 1))
-    return x
-
-
-@pytest.fixture
-def sample_arrays(sample_store: Store) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The sample's training patches (already checked to equal PIL's decode), their labels and ids."""
-    rows = sample_store.rows("train")
-    return sample_store.read(rows), sample_store.labels[rows], sample_store.ids[rows]
-
-
 def test_pcam_folder_streams_in_chunks_and_keeps_split_names(
     sample_arrays: tuple[np.ndarray, np.ndarray, np.ndarray], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

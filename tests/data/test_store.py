@@ -14,7 +14,18 @@ import pytest
 from typer.testing import CliRunner
 
 from histodetect.cli import app
-from histodetect.data.store import INDEX, MANIFEST, PATCHES, UNLABELED, Store, StoreError, StoreWriter
+from histodetect.data.store import (
+    INDEX,
+    INDEX_COLUMNS_V1,
+    MANIFEST,
+    NO_COORD,
+    PATCHES,
+    UNLABELED,
+    Place,
+    Store,
+    StoreError,
+    StoreWriter,
+)
 
 
 def copy_rows(store: Store, rows: np.ndarray, path: Path, **commit: object) -> Store:
@@ -43,6 +54,36 @@ def test_commit_round_trips_pixels_index_and_counts(sample_store: Store, tmp_pat
     }
     assert store.manifest["note"] == 1 and store.report == {"problems": []}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]  # the hidden build folder is gone
+
+
+def test_places_round_trip_and_unknown_ones_are_empty(sample_store: Store, tmp_path: Path) -> None:
+    places = [Place("slide a", 0, 960), None, Place("slide b")]
+    with StoreWriter(tmp_path / "s", capacity=3) as writer:
+        for row, place in enumerate(places):
+            writer.add(sample_store.patches[row], f"p{row}", 1, "train", "x", "", place)
+        store = writer.commit(source="test")
+    assert store.manifest["version"] == 2
+    assert store.groups.tolist() == ["slide a", "", "slide b"]
+    assert store.index["coord_x"].tolist() == [0, NO_COORD, NO_COORD]
+    assert store.index["coord_y"].tolist() == [960, NO_COORD, NO_COORD]
+    assert _index(store.path)[["group", "coord_x", "coord_y"]].values.tolist() == [
+        ["slide a", "0", "960"],
+        ["", "", ""],
+        ["slide b", "", ""],
+    ]
+
+
+def test_a_version_1_store_still_opens_without_groups(sample_store: Store, tmp_path: Path) -> None:
+    """A store as histodetect wrote it before slide groups: version 1, six index columns."""
+    path = copy_rows(sample_store, np.arange(5), tmp_path / "s").path
+    _index(path)[INDEX_COLUMNS_V1].to_csv(path / INDEX, index=False)
+    _edit_manifest(path, version=1)
+    store = Store(path)
+    assert store.ids.tolist() == sample_store.ids[:5].tolist()
+    assert store.groups.tolist() == [""] * 5 and (store.index["coord_x"] == NO_COORD).all()
+    (path / INDEX).write_text((path / INDEX).read_text().replace("sha1\n", "sha1,group,coord_x,coord_y\n", 1))
+    with pytest.raises(StoreError, match=r"columns .* expected \['row', 'id', 'label', 'split', 'source', 'sha1'\]"):
+        Store(path)
 
 
 def test_rows_and_read_select_by_split_and_label(sample_store: Store) -> None:
@@ -112,6 +153,9 @@ def test_empty_store_commits_and_opens(tmp_path: Path) -> None:
         (lambda p: _edit_index(p, 1, "id", _index(p)["id"][0]), r"index.csv: line 3: id .* is listed twice"),
         (lambda p: _edit_index(p, 1, "row", "7"), r"index.csv: line 3: row '7', expected 1"),
         (lambda p: _edit_index(p, 1, "split", ""), r"index.csv: line 3: split '' is not a valid split name"),
+        (lambda p: _edit_index(p, 2, "group", "a\x1b"), r"index.csv: line 4: group 'a\\x1b': control character"),
+        (lambda p: _edit_index(p, 0, "coord_x", "-3"), r"index.csv: line 2: coord_x, coord_y '-3', '' are not both"),
+        (lambda p: _edit_index(p, 1, "coord_y", "7"), r"index.csv: line 3: coord_x, coord_y '', '7' are not both"),
         (lambda p: (p / INDEX).write_text("row,id\n0,a\n"), r"index.csv: columns \['row', 'id'\]"),
         (lambda p: (p / INDEX).unlink(), r"index.csv: missing"),
         (lambda p: _edit_manifest(p, patch_shape=None), r"manifest.json: damaged manifest"),
@@ -130,6 +174,9 @@ def test_empty_store_commits_and_opens(tmp_path: Path) -> None:
         "repeated-id",
         "wrong-row",
         "empty-split",
+        "group-with-escape",
+        "negative-coord",
+        "half-a-position",
         "wrong-columns",
         "no-index",
         "no-patch-shape",

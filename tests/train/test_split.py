@@ -1,9 +1,11 @@
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
-from histodetect.data.split import read_groups, split_rows, stratified_subset
+from histodetect.data.split import groups_of, read_groups, split_rows, stratified_subset
+from histodetect.data.store import Place, Store, StoreWriter
 from histodetect.train.config import ConfigError
 
 LABELS = np.array([0] * 60 + [1] * 40)
@@ -66,3 +68,44 @@ def test_stratified_subset_keeps_the_balance_and_copes_with_tiny_sizes() -> None
     assert len(keep) == len(set(keep)) == 50 and LABELS[keep].sum() == 20
     assert len(stratified_subset(LABELS, 1, seed=0)) == 1
     assert list(stratified_subset(LABELS, 500, seed=0)) == list(range(len(LABELS)))
+
+
+def slide_store(sample_store: Store, path: Path, *, slides: int = 8, unplaced: int = 0) -> Store:
+    """The sample's training patches on ``slides`` fake slides, as ``ingest`` records them; the first
+    ``unplaced`` patches on none."""
+    rows = sample_store.rows("train")
+    with StoreWriter(path, capacity=len(rows)) as writer:
+        for i, row in enumerate(rows):
+            place = Place(f"slide-{i % slides}", 96 * i, 0) if i >= unplaced else None
+            label, sha1 = int(sample_store.labels[row]), sample_store.index["sha1"].iloc[row]
+            writer.add(sample_store.patches[row], sample_store.ids[row], label, "train", "x", sha1, place)
+        return writer.commit(source="test")
+
+
+def test_train_groups_auto_keeps_every_slide_on_one_side(sample_store: Store, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from histodetect.cli import app
+
+    store = slide_store(sample_store, tmp_path / "store")
+    args = ["train", str(store.path), "--out", str(tmp_path / "run"), "--model", "baseline-cnn", "--groups", "auto"]
+    options = ["--test-fraction", "0.2", "--val-fraction", "0.25", "--epochs", "1", "--batch-size", "16"]
+    done = CliRunner().invoke(app, [*args, *options, "--limit-train", "16", "--num-workers", "0"])
+    assert done.exit_code == 0, done.output
+    split = pd.read_csv(tmp_path / "run" / "split.csv").merge(
+        pd.DataFrame({"id": store.ids, "group": store.groups}), on="id"
+    )
+    slides = split.groupby("group")["part"].unique()
+    assert len(slides) == 8 and all(len(parts) == 1 for parts in slides)  # no slide on two sides
+    assert set(split["part"]) >= {"train", "val", "test"}
+
+
+def test_groups_auto_needs_a_group_for_every_labeled_patch(sample_store: Store, tmp_path: Path) -> None:
+    labeled = sample_store.rows(labeled=True)
+    with pytest.raises(ConfigError, match=r"holds no slide groups; ingest a PCam source with its _meta\.csv"):
+        groups_of("auto", sample_store, labeled)
+    partial = slide_store(sample_store, tmp_path / "store", unplaced=3)
+    with pytest.raises(ConfigError, match=r"3 of the 240 labeled patches .* have no group"):
+        groups_of("auto", partial, labeled)
+    placed = slide_store(sample_store, tmp_path / "placed")
+    assert groups_of("auto", placed, labeled[:3]).tolist() == ["slide-0", "slide-1", "slide-2"]

@@ -18,6 +18,8 @@ UNSAFE = (
     (re.compile(r"\.\."), "'..' in id"),
     (re.compile(r"^[A-Za-z]:"), "drive letter in id"),
 )
+CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+CONTROL_BUT_NEWLINE = re.compile(r"[\x00-\x09\x0b-\x1f\x7f]")  # names joined by line breaks, screened at once
 # Every unsafe id holds one of these (or is empty, or holds a line break): a screen that is cheap over all ids at once.
 SCREEN = (*(chr(code) for code in range(32) if chr(code) != "\n"), "\x7f", "/", "\\", "..", ":")
 
@@ -38,6 +40,25 @@ def first_unsafe(names: Sequence[str]) -> int | None:
     if all(names) and joined.count("\n") == len(names) - 1 and not any(mark in joined for mark in SCREEN):
         return None
     return next((position for position, name in enumerate(names) if unsafe_reason(name)), None)
+
+
+def group_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a slide group (empty, or text a terminal would act on); None when it is fine.
+
+    A group never names a file, so only what would make it unprintable or meaningless is refused."""
+    if not name.strip():
+        return "empty group"
+    return "control character in group" if CONTROL.search(name) else None
+
+
+def first_bad_group(names: Sequence[str]) -> int | None:
+    """Position of the first name that is not empty and not a valid group (see :func:`group_problem`), or None.
+    Screened at once, as :func:`first_unsafe` does, since a store's index is checked every time it opens."""
+    joined = "\n".join(names)
+    screened = joined.count("\n") == len(names) - 1 and CONTROL_BUT_NEWLINE.search(joined) is None
+    if screened and all(name.strip() or not name for name in names):
+        return None
+    return next((at for at, name in enumerate(names) if name and group_problem(name)), None)
 
 
 def looks_like_sha1(name: str) -> bool:

@@ -17,10 +17,15 @@ Problem kinds in the report (``{kind, severity, split, id, file, detail}``):
   ``not_a_file`` (a FIFO, socket or device), ``wrong_size``, ``wrong_mode``, ``wrong_depth`` (more than 8 bits
   per channel), ``multi_page``, ``bad_label``, ``unsafe_id``; and ``csv_missing_header``,
   ``csv_missing_column``, ``csv_unreadable``, ``csv_multiline_field``, ``csv_field_too_large``, which stop
-  ingest before any image is read, even with ``skip_bad``, and are then shown alone;
+  ingest before any image is read, even with ``skip_bad``, and are then shown alone; ``bad_meta`` (a PCam meta
+  CSV not row for row with its HDF5 file, or a row without a usable slide or position), ``bad_group`` (an id of
+  ``--groups FILE`` in two groups, or with an empty or unprintable group);
 - warnings: ``duplicate_id`` (identical rows, kept once), ``id_not_sha1``, ``unlisted_image`` (a test image
   not in the sample submission), ``ignored_file``, ``missing_labels`` (a PCam split without ``_y.h5``),
-  ``csv_bom``, ``csv_blank_line``, ``csv_spaces`` (an id read without its surrounding spaces).
+  ``csv_bom``, ``csv_blank_line``, ``csv_spaces`` (an id read without its surrounding spaces); and about slide
+  groups (see :mod:`histodetect.data.groups`): ``pcam_test_leak`` (test patches found among ``--pcam-meta``'s
+  PCam patches: not used), ``group_not_recorded`` (unlabeled patches with a group), ``no_group`` (labeled
+  patches without one), ``group_unknown_id`` (ids of ``--groups FILE`` not ingested).
 """
 
 from __future__ import annotations
@@ -54,6 +59,7 @@ from rich.panel import Panel
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from histodetect.data.groups import Placer, pcam_places_by_sha1, read_groups_file, read_pcam_meta
 from histodetect.data.ids import looks_like_sha1, shown
 from histodetect.data.sources import (
     ERROR,
@@ -65,9 +71,10 @@ from histodetect.data.sources import (
     Plan,
     Problem,
     discover,
+    relative,
     split_rank,
 )
-from histodetect.data.store import PATCH_SHAPE, REPORT, Store, StoreWriter, why_not_replaceable
+from histodetect.data.store import PATCH_SHAPE, REPORT, Place, Store, StoreWriter, why_not_replaceable
 from histodetect.errors import UserError
 from histodetect.io import atomic_write_json, check_output_dir, check_output_file, remove_dead_leftovers
 
@@ -80,6 +87,7 @@ WINDOW_DIR = re.compile(r"histodetect-ingest-(?P<pid>\d+)-[a-z0-9_]+")  # the wi
 PATCH_BYTES = int(np.prod(PATCH_SHAPE))
 H5_CHUNK = 2048  # PCam patches read at once (~57 MB): the 220k-patch files are never loaded whole
 SHOWN_OFFENDERS = 10  # errors named on the terminal; the report holds all of them
+SPOKEN_WARNINGS = ("pcam_test_leak", "no_group")  # warnings printed in full, not only counted
 TIFF_INTEGER_TYPES = {3: "H", 4: "I"}  # TIFF field types SHORT and LONG, as struct codes
 NEXT_IFD = -1  # key of :func:`_tiff_tags`'s result for the offset of a TIFF's next page (not a real tag)
 TIFF_BITS_PER_SAMPLE = 258
@@ -123,6 +131,8 @@ def ingest(
     *,
     labels: str | os.PathLike[str] | None = None,
     class_dirs: str | None = None,
+    pcam_meta: str | os.PathLike[str] | None = None,
+    groups: str | os.PathLike[str] | None = None,
     skip_bad: bool = False,
     overwrite: bool = False,
     workers: int | None = None,
@@ -137,6 +147,10 @@ def ingest(
     is given, else ``test``, since patches without labels are the ones to predict on (see
     :func:`histodetect.data.sources.discover`).
 
+    Each labeled patch's slide (its group) and position are recorded from a PCam source's meta CSVs, from the PCam
+    files in ``pcam_meta`` (matched by the SHA-1 of the pixels, the competition's ids) or from ``groups`` (a CSV
+    of id,group); see :mod:`histodetect.data.groups`. No label is ever taken from them.
+
     Never raises for bad input: problems are printed on stderr and returned with exit code 2. On refusal the
     report is written to ``report_path`` (default ``<out>.report.json``) and no store is left; with
     ``skip_bad`` the store holds only items without errors and its ``report.json`` lists the rest.
@@ -147,6 +161,7 @@ def ingest(
     try:
         _check_options(source, out, report_file, overwrite=overwrite, workers=workers)
         plan = discover(source, labels=Path(labels) if labels else None, class_dirs=class_dirs)
+        placer, places = _placer(plan, Path(pcam_meta) if pcam_meta else None, Path(groups) if groups else None)
     except IngestError as exc:
         console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
         return IngestResult(2, None, {"status": "refused", "error": str(exc)}, None)
@@ -162,8 +177,10 @@ def ingest(
         StoreWriter(out, capacity=total, patch_shape=PATCH_SHAPE, overwrite=overwrite) as writer,
         _progress(console, progress, total) as advance,
     ):
-        records = itertools.chain(decode(todo), *(_h5_records(part) for part in plan.h5))
+        read = itertools.chain(decode(todo), *(_h5_records(part, places.get(part.split)) for part in plan.h5))
+        records = ((placer.place(item, sha1), pixels, sha1, found) for item, pixels, sha1, found in read)
         _fill(writer, records, problems, advance)
+        problems.extend(placer.problems())
         why = _why_refuse(problems, skip_bad=skip_bad, stored=len(writer))
         if why:
             writer.abort()
@@ -178,6 +195,31 @@ def ingest(
         atomic_write_json(report_file, report)
     _print_written(console, store, report)
     return IngestResult(0, store, report, report_file if report_path else store.path / REPORT)
+
+
+def _placer(plan: Plan, pcam_meta: Path | None, groups: Path | None) -> tuple[Placer, dict[str, list[Place | None]]]:
+    """Read the metadata that gives patches their slide: a PCam source's meta CSVs (returned by split),
+    ``--pcam-meta``'s PCam files or ``--groups``' CSV (held by the :class:`Placer`). Its problems go to the plan."""
+    if pcam_meta is not None and groups is not None:
+        raise IngestError("--pcam-meta and --groups both give each patch its group; give one of them")
+    if pcam_meta is not None and plan.layout == "pcam":
+        raise IngestError(
+            f"--pcam-meta {pcam_meta}: a PCam source's slides are read from the _meta.csv files beside its HDF5 files"
+        )
+    places = {
+        part.split: meta
+        for part in plan.h5
+        if part.meta is not None
+        and (meta := read_pcam_meta(part.meta, plan.root, part.split, part.count, plan.problems)) is not None
+    }
+    placer = Placer(expected=bool(places) or pcam_meta is not None or groups is not None)
+    if pcam_meta is not None:
+        placer.by_sha1 = pcam_places_by_sha1(pcam_meta, plan.root, plan.problems, H5_CHUNK)
+    if groups is not None:
+        split_of = {item.id: item.split for item in plan.items}
+        placer.by_id = read_groups_file(groups, plan.root, plan.problems, split_of)
+        placer.groups_file = relative(groups, plan.root)
+    return placer, places
 
 
 def _check_options(source: Path, out: Path, report_file: Path, *, overwrite: bool, workers: int | None) -> None:
@@ -449,8 +491,9 @@ def _decodable(items: list[Item], problems: list[Problem]) -> list[Item]:
     return [item for item in items if (item.split, item.id) not in bad]
 
 
-def _h5_records(part: H5Part) -> Iterator[Record]:
-    """Stream a PCam split in chunks of ``H5_CHUNK`` patches; ids are the SHA-1 of the pixels."""
+def _h5_records(part: H5Part, places: list[Place | None] | None) -> Iterator[Record]:
+    """Stream a PCam split in chunks of ``H5_CHUNK`` patches; ids are the SHA-1 of the pixels, places (slide and
+    position) those of its meta CSV, row for row, when it has one."""
     with h5py.File(part.x, "r") as fx, h5py.File(part.y, "r") if part.y else contextlib.nullcontext() as fy:
         for start in range(0, part.count, H5_CHUNK):
             block = fx["x"][start : start + H5_CHUNK]
@@ -458,7 +501,8 @@ def _h5_records(part: H5Part) -> Iterator[Record]:
             for offset, pixels in enumerate(block):
                 sha1 = hashlib.sha1(pixels).hexdigest()
                 label = None if labels is None else int(labels[offset])
-                item = Item(sha1, part.split, label, f"{part.x.name}[{start + offset}]")
+                place = None if places is None else places[start + offset]
+                item = Item(sha1, part.split, label, f"{part.x.name}[{start + offset}]", place=place)
                 yield item, pixels, sha1, _label_problems(item)
 
 
@@ -483,11 +527,11 @@ def _fill(writer: StoreWriter, records: Iterable[Record], problems: list[Problem
         if pixels is None or sha1 is None or any(p.severity == ERROR for p in found):
             continue
         if sha1 not in kept:
-            kept[sha1] = (writer.add(pixels, item.id, item.label, item.split, item.source, sha1), item)
+            kept[sha1] = (writer.add(pixels, item.id, item.label, item.split, item.source, sha1, item.place), item)
             continue
         row, held = kept[sha1]
         if item.id == sha1 != held.id:  # the patch under its own name arrived after a copy: it takes the row
-            writer.replace_record(row, item.id, item.label, item.split, item.source)
+            writer.replace_record(row, item.id, item.label, item.split, item.source, item.place)
             kept[sha1] = (row, item)
             held, item = item, held
         why = "its id is the SHA-1 of the pixels" if held.id == sha1 != item.id else "the first one read"
@@ -585,6 +629,12 @@ def _print_written(console: Console, store: Store, report: dict[str, Any]) -> No
     console.print(
         f"stored {len(store)} patches in {escape(str(store.path))}: {splits}", soft_wrap=True, highlight=False
     )
+    if grouped := _describe_groups(store):
+        console.print(f"slide groups: {grouped}", highlight=False)
+    for p in report["problems"]:
+        if p["kind"] in SPOKEN_WARNINGS:
+            line = f"[bold yellow]warning:[/] {escape(_printable(p['detail']))}"
+            console.print(line, soft_wrap=True, highlight=False)
     summary = report["summary"]
     if summary["warnings"] or summary["skipped"]:
         _print_counts(console, summary["kinds"])
@@ -620,6 +670,7 @@ def describe_store(store: Store) -> RenderableType:
     about.add_row("layout", str(manifest.get("layout", "?")))
     about.add_row("created", str(manifest.get("created", "?")))
     about.add_row("patch shape", " x ".join(map(str, store.patch_shape)) + " uint8")
+    about.add_row("slide groups", _describe_groups(store) or "none recorded")
     about.add_row("problems", _describe_problems(manifest.get("problems")))
     return Panel(
         Group(splits, "", about),
@@ -631,6 +682,12 @@ def describe_store(store: Store) -> RenderableType:
 def _ordered_splits(manifest: dict[str, Any]) -> list[tuple[str, dict[str, int]]]:
     """Splits in their natural order (train, valid, test, others), not the manifest's alphabetical one."""
     return sorted(manifest.get("splits", {}).items(), key=lambda entry: split_rank(entry[0]))
+
+
+def _describe_groups(store: Store) -> str:
+    """How many slides (groups) the store knows and how many patches are placed on one; "" when none."""
+    groups = store.groups[store.groups != ""]
+    return f"{len(set(groups)):,} over {len(groups):,} patches" if len(groups) else ""
 
 
 def _describe_problems(summary: dict[str, Any] | None) -> str:

@@ -14,6 +14,7 @@ error; it can never make ingest read or write outside the folders it was given.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import math
 import os
@@ -26,12 +27,13 @@ from pathlib import Path
 import h5py
 
 from histodetect.data.ids import looks_like_sha1, shown, unsafe_reason
-from histodetect.data.store import PATCH_SHAPE
+from histodetect.data.store import PATCH_SHAPE, Place
 from histodetect.errors import IngestError
 
 IMAGE_SUFFIXES = frozenset({".tif", ".tiff", ".png", ".jpg", ".jpeg"})
 SPLIT_ORDER = ("train", "valid", "test")
 PCAM_X = re.compile(r"^camelyonpatch_level_2_split_(?P<split>[A-Za-z0-9]+)_x\.h5$")
+PCAM_META_SUFFIX = "_meta.csv"  # camelyonpatch_level_2_split_<split>_meta.csv: each patch's slide and position
 LABELS_CSV = "train_labels.csv"
 SUBMISSION_CSV = "sample_submission.csv"
 DEFAULT_CLASS_DIRS = ("0", "1")
@@ -75,23 +77,27 @@ class Problems(list[Problem]):
 
 @dataclass(frozen=True)
 class Item:
-    """One patch to store: an image file (``path``) or row ``source`` of a PCam HDF5 file (``path`` None)."""
+    """One patch to store: an image file (``path``) or row ``source`` of a PCam HDF5 file (``path`` None), with
+    its slide and position when the data's metadata says (``place``)."""
 
     id: str
     split: str
     label: int | None
     source: str
     path: Path | None = None
+    place: Place | None = None
 
 
 @dataclass(frozen=True)
 class H5Part:
-    """A PCam split: (N, 96, 96, 3) uint8 pixels under key ``x``, (N, 1, 1, 1) labels under ``y`` or none."""
+    """A PCam split: (N, 96, 96, 3) uint8 pixels under key ``x``, (N, 1, 1, 1) labels under ``y`` or none, and
+    the metadata CSV beside them (``meta``: each patch's slide and position, row for row) or none."""
 
     split: str
     x: Path
     y: Path | None
     count: int
+    meta: Path | None = None
 
 
 @dataclass
@@ -200,7 +206,7 @@ def _bare_folder(root: Path, labels: Path | None) -> Plan:
         return plan
     skip = {labels.name} if labels.resolve().parent == root.resolve() else None
     images = _list_images(root, root, "train", plan.problems, skip)
-    plan.items += _match_labeled(images, table, "train", _rel(labels, root), root, plan.problems)
+    plan.items += _match_labeled(images, table, "train", relative(labels, root), root, plan.problems)
     return plan
 
 
@@ -217,7 +223,7 @@ def _class_folders(root: Path, names: tuple[str, str]) -> Plan:
             plan.problems.append(_duplicate_files(id_, "train", [p for p, _ in entries], root))
         else:
             path, label = entries[0]
-            plan.items.append(Item(id_, "train", label, _rel(path, root), path))
+            plan.items.append(Item(id_, "train", label, relative(path, root), path))
     plan.problems.extend(_stray_images(root, root))
     return plan
 
@@ -229,9 +235,20 @@ def _pcam(root: Path, xs: list[Path]) -> Plan:
         y = x.with_name(x.name[: -len("_x.h5")] + "_y.h5")
         part = _check_h5(split, x, y if y.is_file() else None, root, plan.problems)
         if part is not None:
-            plan.h5.append(part)
+            meta = pcam_meta_path(x)
+            plan.h5.append(dataclasses.replace(part, meta=meta if meta.is_file() else None))
     plan.h5.sort(key=lambda part: split_rank(part.split))
     return plan
+
+
+def pcam_meta_path(x: Path) -> Path:
+    """Where the PCam release keeps the metadata CSV of the split whose pixels are ``x``."""
+    return x.with_name(x.name[: -len("_x.h5")] + PCAM_META_SUFFIX)
+
+
+def pcam_patch_count(x: Path, split: str, root: Path, problems: Problems) -> int | None:
+    """Number of patches in a PCam ``_x.h5`` file (uint8 (N, 96, 96, 3) under ``x``); None, recorded, when unusable."""
+    return _h5_dataset_len(x, "x", lambda rest: rest == PATCH_SHAPE, "(N, 96, 96, 3)", split, root, problems)
 
 
 def _check_h5(split: str, x: Path, y: Path | None, root: Path, problems: Problems) -> H5Part | None:
@@ -239,18 +256,18 @@ def _check_h5(split: str, x: Path, y: Path | None, root: Path, problems: Problem
 
     Labels are accepted as (N, 1, 1, 1), as PCam ships them, or any shape with one value per patch, e.g. (N,).
     """
-    count = _h5_dataset_len(x, "x", lambda rest: rest == PATCH_SHAPE, "(N, 96, 96, 3)", split, root, problems)
+    count = pcam_patch_count(x, split, root, problems)
     if count is None:
         return None
     if y is None:
         detail = f"no {x.name[: -len('_x.h5')]}_y.h5 beside it: split {split!r} is stored unlabeled"
-        problems.warning("missing_labels", split, None, _rel(x, root), detail)
+        problems.warning("missing_labels", split, None, relative(x, root), detail)
         return H5Part(split, x, None, count)
     labels = _h5_dataset_len(y, "y", lambda rest: math.prod(rest) == 1, "(N, 1, 1, 1)", split, root, problems)
     if labels is None:
         return None
     if labels != count:
-        problems.error("bad_label", split, None, _rel(y, root), f"{labels} labels for {count} patches in {x.name}")
+        problems.error("bad_label", split, None, relative(y, root), f"{labels} labels for {count} patches in {x.name}")
         return None
     return H5Part(split, x, y, count)
 
@@ -265,7 +282,7 @@ def _h5_dataset_len(
     problems: Problems,
 ) -> int | None:
     """Length of uint8 dataset ``key`` whose per-patch shape ``fits``; else record why not and return None."""
-    file = _rel(path, root)
+    file = relative(path, root)
     try:
         with h5py.File(path, "r") as fh:
             ds = fh.get(key)
@@ -302,8 +319,8 @@ def _match_labeled(
             problems.append(_duplicate_files(id_, split, paths, root))
             continue
         if id_ not in table:
-            problems.error("unlabeled_image", split, id_, _rel(paths[0], root), f"image has no row in {csv_file}")
-        items.append(Item(id_, split, table.get(id_), _rel(paths[0], root), paths[0]))
+            problems.error("unlabeled_image", split, id_, relative(paths[0], root), f"image has no row in {csv_file}")
+        items.append(Item(id_, split, table.get(id_), relative(paths[0], root), paths[0]))
     return items
 
 
@@ -324,13 +341,13 @@ def _match_unlabeled(
             continue
         if listed is not None and id_ not in listed:
             detail = f"not in {SUBMISSION_CSV}; ingested anyway"
-            problems.warning("unlisted_image", split, id_, _rel(paths[0], root), detail)
-        items.append(Item(id_, split, None, _rel(paths[0], root), paths[0]))
+            problems.warning("unlisted_image", split, id_, relative(paths[0], root), detail)
+        items.append(Item(id_, split, None, relative(paths[0], root), paths[0]))
     return items
 
 
 def _duplicate_files(id_: str, split: str, paths: list[Path], root: Path) -> Problem:
-    files = ", ".join(sorted(_rel(p, root) for p in paths))
+    files = ", ".join(sorted(relative(p, root) for p in paths))
     return Problem("duplicate_id", ERROR, split, id_, files, f"{len(paths)} image files for one id")
 
 
@@ -360,9 +377,9 @@ def _list_images(
             path = folder / entry.name
             stem, dot, suffix = entry.name.rpartition(".")
             if entry.is_dir() or not dot or f".{suffix.lower()}" not in IMAGE_SUFFIXES:
-                problems.warning("ignored_file", split, None, _rel(path, root), "not an image file; not read")
+                problems.warning("ignored_file", split, None, relative(path, root), "not an image file; not read")
             elif reason := unsafe_reason(stem):
-                problems.error("unsafe_id", split, stem, _rel(path, root), f"{reason}; not read")
+                problems.error("unsafe_id", split, stem, relative(path, root), f"{reason}; not read")
             else:
                 images[stem].append(path)
     return images
@@ -373,7 +390,7 @@ def _stray_images(folder: Path, root: Path) -> Problems:
     problems = Problems()
     for name in sorted(os.listdir(folder)):
         if Path(name).suffix.lower() in IMAGE_SUFFIXES and (folder / name).is_file():
-            problems.warning("ignored_file", None, None, _rel(folder / name, root), "outside the layout; not read")
+            problems.warning("ignored_file", None, None, relative(folder / name, root), "outside the layout; not read")
     return problems
 
 
@@ -398,24 +415,11 @@ def _read_csv(
     ``unlabeled_image`` per image), an unsafe id or a bad label is an error for that id, and an id listed
     twice is kept once (warning) unless its rows disagree (error: the id is dropped with --skip-bad).
     """
-    file = _rel(path, root)
-    rows = _csv_rows(path, file, split, problems)
-    if rows is None:
+    table = csv_table(path, root, split, ("id", "label") if with_labels else ("id",), problems)
+    if table is None:
         return None
-    (_, header), body = rows[0], rows[1:]
-    columns = [name.strip().lower() for name in header]
-    needed = ["id", "label"] if with_labels else ["id"]
-    if missing := [name for name in needed if name not in columns]:
-        looks_like_data = bool(header) and (looks_like_sha1(header[0].strip()) or _parse_label(header[-1]) is not None)
-        kind, what = (
-            ("csv_missing_header", f"first line {','.join(header)!r} looks like data, not a header")
-            if looks_like_data
-            else ("csv_missing_column", f"header {','.join(header)!r} has no {missing}")
-        )
-        problems.error(kind, split, None, file, f"{what}; expected a header {','.join(needed)!r}")
-        return None
-    id_col = columns.index("id")
-    label_col = columns.index("label") if with_labels else None
+    file, at, body = table
+    id_col, label_col = at[0], (at[1] if with_labels else None)
     seen: dict[str, list[tuple[int, str | None]]] = defaultdict(list)
     for line, row in body:
         raw = row[id_col] if id_col < len(row) else ""
@@ -431,7 +435,31 @@ def _read_csv(
     return {id_: _settle_rows(id_, entries, split, file, problems) for id_, entries in seen.items()}
 
 
-def _csv_rows(path: Path, file: str, split: str, problems: Problems) -> list[tuple[int, list[str]]] | None:
+def csv_table(
+    path: Path, root: Path, split: str | None, needed: tuple[str, ...], problems: Problems, expected: str | None = None
+) -> tuple[str, list[int], list[tuple[int, list[str]]]] | None:
+    """A CSV's name for the report, the positions of its ``needed`` columns (named in its header, in any order,
+    among others) and its body rows with their lines; None, with a fatal problem recorded, when it is unusable or
+    lacks a column (``expected`` names the header wanted, default the needed columns)."""
+    file = relative(path, root)
+    rows = csv_rows(path, file, split, problems)
+    if rows is None:
+        return None
+    (_, header), body = rows[0], rows[1:]
+    columns = [name.strip().lower() for name in header]
+    if missing := [name for name in needed if name not in columns]:
+        looks_like_data = bool(header) and (looks_like_sha1(header[0].strip()) or _parse_label(header[-1]) is not None)
+        kind, what = (
+            ("csv_missing_header", f"first line {','.join(header)!r} looks like data, not a header")
+            if looks_like_data
+            else ("csv_missing_column", f"header {','.join(header)!r} has no {missing}")
+        )
+        problems.error(kind, split, None, file, f"{what}; expected a header {expected or ','.join(needed)!r}")
+        return None
+    return file, [columns.index(name) for name in needed], body
+
+
+def csv_rows(path: Path, file: str, split: str | None, problems: Problems) -> list[tuple[int, list[str]]] | None:
     """Non-blank rows with the line each starts on; None, with a fatal problem recorded, when the file is unusable.
 
     The csv module parses the whole file, so a quoted field is one field wherever it ends. An id or a label never
@@ -512,7 +540,7 @@ def _parse_label(raw: str) -> int | None:
     return int(value) if value in (0.0, 1.0) else None
 
 
-def _rel(path: Path, root: Path) -> str:
+def relative(path: Path, root: Path) -> str:
     """``path`` relative to SOURCE for the index and the report; a CSV outside SOURCE keeps its own path."""
     try:
         return path.relative_to(root).as_posix()

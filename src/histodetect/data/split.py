@@ -2,9 +2,9 @@
 
 All stratified by label and all seeded: an untouched test hold-out first (``test_fraction``, none by default),
 then of the rest a random validation hold-out (``val_fraction``) or K-fold cross-validation (``folds``/``fold``),
-and any of them by group (``groups``: a CSV of ``id,group``, e.g. the whole-slide id) so that patches of one slide
-never sit on both sides. A random split of patches from the same slides is optimistic;
-the grouped one is what a new slide will see.
+and any of them by group (``groups``: ``auto``, the slides recorded in the store at ingest, or a CSV of
+``id,group``, e.g. the whole-slide id) so that patches of one slide never sit on both sides. A random split of
+patches from the same slides is optimistic; the grouped one is what a new slide will see.
 """
 
 from __future__ import annotations
@@ -17,7 +17,30 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, train_test_split
 
+from histodetect.data.ids import shown
+from histodetect.data.store import Store
 from histodetect.errors import ConfigError
+
+AUTO_GROUPS = "auto"  # ``--groups auto``: the groups the store holds (a file named auto is ``./auto``)
+
+
+def groups_of(setting: str, store: Store, rows: np.ndarray) -> np.ndarray:
+    """Group of each of ``rows``: those recorded in the store for ``auto``, else those of the CSV ``setting``."""
+    if setting != AUTO_GROUPS:
+        return read_groups(setting, store.ids[rows])
+    groups = store.groups[rows]
+    if not (groups != "").any():
+        raise ConfigError(
+            f"--groups auto: the store {store.path} holds no slide groups; ingest a PCam source with its _meta.csv "
+            "files, or re-ingest with --pcam-meta DIR or --groups FILE (or give train --groups FILE)"
+        )
+    if (missing := np.flatnonzero(groups == "")).size:
+        examples = ", ".join(shown(id_) for id_ in store.ids[rows[missing[:3]]])
+        raise ConfigError(
+            f"--groups auto: {missing.size} of the {len(rows)} labeled patches of {store.path} have no group, "
+            f"e.g. {examples}; give train --groups FILE, or re-ingest with --groups FILE"
+        )
+    return groups
 
 
 def read_groups(path: str | os.PathLike[str], ids: np.ndarray) -> np.ndarray:

@@ -1,15 +1,17 @@
 """The packed store: what ``ingest`` writes and every later command reads.
 
-Layout of a store folder (format version 1)::
+Layout of a store folder (format version 2)::
 
     manifest.json   format name and version, patch shape, counts per split, creation time, command
     patches.u8      raw uint8 pixels, (N, H, W, 3) row-major: memory-mapped, never loaded whole
-    index.csv       one row per patch: row, id, label (empty when unknown), split, source, sha1
+    index.csv       one row per patch: row, id, label (empty when unknown), split, source, sha1, and its slide
+                    (group) and position on it (coord_x, coord_y), empty when unknown
     report.json     every problem ingest found, by file and kind
 
 Raw bytes plus a manifest (rather than ``.npy``) follow nanoGPT: the file can be truncated in place when bad items
 are skipped, and any tool can memory-map it. A store is built in a hidden sibling folder and renamed into place
-by :meth:`StoreWriter.commit`, so an interrupted ingest never leaves a store that looks complete.
+by :meth:`StoreWriter.commit`, so an interrupted ingest never leaves a store that looks complete. Version 1
+stores (without the last three index columns) still open, with every group and position unknown.
 """
 
 from __future__ import annotations
@@ -22,26 +24,29 @@ import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
 
 from histodetect import __version__
-from histodetect.data.ids import first_unsafe, shown, unsafe_reason
+from histodetect.data.ids import first_bad_group, first_unsafe, group_problem, shown, unsafe_reason
 from histodetect.errors import StoreError
 from histodetect.io import atomic_write_json, atomic_write_text, fsync_path, remove_dead_leftovers
 
 STORE_FORMAT = "histodetect-store"
-STORE_VERSION = 1
+STORE_VERSION = 2
+READABLE_VERSIONS = (1, STORE_VERSION)
 PATCH_SHAPE = (96, 96, 3)
 UNLABELED = -1
+NO_COORD = -1  # coord_x / coord_y of a patch whose position on its slide is unknown
 
 MANIFEST = "manifest.json"
 PATCHES = "patches.u8"
 INDEX = "index.csv"
 REPORT = "report.json"
-INDEX_COLUMNS = ["row", "id", "label", "split", "source", "sha1"]
+INDEX_COLUMNS_V1 = ["row", "id", "label", "split", "source", "sha1"]
+INDEX_COLUMNS = [*INDEX_COLUMNS_V1, "group", "coord_x", "coord_y"]
 STORE_FILES = frozenset({MANIFEST, PATCHES, INDEX, REPORT})
 LABEL_TEXT = ("", "0", "1")  # how index.csv writes unknown, negative, positive
 
@@ -92,17 +97,19 @@ class Store:
             raise StoreError(f"{manifest_path}: unreadable manifest ({exc})") from exc
         if not isinstance(self.manifest, dict) or self.manifest.get("format") != STORE_FORMAT:
             raise StoreError(f"{manifest_path}: not a histodetect store manifest")
-        if self.manifest.get("version") != STORE_VERSION:
+        version = self.manifest.get("version")
+        if version not in READABLE_VERSIONS:
             raise StoreError(
-                f"{manifest_path}: store format version {self.manifest.get('version')} is not supported "
-                f"(this histodetect reads version {STORE_VERSION}); re-run `histodetect ingest`"
+                f"{manifest_path}: store format version {version} is not supported "
+                f"(this histodetect reads versions {', '.join(map(str, READABLE_VERSIONS))}); "
+                "re-run `histodetect ingest`"
             )
         try:
             self.patch_shape: tuple[int, int, int] = tuple(int(n) for n in self.manifest["patch_shape"])  # type: ignore[assignment]
             count = int(self.manifest["count"])
         except (KeyError, TypeError, ValueError) as exc:
             raise StoreError(f"{manifest_path}: damaged manifest (patch_shape or count: {exc!r})") from exc
-        self.index = read_index(self.path / INDEX)
+        self.index = read_index(self.path / INDEX, version=version)
         expected = len(self.index) * int(np.prod(self.patch_shape))
         size = (self.path / PATCHES).stat().st_size if (self.path / PATCHES).exists() else -1
         if size != expected or len(self.index) != count:
@@ -145,6 +152,11 @@ class Store:
         return self.index["label"].to_numpy()
 
     @property
+    def groups(self) -> np.ndarray:
+        """Each patch's slide (or other group recorded at ingest), ``""`` where none is known."""
+        return self.index["group"].to_numpy()
+
+    @property
     def splits(self) -> list[str]:
         return sorted(self.index["split"].unique().tolist())
 
@@ -175,18 +187,23 @@ class Store:
         return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
 
 
-def read_index(path: Path) -> pd.DataFrame:
+def read_index(path: Path, version: int = STORE_VERSION) -> pd.DataFrame:
     """A store's ``index.csv``, checked: its columns, rows numbered 0..N-1, labels 0, 1 or empty, ids unique and
-    safe (an id names output files, e.g. ``explain``'s overlays), splits named. A damaged one is a StoreError
-    naming the file and the line, rather than a ValueError later or a file written outside an output folder."""
+    safe (an id names output files, e.g. ``explain``'s overlays), splits named, groups printable or empty,
+    coordinates both empty or both whole numbers >= 0. A damaged one is a StoreError naming the file and the line,
+    rather than a ValueError later or a file written outside an output folder. A version 1 index has no group or
+    coordinate columns: they are added, unknown, so every reader sees one shape."""
     try:
         index = pd.read_csv(path, dtype=str, keep_default_na=False)
     except FileNotFoundError as exc:
         raise StoreError(f"{path}: missing; the store is incomplete, re-run `histodetect ingest`") from exc
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise StoreError(f"{path}: not a readable index ({exc})") from exc
-    if list(index.columns) != INDEX_COLUMNS:
-        raise StoreError(f"{path}: columns {list(index.columns)}, expected {INDEX_COLUMNS}")
+    expected = INDEX_COLUMNS_V1 if version == 1 else INDEX_COLUMNS
+    if list(index.columns) != expected:
+        raise StoreError(f"{path}: columns {list(index.columns)}, expected {expected}")
+    for column in INDEX_COLUMNS[len(expected) :]:
+        index[column] = ""
 
     def refuse(position: int, what: str) -> StoreError:
         return StoreError(f"{path}: line {position + 2}: {what}; the store is damaged, re-run `histodetect ingest`")
@@ -195,7 +212,7 @@ def read_index(path: Path) -> pd.DataFrame:
         hits = np.flatnonzero(mask.to_numpy())
         return int(hits[0]) if len(hits) else None
 
-    ids, labels, splits = index["id"], index["label"], index["split"]
+    ids, labels, splits, groups = index["id"], index["label"], index["split"], index["group"]
     if (at := first(index["row"] != pd.Series(np.arange(len(index)).astype(str)))) is not None:
         raise refuse(at, f"row {shown(index['row'].iloc[at])}, expected {at}")
     if (at := first_unsafe(ids.tolist())) is not None:
@@ -206,10 +223,44 @@ def read_index(path: Path) -> pd.DataFrame:
         raise refuse(at, f"label {shown(labels.iloc[at])} is not 0, 1 or empty")
     if (at := first_unsafe(splits.tolist())) is not None:
         raise refuse(at, f"split {shown(splits.iloc[at])} is not a valid split name")
+    if (at := first_bad_group(groups.tolist())) is not None:
+        raise refuse(at, f"group {shown(groups.iloc[at])}: {group_problem(groups.iloc[at])}")
+    (x, x_empty), (y, y_empty) = (_coordinates(index[column]) for column in ("coord_x", "coord_y"))
+    unusable = (x_empty != y_empty) | ((x == NO_COORD) & ~x_empty) | ((y == NO_COORD) & ~y_empty)
+    if (at := first(pd.Series(unusable))) is not None:
+        found = f"{shown(index['coord_x'].iloc[at])}, {shown(index['coord_y'].iloc[at])}"
+        raise refuse(at, f"coord_x, coord_y {found} are not both empty or both whole numbers >= 0")
     index["row"] = np.arange(len(index), dtype=np.int64)  # just checked to be exactly these
     text = labels.to_numpy(dtype=object)
     index["label"] = np.select([text == "0", text == "1"], [0, 1], UNLABELED).astype(np.int8)
+    index["coord_x"], index["coord_y"] = x, y
     return index
+
+
+def _coordinates(text: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """A coordinate column as int64 (``NO_COORD`` where empty or not a whole number in 0..10^9-1) and where it is
+    empty; parsed in C, since every store open reads the whole index."""
+    empty = (text == "").to_numpy()
+    value = pd.to_numeric(text, errors="coerce").to_numpy(dtype=np.float64)
+    whole = (value >= 0) & (value < 1e9) & (np.floor(value) == value)  # NaN compares False
+    return np.where(whole, value, NO_COORD).astype(np.int64), empty
+
+
+class Place(NamedTuple):
+    """Where a patch comes from: its slide (or any other group of patches that must stay on one side of a split)
+    and, when known, the position of its top-left corner on that slide at PCam's level 2."""
+
+    group: str
+    coord_x: int = NO_COORD
+    coord_y: int = NO_COORD
+
+
+def _record(
+    id: str, label: int | None, split: str, source: str, sha1: str, place: Place | None
+) -> tuple[str, int, str, str, str, str, int, int]:
+    """One row of the index as the writer keeps it, unknown label and place as sentinels."""
+    group, x, y = place if place is not None else ("", NO_COORD, NO_COORD)
+    return (id, UNLABELED if label is None else int(label), split, source, sha1, group, x, y)
 
 
 class StoreWriter:
@@ -241,7 +292,7 @@ class StoreWriter:
         remove_dead_leftovers(self.path.parent, re.compile(re.escape(prefix) + r"(?P<pid>\d+)"))
         if self.tmp.exists():
             shutil.rmtree(self.tmp)
-        self._records: list[tuple[str, int, str, str, str]] = []
+        self._records: list[tuple[str, int, str, str, str, str, int, int]] = []
         nbytes = max(self.capacity, 1) * int(np.prod(self.patch_shape))
         try:  # an interrupt here, before the with block is entered, must not leave the folder behind
             self.tmp.mkdir()
@@ -264,8 +315,17 @@ class StoreWriter:
     def __len__(self) -> int:
         return len(self._records)
 
-    def add(self, pixels: np.ndarray, id: str, label: int | None, split: str, source: str, sha1: str) -> int:
-        """Append one patch; returns its row number."""
+    def add(
+        self,
+        pixels: np.ndarray,
+        id: str,
+        label: int | None,
+        split: str,
+        source: str,
+        sha1: str,
+        place: Place | None = None,
+    ) -> int:
+        """Append one patch, with its slide and position on it when known (``place``); returns its row number."""
         row = len(self._records)
         if row >= self.capacity:
             raise StoreError(f"{self.path}: more patches than the {self.capacity} the writer was sized for")
@@ -274,12 +334,14 @@ class StoreWriter:
                 f"{source}: patch of shape {pixels.shape} {pixels.dtype}, expected {self.patch_shape} uint8"
             )
         self._pixels[row] = pixels
-        self._records.append((id, UNLABELED if label is None else int(label), split, source, sha1))
+        self._records.append(_record(id, label, split, source, sha1, place))
         return row
 
-    def replace_record(self, row: int, id: str, label: int | None, split: str, source: str) -> None:
-        """Give row ``row`` another id, label, split and source, for the same pixels (and so the same SHA-1)."""
-        self._records[row] = (id, UNLABELED if label is None else int(label), split, source, self._records[row][4])
+    def replace_record(
+        self, row: int, id: str, label: int | None, split: str, source: str, place: Place | None = None
+    ) -> None:
+        """Give row ``row`` another id, label, split, source and place, for the same pixels (and so the same SHA-1)."""
+        self._records[row] = _record(id, label, split, source, self._records[row][4], place)
 
     def add_many(
         self,
@@ -301,8 +363,7 @@ class StoreWriter:
             )
         self._pixels[start : start + n] = pixels
         self._records.extend(
-            (i, UNLABELED if lab is None else int(lab), split, src, sha)
-            for i, lab, src, sha in zip(ids, labels, sources, sha1s, strict=True)
+            _record(i, lab, split, src, sha, None) for i, lab, src, sha in zip(ids, labels, sources, sha1s, strict=True)
         )
 
     def commit(
@@ -314,10 +375,12 @@ class StoreWriter:
         del self._pixels
         with open(self.tmp / PATCHES, "r+b") as fh:
             fh.truncate(n * int(np.prod(self.patch_shape)))
-        index = pd.DataFrame(self._records, columns=["id", "label", "split", "source", "sha1"])
+        index = pd.DataFrame(self._records, columns=INDEX_COLUMNS[1:])
         index.insert(0, "row", np.arange(n))
         labels = index["label"].astype("Int8").mask(index["label"] == UNLABELED)
         index["label"] = labels
+        for column in ("coord_x", "coord_y"):
+            index[column] = index[column].astype("Int64").mask(index[column] == NO_COORD)
         index.to_csv(self.tmp / INDEX, index=False)
         splits: dict[str, dict[str, int]] = {}
         for name, part in index.groupby("split", sort=True):

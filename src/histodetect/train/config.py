@@ -75,7 +75,7 @@ class TrainConfig:
     # training, checkpoint choice, early stopping or tuning sees it; ``evaluate --split test`` scores it.
     test_fraction: float = 0.0
     val_fraction: float = 0.2  # stratified hold-out of what the test split leaves; ignored when folds > 1
-    groups: str | None = None  # CSV of id,group: a split that keeps each group on one side
+    groups: str | None = None  # auto (the store's slides) or a CSV of id,group: each group kept on one side
     folds: int = 1  # K-fold cross-validation when > 1 ...
     fold: int = 0  # ... and this is the fold held out
     patience: int = 5  # early stopping on validation ROC AUC; 0 = off

@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from histodetect.data.split import read_groups, split_rows, stratified_subset
+from histodetect.data.split import groups_of, split_rows, stratified_subset
 from histodetect.data.store import Store
 from histodetect.errors import StoreError
 from histodetect.io import atomic_path
@@ -116,7 +116,7 @@ class StoreDataModule(L.LightningDataModule):
         if len(labeled) == 0:
             raise StoreError(f"{self.store.path}: no labeled patches to train on")
         labels = self.store.labels[labeled].astype(np.int64)
-        groups = read_groups(cfg.groups, self.store.ids[labeled]) if cfg.groups else None
+        groups = groups_of(cfg.groups, self.store, labeled) if cfg.groups else None
         train, val, test = split_rows(
             labels,
             val_fraction=cfg.val_fraction,
