@@ -8,6 +8,7 @@ per session; treat it as read-only.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,18 @@ from histodetect.sample import sample_dir
 SAMPLE_DIR = sample_dir()
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_SUBSET = REPO_ROOT.parent / "shared/data/hcd-subset"
+
+
+@pytest.fixture(scope="session")
+def free_port() -> Callable[[], int]:
+    """Picks a free 127.0.0.1 port for a server a test starts itself (loopback only)."""
+
+    def pick() -> int:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            return sock.getsockname()[1]
+
+    return pick
 
 
 @pytest.fixture(scope="session")

@@ -12,10 +12,9 @@ import glob
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -29,14 +28,8 @@ def _server_bin() -> Path | None:
     return Path(on_path).parent if on_path else None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
-def postgres_url() -> Iterator[str]:
+def postgres_url(free_port: Callable[[], int]) -> Iterator[str]:
     """``postgresql://postgres@127.0.0.1:PORT/histodetect``, as a user would write it."""
     bindir = _server_bin()
     if bindir is None:
@@ -56,7 +49,7 @@ def postgres_url() -> Iterator[str]:
         subprocess.run(["runuser", "-u", "postgres", "--", *command] if as_root else command, check=True,
                        capture_output=True, timeout=120)  # fmt: skip
 
-    port = _free_port()
+    port = free_port()
     data = folder / "data"
     run("initdb", "-D", str(data), "-A", "trust", "-U", "postgres", "--no-sync")
     options = f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c fsync=off"
