@@ -181,6 +181,21 @@ def test_resume_after_sigkill_matches_uninterrupted_run(sample_store: Store, tmp
     assert summary["epochs_run"] == 3
 
 
+class WorseEveryEpoch(L.Callback):
+    """Makes every epoch after the first look worse on validation (it runs before the checkpoint callbacks)."""
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        trainer.callback_metrics["val_auc"] = torch.tensor(1.0 - 0.1 * trainer.current_epoch)
+
+
+def test_last_checkpoint_follows_every_epoch_not_only_the_best(sample_store: Store, tmp_path: Path) -> None:
+    """Resume must start after the last finished epoch, even when the best one was long before it."""
+    train(sample_store, tmp_path / "run", quick(epochs=3), callbacks=[WorseEveryEpoch()])
+    folder = tmp_path / "run" / "checkpoints"
+    assert torch.load(folder / "best.ckpt", weights_only=True)["epoch"] == 0
+    assert torch.load(folder / "last.ckpt", weights_only=True)["epoch"] == 2
+
+
 DDP_SCRIPT = textwrap.dedent(
     """
     import json, sys

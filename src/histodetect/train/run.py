@@ -152,22 +152,21 @@ def hardware_for(config: TrainConfig) -> Hardware:
 def _trainer(
     config: TrainConfig, hardware: Hardware, out: Path, *, has_val: bool, extra: list[L.Callback]
 ) -> L.Trainer:
-    checkpoints = out / CHECKPOINTS
+    folder = out / CHECKPOINTS
+    checkpoints: list[L.Callback]
     if has_val:
-        checkpoint = ModelCheckpoint(
-            dirpath=checkpoints,
-            filename="best",
-            monitor="val_auc",
-            mode="max",
-            save_top_k=1,
-            save_last=True,
-            enable_version_counter=False,
-        )
-    else:
-        checkpoint = ModelCheckpoint(
-            dirpath=checkpoints, filename="best", save_top_k=1, save_last=True, enable_version_counter=False
-        )
-    callbacks: list[L.Callback] = [checkpoint, EpochLog(out / METRICS), *extra]
+        # Two callbacks, not one with save_last: a monitored ModelCheckpoint rewrites last.ckpt only in epochs that
+        # improve on the best, so a resume would replay every epoch since then. The first is the trainer's
+        # checkpoint_callback, whose best_model_path _export_best reads.
+        checkpoints = [
+            ModelCheckpoint(
+                dirpath=folder, filename="best", monitor="val_auc", mode="max", enable_version_counter=False
+            ),
+            ModelCheckpoint(dirpath=folder, filename="last", enable_version_counter=False),
+        ]
+    else:  # unmonitored, so it saves (and rewrites last.ckpt) every epoch
+        checkpoints = [ModelCheckpoint(dirpath=folder, filename="best", save_last=True, enable_version_counter=False)]
+    callbacks: list[L.Callback] = [*checkpoints, EpochLog(out / METRICS), *extra]
     if has_val and config.patience > 0:
         callbacks.append(EarlyStopping(monitor="val_auc", mode="max", patience=config.patience))
     top_k = freeze_top_k(config.freeze)
