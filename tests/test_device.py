@@ -23,9 +23,10 @@ def test_precision_and_layout_follow_the_hardware() -> None:
     cpu32 = resolve_hardware(accelerator="cpu", precision="32")
     assert (cpu32.precision, cpu32.channels_last, cpu32.depthwise_fp32, cpu32.num_workers) == (
         "32-true",
-        False,
+        True,
         False,
         0,
     )
+    assert resolve_hardware(accelerator="mps", precision="32").channels_last is False
     bf16 = resolve_hardware(accelerator="cpu", precision="bf16-mixed")
     assert (bf16.channels_last, bf16.depthwise_fp32) == (True, True)
