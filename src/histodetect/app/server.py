@@ -19,7 +19,7 @@ from fastapi import FastAPI
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from histodetect.app.main import create_app
-from histodetect.app.security import check_exposure
+from histodetect.app.security import check_exposure, login_url
 from histodetect.app.settings import Settings
 from histodetect.errors import ConfigError
 
@@ -89,10 +89,11 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def serve(settings: Settings, *, host: str, port: int, insecure: bool, announce: Callable[[str], None] = print) -> None:
-    """Load the model, listen on ``host:port`` and serve until interrupted."""
+    """Load the model, listen on ``host:port`` and serve until interrupted; ``announce`` gets the address to open
+    (with ``?token=`` when there is a token: opening it logs the browser in, as Jupyter's printed URL does)."""
     check_exposure(host, settings.token, insecure=insecure)
     app = create_app(settings)
     sock = bind(host, port)
     shown = f"[{host}]" if ":" in host else host
-    announce(f"http://{shown}:{sock.getsockname()[1]}")
+    announce(login_url(f"http://{shown}:{sock.getsockname()[1]}", settings.token))
     uvicorn_server(app, settings).run(sockets=[sock])
