@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import numpy as np
 import pytest
 
-from histodetect.app.batching import Busy, MicroBatcher
+from histodetect.app.batching import Busy, FairLock, MicroBatcher
 
 
 def patches(values: list[int]) -> np.ndarray:
@@ -105,3 +106,25 @@ def test_a_full_queue_answers_busy_instead_of_waiting() -> None:
             await batcher.stop()
 
     asyncio.run(scenario())
+
+
+def test_the_model_lock_is_taken_in_the_order_it_was_asked_for() -> None:
+    lock = FairLock()
+    order: list[str] = []
+
+    def take(name: str) -> None:
+        with lock:
+            order.append(name)
+
+    with lock:
+        threads = []
+        for name in ("first", "second", "third"):
+            threads.append(threading.Thread(target=take, args=(name,)))
+            threads[-1].start()
+            deadline = time.monotonic() + 10
+            while lock.waiting < len(threads) and time.monotonic() < deadline:  # this one has its ticket
+                time.sleep(0.005)
+        assert lock.waiting == 3
+    for thread in threads:
+        thread.join(10)
+    assert order == ["first", "second", "third"] and lock.waiting == 0

@@ -7,8 +7,11 @@ waiting request, keeps gathering for ``window`` seconds or until ``max_batch`` p
 model's own thread (the event loop keeps accepting and reading requests meanwhile) and hands every request its
 own slice of the answer. With batching off the worker takes one request at a time: the benchmark's baseline.
 
-Every other model call (Grad-CAM, regions) goes through :meth:`MicroBatcher.run`, on the same single thread, so
-the model is never used by two threads at once.
+One model, one call at a time: every model call holds :attr:`MicroBatcher.lock`, a first-come-first-served
+:class:`FairLock`. Patch batches and Grad-CAM run on the model thread (:meth:`MicroBatcher.run`). A region, which
+may need thousands of batches, runs on a thread of its own (:meth:`MicroBatcher.run_aside`) and takes the lock
+for each of its batches only, so a patch batch that arrives meanwhile waits for at most one region batch instead of
+the whole region; the fairness of the lock is what keeps the region from taking it straight back.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -28,6 +32,33 @@ T = TypeVar("T")
 
 class Busy(Exception):
     """The queue is full: the server has more waiting work than it will hold."""
+
+
+class FairLock:
+    """A lock taken in the order it was asked for (a ticket lock): ``threading.Lock`` promises no order, and a
+    thread that releases it and asks again at once (a region going on to its next batch) may win every time."""
+
+    def __init__(self) -> None:
+        self._turn = threading.Condition()
+        self._issued = 0  # tickets handed out
+        self._serving = 0  # the ticket whose holder may go
+
+    @property
+    def waiting(self) -> int:
+        """Threads waiting for their turn (besides the holder)."""
+        with self._turn:
+            return max(self._issued - self._serving - 1, 0)
+
+    def __enter__(self) -> None:
+        with self._turn:
+            ticket = self._issued
+            self._issued += 1
+            self._turn.wait_for(lambda: self._serving == ticket)
+
+    def __exit__(self, *_: object) -> None:
+        with self._turn:
+            self._serving += 1
+            self._turn.notify_all()
 
 
 @dataclass
@@ -53,7 +84,9 @@ class MicroBatcher:
         self.window = window
         self.max_batch = max_batch
         self.queue_size = queue_size
+        self.lock = FairLock()
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="histodetect-model")
+        self.aside = ThreadPoolExecutor(max_workers=1, thread_name_prefix="histodetect-region")
         self.queue: asyncio.Queue[_Job] | None = None
         self.worker: asyncio.Task[None] | None = None
 
@@ -67,6 +100,7 @@ class MicroBatcher:
             with contextlib.suppress(asyncio.CancelledError):
                 await self.worker
         self.executor.shutdown(wait=True)
+        self.aside.shutdown(wait=True)
 
     async def predict(self, patches: np.ndarray) -> np.ndarray:
         """Probabilities for ``patches``, scored together with whatever else arrives meanwhile."""
@@ -80,9 +114,19 @@ class MicroBatcher:
         return await job.answer
 
     async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Any other model work, on the model's thread."""
+        """One model call, on the model's thread, holding the model lock."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executor, functools.partial(fn, *args, **kwargs))
+        return await loop.run_in_executor(self.executor, functools.partial(self._locked, fn, *args, **kwargs))
+
+    async def run_aside(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Long work made of many model calls (a region), one at a time on its own thread; ``fn`` takes
+        :attr:`lock` around each of its model calls itself."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.aside, functools.partial(fn, *args, **kwargs))
+
+    def _locked(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        with self.lock:
+            return fn(*args, **kwargs)
 
     async def _work(self) -> None:
         assert self.queue is not None
