@@ -56,7 +56,7 @@ def guarded(settings: Settings) -> Iterator[TestClient]:
 
 
 @pytest.fixture(scope="module")
-def requests(patch_files: list[Path], region_png: bytes) -> dict[str, tuple[str, str, dict[str, Any]]]:
+def good_requests(patch_files: list[Path], region_png: bytes) -> dict[str, tuple[str, str, dict[str, Any]]]:
     """A good request to every route but /health: (method, path, httpx arguments)."""
     tif = patch_files[0].read_bytes()
     return {
@@ -75,8 +75,8 @@ ROUTES = ["page", "static file", "docs", "openapi", "predict", "predict raw", "e
 
 
 @pytest.mark.parametrize("route", ROUTES)
-def test_every_route_but_health_needs_the_token(guarded: TestClient, requests: dict, route: str) -> None:
-    method, path, kwargs = requests[route]
+def test_every_route_but_health_needs_the_token(guarded: TestClient, good_requests: dict, route: str) -> None:
+    method, path, kwargs = good_requests[route]
     guarded.cookies.clear()
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {TOKEN}"}):
         answer = guarded.request(method, path, headers=headers, **kwargs)
@@ -103,7 +103,7 @@ def test_a_browser_without_the_token_is_told_to_open_the_printed_address(guarded
 
 
 def test_the_token_in_the_address_sets_a_strict_http_only_cookie_and_leaves_the_address(
-    guarded: TestClient, requests: dict
+    guarded: TestClient, good_requests: dict
 ) -> None:
     guarded.cookies.clear()
     answer = guarded.get(login_url("", TOKEN), follow_redirects=False)
@@ -113,7 +113,7 @@ def test_the_token_in_the_address_sets_a_strict_http_only_cookie_and_leaves_the_
     assert {"HttpOnly", "SameSite=Strict", "Path=/"} <= {part.strip() for part in cookie.split(";")}
     assert guarded.cookies.get(SESSION)  # the client now sends it, and nothing else, on every request
     for route in ROUTES:
-        method, path, kwargs = requests[route]
+        method, path, kwargs = good_requests[route]
         assert guarded.request(method, path, **kwargs).status_code == 200, route
     answer = guarded.get("/docs", params={"token": TOKEN, "x": "1"}, follow_redirects=False)
     assert answer.status_code == 303 and answer.headers["location"] == "/docs?x=1"
