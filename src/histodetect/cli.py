@@ -566,7 +566,10 @@ def serve(
     threshold: Annotated[float, typer.Option(help="Probability at which a patch's label is 1.")] = 0.5,
     token: Annotated[
         str | None,
-        typer.Option(envvar="HISTODETECT_TOKEN", help="Require 'Authorization: Bearer TOKEN' (all but /health)."),
+        typer.Option(
+            envvar="HISTODETECT_TOKEN",
+            help="Require 'Authorization: Bearer TOKEN', or the cookie /?token=TOKEN sets (all but /health).",
+        ),
     ] = None,
     insecure: Annotated[bool, typer.Option(help="Allow a non-loopback --host without a token.")] = False,
 ) -> None:
@@ -580,7 +583,9 @@ def serve(
         host=host,
         port=port,
         insecure=insecure,
-        announce=lambda url: console.print(f"serving on [bold]{url}[/] (page at /, API at /docs); Ctrl-C stops"),
+        announce=lambda url: console.print(
+            f"serving: open [bold]{url}[/] (the page; the API at /docs); Ctrl-C stops", soft_wrap=True
+        ),
     )
 
 

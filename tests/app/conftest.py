@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from PIL import Image
 
 from histodetect.app import Settings, create_app
 from histodetect.app.server import bind, uvicorn_server
@@ -49,6 +52,16 @@ def reference(served_run: Path) -> Predictor:
 @pytest.fixture(scope="session")
 def patch_files(sample_dir: Path) -> list[Path]:
     return sorted((sample_dir / "test").glob("*.tif"))
+
+
+@pytest.fixture(scope="session")
+def region_png(sample_store: Store) -> bytes:
+    """A 192x192 PNG region: four real patches, two by two (36 cells of the 32 px grid)."""
+    tiles = sample_store.read(np.arange(4))
+    region = np.concatenate([np.concatenate(tiles[:2], axis=1), np.concatenate(tiles[2:], axis=1)])
+    buffer = io.BytesIO()
+    Image.fromarray(region).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 @pytest.fixture(scope="module")

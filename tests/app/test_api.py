@@ -7,6 +7,9 @@ import io
 import json
 import logging
 import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +21,7 @@ from histodetect.app import Settings, create_app
 from histodetect.app.batching import Busy
 from histodetect.data.store import Store
 from histodetect.infer.engine import Predictor
+from histodetect.infer.slide import score_slide
 
 
 def npy(array: np.ndarray) -> bytes:
@@ -124,12 +128,10 @@ def test_explain_gives_predicts_probability_and_a_grad_cam_png(
 
 
 def test_a_region_gets_the_slide_heatmap_and_leaves_no_file(
-    client: TestClient, sample_store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    client: TestClient, region_png: bytes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    tiles = sample_store.read(np.arange(4))
-    region = np.concatenate([np.concatenate(tiles[:2], axis=1), np.concatenate(tiles[2:], axis=1)])  # 192x192
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the app's temporary folder goes
-    answer = client.post("/slide", files={"file": ("region.png", image_bytes(Image.fromarray(region)), "image/png")})
+    answer = client.post("/slide", files={"file": ("region.png", region_png, "image/png")})
     assert answer.status_code == 200, answer.text
     summary = answer.json()["summary"]
     assert summary["filename"] == "region.png" and (summary["width"], summary["height"]) == (192, 192)
@@ -187,19 +189,6 @@ def test_limits_answer_413_and_400_before_the_work(settings: Settings, patch_fil
         assert client.get("/health").status_code == 200
 
 
-def test_a_token_guards_every_model_route_but_not_health(settings: Settings, patch_files: list[Path]) -> None:
-    guarded = Settings(settings.runs, precision="fp32", token="s3cret-token")
-    tif = patch_files[0].read_bytes()
-    with TestClient(create_app(guarded)) as client:
-        assert client.get("/health").status_code == 200 and client.get("/health").json()["token_required"]
-        assert client.get("/").status_code == 200
-        for headers in ({}, {"Authorization": "Bearer s3cret-tokeX"}, {"Authorization": "Basic s3cret-token"}):
-            answer = client.post("/predict", content=tif, headers=headers)
-            assert answer.status_code == 401 and "token" in answer.json()["error"]
-        answer = client.post("/predict", content=tif, headers={"Authorization": "Bearer s3cret-token"})
-        assert answer.status_code == 200
-
-
 def test_a_large_upload_stays_in_memory(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
     def no_disk(*args: object, **kwargs: object) -> None:
         raise AssertionError("an upload was spilled to a temporary file")
@@ -219,3 +208,55 @@ def test_a_full_model_queue_answers_503_with_retry_after(
     monkeypatch.setattr(client.app.state.service.batcher, "predict", full)  # type: ignore[attr-defined]
     answer = client.post("/predict", content=patch_files[0].read_bytes())
     assert answer.status_code == 503 and answer.headers["retry-after"] == "1" and "wait" in answer.json()["error"]
+
+
+def test_a_patch_request_is_answered_between_the_batches_of_a_large_region(
+    settings: Settings,
+    region_png: bytes,
+    reference: Predictor,
+    patch_files: list[Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The region holds the model for one of its batches at a time: a /predict sent while it is being scored is
+    answered before the region's next batch, which waits (holding the model) until that answer has arrived."""
+    app = create_app(settings)
+    service = app.state.service
+    monkeypatch.setattr(service.predictor, "batch_size", 4)  # a model call for every 4 of its tissue cells
+    calls: list[str] = []
+    started, answered = threading.Event(), threading.Event()
+    region_batch, patch_batch = service.predictor.predict_batch, service.batcher.predict_fn
+
+    def observed_region_batch(batch: np.ndarray) -> np.ndarray:
+        calls.append("region")
+        if calls.count("region") == 1:  # hold the model until the patch request waits for it
+            started.set()
+            deadline = time.monotonic() + 30
+            while not service.batcher.lock.waiting and time.monotonic() < deadline:
+                time.sleep(0.01)
+        elif calls.count("region") == 2:
+            answered.wait(30)
+        return region_batch(batch)
+
+    def observed_patch_batch(batch: np.ndarray) -> np.ndarray:
+        calls.append("patch")
+        return patch_batch(batch)
+
+    monkeypatch.setattr(service.predictor, "predict_batch", observed_region_batch)
+    monkeypatch.setattr(service.batcher, "predict_fn", observed_patch_batch)
+    with TestClient(app) as client, ThreadPoolExecutor(1) as pool:
+        region = pool.submit(client.post, "/slide", files={"file": ("region.png", region_png, "image/png")})
+        assert started.wait(30)
+        answer = client.post("/predict", content=patch_files[0].read_bytes())
+        region_still_scoring = not region.done()
+        answered.set()
+        summary = region.result(60).json()["summary"]
+    assert answer.status_code == 200 and region_still_scoring
+    expected_patch = reference.predict(pixels(patch_files[0])[None])
+    np.testing.assert_allclose(answer.json()["probabilities"], expected_patch, atol=1e-5)
+    assert calls == ["region", "patch"] + ["region"] * (-(-summary["cells_scored"] // 4) - 1)
+    with tempfile.TemporaryDirectory() as folder:  # the region's answer is the one `histodetect slide` gives
+        (Path(folder) / "region.png").write_bytes(region_png)
+        expected = score_slide(reference, Path(folder) / "region.png", Path(folder) / "out", progress=False, workers=0)
+    assert summary["cells_scored"] == expected["cells_scored"] > 3 * 4
+    assert summary["cells_at_or_above_threshold"] == expected["cells_at_or_above_threshold"]
+    assert summary["max_probability"] == pytest.approx(expected["max_probability"], abs=1e-5)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import numpy as np
 import pytest
 
-from histodetect.app.batching import Busy, MicroBatcher
+from histodetect.app.batching import Busy, FairLock, MicroBatcher
 
 
 def patches(values: list[int]) -> np.ndarray:
@@ -102,6 +103,52 @@ def test_a_full_queue_answers_busy_instead_of_waiting() -> None:
             assert len(await first) == 1 and len(await second) == 1
         finally:
             release.set()
+            await batcher.stop()
+
+    asyncio.run(scenario())
+
+
+def test_the_model_lock_is_taken_in_the_order_it_was_asked_for() -> None:
+    lock = FairLock()
+    order: list[str] = []
+
+    def take(name: str) -> None:
+        with lock:
+            order.append(name)
+
+    with lock:
+        threads = []
+        for name in ("first", "second", "third"):
+            threads.append(threading.Thread(target=take, args=(name,)))
+            threads[-1].start()
+            deadline = time.monotonic() + 10
+            while lock.waiting < len(threads) and time.monotonic() < deadline:  # this one has its ticket
+                time.sleep(0.005)
+        assert lock.waiting == 3
+    for thread in threads:
+        thread.join(10)
+    assert order == ["first", "second", "third"] and lock.waiting == 0
+
+
+def test_a_lone_request_does_not_wait_for_the_window_but_one_on_its_way_is_waited_for() -> None:
+    model = Recorder()
+
+    async def scenario() -> None:
+        batcher = MicroBatcher(model, window=3600)  # a wait for the window would never end within the test
+        await batcher.start()
+        try:
+            alone = await asyncio.wait_for(batcher.predict(patches([1])), 30)
+            assert len(alone) == 1 and model.calls == [1]
+            with batcher.incoming():  # a second request is still being read when the first is queued
+                first = asyncio.create_task(batcher.predict(patches([2])))
+                for _ in range(20):  # the worker takes the first job and waits for the one on its way
+                    await asyncio.sleep(0)
+                assert model.calls == [1]
+            second = await asyncio.wait_for(batcher.predict(patches([3])), 30)
+            np.testing.assert_allclose(second, [3 / 255], rtol=1e-6)
+            assert len(await first) == 1
+            assert model.calls == [1, 2]
+        finally:
             await batcher.stop()
 
     asyncio.run(scenario())

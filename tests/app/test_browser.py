@@ -1,4 +1,5 @@
-"""The page in a real browser: ``histodetect serve`` in a subprocess, Debian's Chromium driven by Playwright.
+"""The page in a real browser: ``histodetect serve --token`` in a subprocess, Debian's Chromium driven by Playwright,
+logged in as a user is: by opening the address the command prints (``/?token=...``).
 
 Nothing is downloaded: Playwright launches the system's Chromium (``apt-get install chromium``; ``.ci/run``
 installs it), and the test skips, saying so, only where none is found. The screenshot goes to the test's temporary
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -34,14 +36,18 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def served_url(served_run: Path, free_port: Callable[[], int]) -> Iterator[str]:
-    """``histodetect serve RUN`` as a user starts it, on a free loopback port; stopped after the module."""
+    """``histodetect serve RUN`` with a token (from ``HISTODETECT_TOKEN``) as a user starts it, on a free loopback
+    port; yields the address it prints to open; stopped after the module."""
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    env.pop("HISTODETECT_TOKEN", None)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "HISTODETECT_TOKEN": "browser-test-token"}
     command = [sys.executable, "-m", "histodetect", "serve", str(served_run), "--port", str(port)]
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
+        assert process.stdout is not None
+        printed = next((line for line in process.stdout if "?token=" in line), "")  # "" once the process ended
+        address = re.search(r"http://\S+\?token=\S+", printed)
+        assert address is not None and address.group() == f"{url}/?token=browser-test-token", printed
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and process.poll() is None:
             try:
@@ -49,8 +55,8 @@ def served_url(served_run: Path, free_port: Callable[[], int]) -> Iterator[str]:
                     break
             except httpx.TransportError:
                 time.sleep(0.2)
-        assert process.poll() is None, process.stdout.read() if process.stdout else ""
-        yield url
+        assert process.poll() is None, process.stdout.read()
+        yield address.group()
     finally:
         process.terminate()
         process.wait(timeout=20)
@@ -68,8 +74,13 @@ def test_the_page_scores_a_patch_as_predict_does_and_shows_a_bad_files_error(
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM)
         try:
+            stranger = browser.new_page()  # no cookie: told how to get in, nothing more
+            refused = stranger.goto(served_url.split("?")[0])
+            assert refused is not None and refused.status == 401
+            expect(stranger.locator("body")).to_contain_text("?token=")
             page = browser.new_page(viewport={"width": 860, "height": 760})
-            page.goto(served_url)
+            page.goto(served_url)  # logs in: the cookie is set and the token leaves the address
+            assert page.url == served_url.split("?")[0]
             expect(page.locator("#model")).to_contain_text("baseline-cnn")
             page.locator("#patches").set_input_files([str(p) for p in patches])
             for path, p in zip(patches, expected, strict=True):

@@ -3,6 +3,7 @@ many threads with bad requests mixed in every good answer equals predict's and t
 
 from __future__ import annotations
 
+import asyncio
 import io
 import socket
 import threading
@@ -16,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 from histodetect.app import Settings
+from histodetect.app.server import bind
 from histodetect.infer.engine import Predictor
 
 from .conftest import LiveServer
@@ -152,3 +154,26 @@ def test_300_requests_from_8_threads_with_bad_ones_mixed_in(
                 assert status == 200, (i, status)
                 assert abs(probability - expected[i % len(images)]) <= 1e-5, i
         assert httpx.get(f"{url}/health").json()["status"] == "ok"
+
+
+def test_connections_send_at_once_without_waiting_for_acks() -> None:
+    """TCP_NODELAY on every accepted connection: otherwise an answer written as head then body waits 40 ms for the
+    client's delayed ACK (Nagle)."""
+
+    async def accepted_nodelay() -> int:
+        accepted: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+        class Probe(asyncio.Protocol):
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                sock = transport.get_extra_info("socket")
+                accepted.set_result(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+                transport.close()
+
+        sock = bind("127.0.0.1", 0)
+        server = await asyncio.get_running_loop().create_server(Probe, sock=sock)
+        async with server:
+            _, writer = await asyncio.open_connection(*sock.getsockname())
+            writer.close()
+            return await asyncio.wait_for(accepted, 10)
+
+    assert asyncio.run(accepted_nodelay()) != 0

@@ -20,13 +20,15 @@ from histodetect.app.batching import Busy
 from histodetect.app.limits import LimitsMiddleware
 from histodetect.app.model import ModelService
 from histodetect.app.routers import health, page, patches, regions
+from histodetect.app.security import TokenMiddleware
 from histodetect.app.settings import Settings
 from histodetect.errors import UserError
 
 DESCRIPTION = (
     "Probability of metastatic tumour in 96x96 H&E patches (the centre 32x32 pixels), Grad-CAM overlays and "
-    "heatmaps over region images. Every route but /health needs `Authorization: Bearer <token>` when the server "
-    'was started with a token. Errors answer `{"error": "..."}`.'
+    "heatmaps over region images. When the server was started with a token, every route but /health needs "
+    "`Authorization: Bearer <token>` (or the session cookie a browser gets by opening `/?token=<token>`). "
+    'Errors answer `{"error": "..."}`.'
 )
 
 
@@ -44,6 +46,7 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="histodetect", version=__version__, description=DESCRIPTION, lifespan=lifespan)
     app.state.settings = settings
     app.state.service = service
+    app.add_middleware(TokenMiddleware, token=settings.token)  # inside the limits: a refused body is still bounded
     app.add_middleware(LimitsMiddleware, max_body=settings.max_body, request_timeout=settings.request_timeout)
     app.add_exception_handler(UserError, _user_error)
     app.add_exception_handler(Busy, _busy)

@@ -11,6 +11,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from histodetect.app.batching import FairLock
 from histodetect.app.limits import image_pixels
 from histodetect.app.settings import Settings
 from histodetect.errors import InferError
@@ -35,11 +38,27 @@ def check_region(data: bytes, name: str, max_pixels: int) -> str:
     return suffix
 
 
+class SharedPredictor:
+    """The server's :class:`Predictor` as a region sees it: the same model and attributes, but each batch waits
+    its turn for ``lock``, the lock patch batches take too, so patch requests are served between region batches."""
+
+    def __init__(self, predictor: Predictor, lock: FairLock) -> None:
+        self.predictor = predictor
+        self.lock = lock
+
+    def predict_batch(self, batch: np.ndarray) -> np.ndarray:
+        with self.lock:
+            return self.predictor.predict_batch(batch)
+
+    def __getattr__(self, name: str) -> Any:  # batch_size, mpp, tta, precision, sources: the predictor's
+        return getattr(self.predictor, name)
+
+
 def score_region(
-    predictor: Predictor, settings: Settings, data: bytes, name: str, suffix: str
+    predictor: SharedPredictor, settings: Settings, data: bytes, name: str, suffix: str
 ) -> tuple[dict[str, Any], bytes]:
-    """The slide summary (paths replaced by ``name``) and ``heatmap.png``'s bytes; runs on the model thread with
-    the server's own, already loaded ``predictor``, through the same code as ``histodetect slide``."""
+    """The slide summary (paths replaced by ``name``) and ``heatmap.png``'s bytes, through the same code as
+    ``histodetect slide``, with the server's own, already loaded model; runs on the region thread."""
     with tempfile.TemporaryDirectory(prefix="histodetect-region-") as folder:
         image = Path(folder) / f"region{suffix}"
         image.write_bytes(data)

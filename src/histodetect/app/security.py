@@ -1,34 +1,117 @@
-"""Who may use the server: a bearer token on every model route, and no exposure without one.
+"""Who may use the server: a token on every route but ``/health``, and no exposure beyond loopback without one.
 
-``/health`` (for load balancers and probes) and the page's static files (the same for everyone, no data in them)
-need no token; every route that runs the model does. The comparison is constant-time (``hmac.compare_digest``)
-so the answer's timing says nothing about how much of a guess was right.
+With a token, :class:`TokenMiddleware` lets a request through when it carries ``Authorization: Bearer <token>``
+(scripts, curl) or the session cookie (a browser, which cannot send a header to open a page). A browser gets the
+cookie the way Jupyter hands it out: opening ``/?token=TOKEN`` (the URL ``histodetect serve`` prints) sets it and
+redirects (303) to the same path without the query, so the token leaves the address bar and the history; the
+page's own requests then carry the cookie (same origin). The cookie is ``HttpOnly`` (no script reads it),
+``SameSite=Strict`` (no other site's page can make the browser send it) and ``Path=/``.
+
+The cookie holds an HMAC of the token under a key drawn when the app starts, not the token: a cookie that leaks
+(a browser profile, a proxy's log) does not reveal a token that scripts, or other servers, may also use, and
+every session ends when the server restarts or its token changes. Its name carries the port, since browsers
+share cookies between the ports of one host and two servers would otherwise overwrite each other's.
+
+``/health`` (for load balancers and probes) needs nothing. Comparisons are constant-time
+(``hmac.compare_digest``), so an answer's timing says nothing about how much of a guess was right.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
+import html
 import ipaddress
+import json
+import secrets
+from http.cookies import CookieError, SimpleCookie
+from urllib.parse import parse_qsl, quote, urlencode
 
-from fastapi import HTTPException, Request, status
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from histodetect.errors import ConfigError
 
 LOOPBACK_NAMES = frozenset({"localhost", "ip6-localhost"})
+OPEN_PATHS = frozenset({"/health"})
+LOGIN_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>histodetect: token needed</title></head>
+<body><h1>This histodetect server needs its token</h1><p>{reason} Open the address that <code>histodetect
+serve</code> printed when it started, the one ending in <code>?token=...</code>: this browser then keeps a session
+cookie for this server. Scripts send <code>Authorization: Bearer TOKEN</code> instead.</p></body></html>
+"""
 
 
-def require_token(request: Request) -> None:
-    """FastAPI dependency: 401 unless ``Authorization: Bearer <token>`` matches the server's token (if it has one)."""
-    expected: str | None = request.app.state.settings.token
-    if expected is None:
+class TokenMiddleware:
+    """401 for any request but ``/health`` without the bearer token or the session cookie; ``?token=`` logs in.
+
+    ``token=None``: everyone may use the server (loopback only, unless ``--insecure``; see :func:`check_exposure`).
+    """
+
+    def __init__(self, app: ASGIApp, *, token: str | None) -> None:
+        self.app = app
+        self.enabled = token is not None
+        self.token = (token or "").encode()
+        self.session = hmac.new(secrets.token_bytes(32), self.token, hashlib.sha256).hexdigest()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if not self.enabled or scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        cookie = f"histodetect-session-{scope['server'][1] if scope.get('server') else 0}"
+        query = parse_qsl(scope["query_string"].decode("latin-1"), keep_blank_values=True)
+        given = [value for key, value in query if key == "token"]
+        if given and scope["method"] == "GET":
+            if not hmac.compare_digest(given[-1].encode(), self.token):
+                await _refuse(receive, send, headers, "The token in this address is wrong.")
+                return
+            rest = urlencode([(key, value) for key, value in query if key != "token"])
+            location = "/" + quote(scope["path"].lstrip("/")) + (f"?{rest}" if rest else "")  # never //other.host
+            set_cookie = f"{cookie}={self.session}; HttpOnly; SameSite=Strict; Path=/"
+            redirect = [(b"location", location.encode()), (b"set-cookie", set_cookie.encode())]
+            await _answer(send, 303, b"", [*redirect, (b"cache-control", b"no-store")])
+            return
+        if self._bearer(headers) or self._cookie(headers, cookie):
+            await self.app(scope, receive, send)
+            return
+        await _refuse(receive, send, headers, "This server needs a token.")
+
+    def _bearer(self, headers: dict[bytes, bytes]) -> bool:
+        scheme, _, given = headers.get(b"authorization", b"").partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), self.token)
+
+    def _cookie(self, headers: dict[bytes, bytes], name: str) -> bool:
+        jar = SimpleCookie()
+        try:
+            jar.load(headers.get(b"cookie", b"").decode("latin-1"))
+        except CookieError:  # a malformed Cookie header is simply no session
+            return False
+        return name in jar and hmac.compare_digest(jar[name].value.encode(), self.session.encode())
+
+
+async def _refuse(receive: Receive, send: Send, headers: dict[bytes, bytes], reason: str) -> None:
+    """401: a short page for a browser (it asks for HTML), ``{"error": ...}`` for everything else.
+
+    The request's body is read first (and dropped; ``LimitsMiddleware`` bounds its size and time): a connection
+    closed on unread data is reset, and a client still sending would never read its 401.
+    """
+    message = await receive()
+    while message["type"] == "http.request" and message.get("more_body", False):
+        message = await receive()
+    challenge = (b"www-authenticate", b"Bearer")
+    if b"text/html" in headers.get(b"accept", b""):
+        page = LOGIN_PAGE.format(reason=html.escape(reason)).encode()
+        await _answer(send, 401, page, [(b"content-type", b"text/html; charset=utf-8"), challenge])
         return
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected.encode()):
-        raise HTTPException(
-            status.HTTP_401_UNAUTHORIZED,
-            "this server needs a token: send 'Authorization: Bearer <token>'",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
+    error = f"{reason} Send 'Authorization: Bearer <token>', or open /?token=<token> in a browser."
+    await _answer(send, 401, json.dumps({"error": error}).encode(), [(b"content-type", b"application/json"), challenge])
+
+
+async def _answer(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+    length = (b"content-length", str(len(body)).encode())
+    await send({"type": "http.response.start", "status": status, "headers": [*headers, length]})
+    await send({"type": "http.response.body", "body": body})
 
 
 def is_loopback(host: str) -> bool:
@@ -48,3 +131,8 @@ def check_exposure(host: str, token: str | None, *, insecure: bool) -> None:
             f"--host {host}: other machines could reach the model without a token; pass --token (or set "
             "HISTODETECT_TOKEN), or --insecure if something in front of it already controls access"
         )
+
+
+def login_url(url: str, token: str | None) -> str:
+    """The address to open in a browser: with ``?token=`` when the server has one (it logs the browser in)."""
+    return f"{url}/?{urlencode({'token': token})}" if token else url

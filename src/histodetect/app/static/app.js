@@ -4,25 +4,17 @@
 
 const IN_FLIGHT = 4; // patches sent at once; the server gathers concurrent requests into one model call
 
-function authHeaders() {
-  const token = sessionStorage.getItem("histodetect-token") || "";
-  return token ? { Authorization: `Bearer ${token}` } : {};
-}
-
 async function post(path, field, file) {
   const form = new FormData();
   form.append(field, file, file.name);
-  const response = await fetch(path, { method: "POST", body: form, headers: authHeaders() });
+  const response = await fetch(path, { method: "POST", body: form }); // same origin: the session cookie goes along
   let answer;
   try {
     answer = await response.json();
   } catch {
     answer = { error: `${response.status} ${response.statusText}` };
   }
-  if (!response.ok) {
-    if (response.status === 401) document.getElementById("access").open = true;
-    throw new Error(answer.error || `${response.status} ${response.statusText}`);
-  }
+  if (!response.ok) throw new Error(answer.error || `${response.status} ${response.statusText}`);
   return answer;
 }
 
@@ -102,9 +94,6 @@ async function scoreRegion(file) {
 const HANDLERS = { patches: scorePatches, region: (files) => files.length && scoreRegion(files[0]) };
 
 function wire() {
-  const token = document.getElementById("token");
-  token.value = sessionStorage.getItem("histodetect-token") || "";
-  token.addEventListener("change", () => sessionStorage.setItem("histodetect-token", token.value.trim()));
   for (const zone of document.querySelectorAll(".drop")) {
     const handle = HANDLERS[zone.dataset.target];
     const input = zone.querySelector("input[type=file]");
@@ -128,7 +117,6 @@ function wire() {
     document.getElementById("model").textContent =
       `${models} · TTA ${health.tta} · ${health.precision} on ${health.device} · threshold ${health.threshold} · ` +
       `v${health.version}`;
-    if (health.token_required && !token.value) document.getElementById("access").open = true;
   }).catch(() => { document.getElementById("model").textContent = "The server does not answer."; });
 }
 
