@@ -381,6 +381,11 @@ def test_max_time_stops_cleanly_and_keeps_the_best_weights(sample_store: Store, 
     assert net(torch.rand(1, 3, 96, 96)).shape == (1,)
 
 
+def test_a_budget_that_runs_out_in_the_last_epoch_is_named(sample_store: Store, tmp_path: Path) -> None:
+    summary = train(sample_store, tmp_path / "run", quick(epochs=1, limit_train=None, max_time=0.001))
+    assert summary["stopped_by"] == "max_time"
+
+
 class SeenRows(L.Callback):
     """The store rows each training epoch and each validation pass saw."""
 

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 import timm
 import torch
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, Timer
 from lightning.pytorch.utilities import rank_zero_only
 from rich.console import Console
 from safetensors.torch import save_file
@@ -266,8 +266,8 @@ def _summary(
     stopped = "max_epochs"
     if any(isinstance(c, EarlyStopping) and c.stopped_epoch > 0 for c in trainer.callbacks):
         stopped = "early_stopping"
-    elif config.max_time and trainer.current_epoch < config.epochs and not trainer.interrupted:
-        stopped = "max_time"
+    elif any(isinstance(c, Timer) and (c.time_remaining() or 0.0) <= 0 for c in trainer.callbacks):
+        stopped = "max_time"  # also when the budget ran out in the last epoch, which it then cut short
     elif trainer.interrupted:
         stopped = "interrupted"
     previous = _read_json(out / SUMMARY)
