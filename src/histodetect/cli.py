@@ -243,7 +243,8 @@ def train(
         int | None, typer.Option(help="Validate each epoch on a stratified subset of this size (default: all).")
     ] = None,
     ema: Annotated[
-        float | None, typer.Option(help="Average the weights (EMA, this decay per step, e.g. 0.998); saved averaged.")
+        float | None,
+        typer.Option(help="Average the weights (EMA, this decay per step, e.g. 0.998; 0 = off); saved averaged."),
     ] = None,
     swa_epochs: Annotated[
         int | None, typer.Option(help="Average the weights of the last N epochs (SWA); saved averaged.")

@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 from histodetect.data.store import Store
-from histodetect.train.averaging import AveragedWeights
-from histodetect.train.config import ConfigError, TrainConfig
+from histodetect.train.averaging import AveragedWeights, weight_averaging
+from histodetect.train.config import ConfigError, TrainConfig, build_config
 from histodetect.train.run import train
 
 QUICK = dict(batch_size=16, limit_train=64, val_fraction=0.2, num_workers=0, patience=0, precision="32", seed=3)
@@ -127,3 +127,12 @@ def test_swa_resume_does_not_count_an_epoch_twice(sample_store: Store, tmp_path:
 def test_bad_averaging_settings_are_refused(changes, message) -> None:
     with pytest.raises(ConfigError, match=message):
         quick(**changes)
+
+
+def test_ema_zero_turns_off_a_presets_average_so_swa_can_replace_it() -> None:
+    assert build_config(preset="cpu").ema == 0.995
+    config = build_config(preset="cpu", ema=0.0, swa_epochs=3)
+    averaging = weight_averaging(config)
+    assert averaging is not None and averaging.ema is None and averaging.swa_start == config.epochs - 3
+    with pytest.raises(ConfigError, match="--ema 0"):
+        build_config(preset="cpu", swa_epochs=3)

@@ -92,8 +92,8 @@ class AveragedWeights(WeightAveraging):
 
 
 def weight_averaging(config: TrainConfig) -> AveragedWeights | None:
-    """The callback ``config`` asks for (``ema`` or ``swa_epochs``), or None."""
-    if config.ema is not None:
+    """The callback ``config`` asks for (``ema`` or ``swa_epochs``), or None (``ema`` 0 is none)."""
+    if config.ema:
         return AveragedWeights(ema=config.ema)
     if config.swa_epochs:
         return AveragedWeights(swa_start=config.epochs - config.swa_epochs)

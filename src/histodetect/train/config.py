@@ -87,7 +87,7 @@ class TrainConfig:
     epoch_patches: int | None = None
     val_patches: int | None = None  # validate each epoch on a fixed stratified subset of this size (None = all)
     # weight averaging (train/averaging.py): validation, the best checkpoint and model.safetensors use the average
-    ema: float | None = None  # exponential moving average of the weights with this decay per step, e.g. 0.998
+    ema: float | None = None  # exponential moving average of the weights with this decay per step; 0 = off
     swa_epochs: int = 0  # stochastic weight averaging: equal average of the weights after each of the last N epochs
     # linear probe (train/embeddings.py): with freeze=frozen, embed every labeled patch once (8 dihedral views
     # when aug_dihedral, else 1) and train the head on the cached embeddings
@@ -146,12 +146,14 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be positive or unset, not {getattr(self, name)}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), not {self.dropout}")
-        if self.ema is not None and not 0.0 < self.ema < 1.0:
-            raise ConfigError(f"ema must be a decay in (0, 1), e.g. 0.998, not {self.ema}")
+        if self.ema is not None and not 0.0 <= self.ema < 1.0:
+            raise ConfigError(f"ema must be a decay in (0, 1), e.g. 0.998, or 0 for none, not {self.ema}")
         if not 0 <= self.swa_epochs <= self.epochs:
             raise ConfigError(f"swa_epochs must be in [0, epochs={self.epochs}], not {self.swa_epochs}")
-        if self.ema is not None and self.swa_epochs:
-            raise ConfigError("ema and swa_epochs are two ways to average the weights: choose one")
+        if self.ema and self.swa_epochs:
+            raise ConfigError(
+                "ema and swa_epochs are two ways to average the weights: choose one (--ema 0 turns off a preset's EMA)"
+            )
         if self.cache_embeddings and self.freeze != "frozen":
             raise ConfigError(f"cache_embeddings needs freeze=frozen (a fixed backbone), not {self.freeze!r}")
         if self.cache_embeddings and (self.mixup or self.cutmix):
