@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -288,6 +291,21 @@ def test_bad_slides_are_refused_naming_the_file_and_leave_no_folder(fp32: Predic
     for setting in ({"min_tissue": 1.5}, {"threshold": -0.1}, {"top_k": 0}):
         with pytest.raises(InferError):
             score_slide(fp32, svs, tmp_path / "out", **setting)
+
+
+def test_a_killed_runs_partial_folder_is_removed_but_a_running_ones_is_not(
+    fp32: Predictor, svs: Path, tmp_path: Path
+) -> None:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()  # its number now names no process: what a killed run leaves
+    dead = tmp_path / f".out.partial-{child.pid}"
+    running = tmp_path / f".out.partial-{os.getppid()}"  # a process that is alive: another run of this slide
+    for folder in (dead, running):
+        folder.mkdir()
+        (folder / "cells.csv").write_text("row,col\n")
+    score_slide(fp32, svs, tmp_path / "out", progress=False)
+    assert (tmp_path / "out" / "summary.json").is_file()
+    assert not dead.exists() and (running / "cells.csv").is_file()
 
 
 def test_many_slides_shard_resume_and_a_bad_one_is_listed(

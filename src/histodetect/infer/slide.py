@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -45,6 +46,7 @@ from histodetect.data.wsi import SlideReader, open_slide
 from histodetect.errors import InferError, UserError
 from histodetect.infer import slide_outputs
 from histodetect.infer.engine import Predictor, progress_bar
+from histodetect.io import remove_dead_leftovers
 
 WINDOW = PATCH_SHAPE[0]  # 96: what every model was trained on
 CELL = 32  # the labelled centre of a window
@@ -305,9 +307,11 @@ def _folder(out: Path) -> Iterator[Path]:
     if out.exists() and not (out.is_dir() and not any(out.iterdir())):
         raise InferError(f"{out}: already exists and is not empty; remove it or choose another --out")
     out.parent.mkdir(parents=True, exist_ok=True)
-    for stale in out.parent.glob(f".{out.name}{PARTIAL}*"):  # left by a killed run of this slide
-        shutil.rmtree(stale, ignore_errors=True)
-    building = out.parent / f".{out.name}{PARTIAL}{os.getpid()}"
+    prefix = f".{out.name}{PARTIAL}"
+    # Left by a killed run of this slide; one of a process still scoring it (another shard's retry) is its own.
+    remove_dead_leftovers(out.parent, re.compile(re.escape(prefix) + r"(?P<pid>\d+)"))
+    building = out.parent / f"{prefix}{os.getpid()}"
+    shutil.rmtree(building, ignore_errors=True)  # this process's own, from a killed one that had its number
     building.mkdir()
     try:
         yield building
