@@ -14,6 +14,7 @@ the coordinate system slide viewers use.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,8 +46,9 @@ class ScoredSlide:
     probabilities: np.ndarray  # (n,)
     truth: np.ndarray | None  # (n,) bool: centre inside an annotated tumour
 
-    @property
+    @functools.cached_property
     def heatmap(self) -> np.ndarray:
+        """float32 grid of the probabilities, NaN where not scored: built once (npy, GeoJSON and PNG all use it)."""
         heatmap = np.full(self.fraction.shape, np.nan, dtype=np.float32)
         heatmap[self.cells[:, 0], self.cells[:, 1]] = self.probabilities
         return heatmap
