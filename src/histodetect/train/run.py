@@ -195,6 +195,12 @@ def _trainer(
     )
 
 
+def _out_of_time(callback: L.Callback) -> bool:
+    """Whether ``callback`` is the ``max_time`` Timer and the budget is spent (a Timer without one never is)."""
+    left = callback.time_remaining() if isinstance(callback, Timer) else None
+    return left is not None and left <= 0
+
+
 def _quiet_lightning() -> None:
     """Lightning's start-up banners and tips repeat what the line above says; warnings still show."""
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
@@ -266,7 +272,7 @@ def _summary(
     stopped = "max_epochs"
     if any(isinstance(c, EarlyStopping) and c.stopped_epoch > 0 for c in trainer.callbacks):
         stopped = "early_stopping"
-    elif any(isinstance(c, Timer) and (c.time_remaining() or 0.0) <= 0 for c in trainer.callbacks):
+    elif any(_out_of_time(c) for c in trainer.callbacks):
         stopped = "max_time"  # also when the budget ran out in the last epoch, which it then cut short
     elif trainer.interrupted:
         stopped = "interrupted"
