@@ -23,17 +23,12 @@ from histodetect.train.runfolder import load_config, load_model
 
 class ModelService:
     """The :class:`Predictor` (``predict``'s own: ensembles, TTA, precision) behind a :class:`MicroBatcher`, and
-    the first run's network for Grad-CAM (loaded on first use, on the model thread).
-    """
+    the first run's network for Grad-CAM (loaded on first use, on the model thread)."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.predictor = Predictor(
-            settings.runs,
-            tta=settings.tta,
-            precision=settings.precision,
-            device=settings.device,
-            progress=False,
+            settings.runs, tta=settings.tta, precision=settings.precision, device=settings.device, progress=False
         )
         self.batcher = MicroBatcher(
             self.predictor.predict,
