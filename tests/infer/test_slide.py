@@ -17,14 +17,11 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from histodetect.cli import app
-from histodetect.data.store import Store
 from histodetect.data.wsi import ArrayReader
 from histodetect.errors import InferError
 from histodetect.infer.engine import Predictor
 from histodetect.infer.slide import score_slide
 from histodetect.report.metrics import roc_auc
-from histodetect.train.config import TrainConfig
-from histodetect.train.run import train
 
 MakeSlide = Callable[..., Path]
 MODEL_MPP = 0.972
@@ -33,19 +30,6 @@ MODEL_MPP = 0.972
 @pytest.fixture(scope="module")
 def fp32(baseline_run: Path) -> Predictor:
     return Predictor([baseline_run], precision="fp32", progress=False)
-
-
-@pytest.fixture(scope="module")
-def ranker(tmp_path_factory: pytest.TempPathFactory, sample_store: Store) -> Predictor:
-    """A run that tells the mosaic's patches apart (ImageNet Lite0, head trained on the sample: ROC AUC ~0.9 on
-    them), for comparing rankings: a near-random run would reorder its patches on any change of a pixel."""
-    config = TrainConfig(
-        model="tf_efficientnet_lite0", freeze="frozen", lr=3e-3, epochs=2, batch_size=32, val_fraction=0.1,
-        patience=0, num_workers=0,
-    )  # fmt: skip
-    run = tmp_path_factory.mktemp("ranker") / "run"
-    train(sample_store, run, config)
-    return Predictor([run], precision="fp32", progress=False)
 
 
 def centre_mask(path: Path, mosaic, cell: float = 32) -> Path:

@@ -131,7 +131,8 @@ def _tissue_blob(rng: np.random.Generator, grid: tuple[int, int]) -> np.ndarray:
 
 
 def _lesions(rng: np.random.Generator, tissue: np.ndarray, size: tuple[int, int]) -> list[list[tuple[int, int]]]:
-    """1-3 connected blobs of tumour places inside the tissue, apart from each other."""
+    """1-3 connected blobs of tumour places inside the tissue, at least two places apart (so their outlines stay
+    further apart than twice Camelyon16's 75 um margin, and each is a lesion of its own)."""
     taken = np.zeros_like(tissue)
     lesions = []
     for _ in range(int(rng.integers(1, 4))):
@@ -159,7 +160,7 @@ def _lesions(rng: np.random.Generator, tissue: np.ndarray, size: tuple[int, int]
 def _grow(mask: np.ndarray, steps: int) -> np.ndarray:
     from scipy.ndimage import binary_dilation
 
-    return binary_dilation(mask, iterations=steps) if mask.any() else mask
+    return binary_dilation(mask, np.ones((3, 3), dtype=bool), iterations=steps) if mask.any() else mask
 
 
 def lesion_outline(lesion: list[tuple[int, int]]) -> shapely.Geometry:
