@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 import histodetect.infer.extract as extract_module
 from histodetect.cli import app
+from histodetect.data.annotations import read_polygons
 from histodetect.data.split import groups_of, split_rows
 from histodetect.data.store import Store
 from histodetect.errors import InferError
@@ -162,6 +163,21 @@ def test_asap_xml_exclusions_are_cut_out_of_the_tumour(
     assert changed == {(first[0] + dr, first[1] + dc) for dr in (-1, 0, 1) for dc in (-1, 0, 1)}
 
 
+def test_outlines_in_one_multipolygon_whose_squares_share_edges_all_count(
+    tmp_path: Path, cohort: dict[str, Path], mosaic
+) -> None:
+    """Every patch of the mosaic outlined by its square, all in one MultiPolygon (invalid: its parts share edges).
+    Repaired whole, shapely's make_valid took the squares enclosed by others for holes; each part is kept."""
+    squares = [[square(*top_left(c), 96)] for c in mosaic.centres]
+    outline = tmp_path / "tumour.geojson"
+    outline.write_text(json.dumps({"type": "MultiPolygon", "coordinates": squares}))
+    assert read_polygons(outline).area == 96 * 96 * len(squares)
+    store = extract([cohort["slides"] / "tumour.tif"], tmp_path / "store", Settings(per_slide=ALL),
+                    annotations=outline, workers=0, progress=False)  # fmt: skip
+    cells = windows_by_cell(store, "tumour")
+    assert all(store.labels[cells[c]] == 1 for c in mosaic.centres)
+
+
 def test_the_same_seed_gives_the_same_bytes_and_the_draw_keeps_the_share(
     tmp_path: Path, cohort: dict[str, Path]
 ) -> None:
@@ -268,6 +284,8 @@ def test_hard_negatives_are_the_run_s_top_windows_away_from_tumour(
         if far_from(every.index.iloc[row], corner) and every.ids[row] not in set(store.ids)
     ]
     assert len(far) > 100 and predictor.predict(every.read(far)).max() <= predicted.min() + 0.02
+    with pytest.raises(InferError, match=r"--mpp 0.5: the run .* was trained at 0.972"):
+        extract([slide], tmp_path / "other", Settings(mpp=0.5, hard_negatives=str(baseline_run)), **options)
 
 
 def test_a_reference_csv_decides_tumour_or_normal(tmp_path: Path, cohort: dict[str, Path]) -> None:

@@ -36,6 +36,7 @@ import math
 import os
 import shutil
 import time
+import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -61,6 +62,7 @@ SAMPLED, HARD_NEGATIVE = "sampled", "hard_negative"  # the store's ``source`` co
 SPLIT = "train"
 HARD_MARGIN = 96  # model pixels: a hard negative's centre lies farther than this from any tumour outline
 SETTINGS = "settings.json"
+AREAL = (shapely.GeometryType.POLYGON, shapely.GeometryType.MULTIPOLYGON)
 
 
 @dataclass(frozen=True)
@@ -156,7 +158,7 @@ def extract(
         settings = replace(settings, hard_count=0)  # a count without a run means nothing: not a setting to match
     _check_out(out, overwrite)
     predictor = None
-    if settings.hard_negatives is not None and settings.hard_count > 0:
+    if settings.hard_negatives is not None:
         predictor = Predictor([settings.hard_negatives], progress=progress)
         if settings.mpp is not None and abs(predictor.mpp - settings.mpp) > 1e-9:
             raise InferError(
@@ -165,25 +167,29 @@ def extract(
             )
     if settings.mpp is None:
         settings = replace(settings, mpp=predictor.mpp if predictor is not None else TrainConfig.mpp)
+    if settings.hard_count == 0:
+        predictor = None  # its scale was all it was needed for
     jobs = _jobs(find_slides(slides), annotations, read_reference(reference) if reference is not None else None)
     for job in jobs:  # a slide without a scale is refused before any work
         with open_slide(job.path) as reader:
             choose_scale(reader, settings.model_mpp, settings.slide_mpp)
     work = out.parent / f".{out.name}.extract-work"
     _start_work(work, settings)
-    done: list[SlideSamples] = []
+    finished: list[Path] = []
     for job in jobs:
-        inputs = job.inputs()
-        samples = _load_work(work / f"{job.name}.npz", inputs)
-        reused = samples is not None
-        if samples is None:
+        inputs, saved = job.inputs(), work / f"{job.name}.npz"
+        meta = _saved_meta(saved, inputs)
+        reused = meta is not None
+        if meta is None:
             samples = extract_slide(job, settings, predictor, workers=workers, progress=progress)
-            samples.meta["inputs"] = inputs
-            _save_work(work / f"{job.name}.npz", samples)
-        done.append(samples)
+            meta = samples.meta
+            meta["inputs"] = inputs
+            _save_work(saved, samples)
+            del samples  # a slide's windows are on disk now; memory holds one slide's at a time
+        finished.append(saved)
         if report is not None:
-            report(job.name, samples.meta, reused)
-    store = _assemble(out, done, settings, overwrite=overwrite)
+            report(job.name, meta, reused)
+    store = _assemble(out, finished, settings, overwrite=overwrite)
     shutil.rmtree(work, ignore_errors=True)
     return store
 
@@ -300,12 +306,17 @@ def _whole_windows(grid: tuple[int, int], scale: Scale, width: int, height: int)
 
 
 def _holds_tumour(area: shapely.Geometry, cells: np.ndarray, cell: float) -> np.ndarray:
-    """bool per cell: its square (level-0 pixels) shares an area > 0 with ``area`` (touching an edge is not enough)."""
+    """bool per cell: its square (level-0 pixels) shares an area > 0 with ``area``, i.e. their interiors meet
+    (touching along an edge is not enough). The squares go into an R-tree that each polygon of ``area`` queries,
+    so a cell is tested only against the polygons near it: testing every square against the whole area took
+    9 minutes for 18,600 cells and 805 outlines; this takes 0.1 s."""
     x0, y0 = cells[:, 1] * cell, cells[:, 0] * cell
     boxes = shapely.box(x0, y0, x0 + cell, y0 + cell)
-    shapely.prepare(area)
-    hit = shapely.intersects(area, boxes)
-    hit[hit] = shapely.area(shapely.intersection(boxes[hit], area)) > 0
+    parts = shapely.get_parts(area)
+    parts = parts[np.isin(shapely.get_type_id(parts), AREAL)]  # make_valid may leave lines: they hold no area
+    polygon, box = shapely.STRtree(boxes).query(parts, predicate="intersects")
+    hit = np.zeros(len(cells), dtype=bool)
+    hit[box[shapely.relate_pattern(parts[polygon], boxes[box], "T********")]] = True
     return hit
 
 
@@ -368,39 +379,52 @@ def _save_work(path: Path, samples: SlideSamples) -> None:
         )
 
 
-def _load_work(path: Path, inputs: dict[str, Any]) -> SlideSamples | None:
-    """A finished slide's windows, when they were made from these inputs; None otherwise (then made again)."""
+def _saved_meta(path: Path, inputs: dict[str, Any]) -> dict[str, Any] | None:
+    """A finished slide's record, when its windows were made from these inputs; None otherwise (made again)."""
     if not path.is_file():
         return None
-    with contextlib.suppress(OSError, ValueError, KeyError), np.load(path, allow_pickle=False) as saved:
-        meta = json.loads(str(saved["meta"]))
-        if meta.get("inputs") == inputs:
-            return SlideSamples(saved["pixels"], saved["coords"], saved["labels"], saved["hard"], meta)
+    with contextlib.suppress(OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        with np.load(path, allow_pickle=False) as saved:
+            meta = json.loads(str(saved["meta"]))
+        if isinstance(meta, dict) and meta.get("inputs") == inputs:
+            return meta
     return None
 
 
+def _load_work(path: Path) -> SlideSamples:
+    with np.load(path, allow_pickle=False) as saved:
+        meta = json.loads(str(saved["meta"]))
+        return SlideSamples(saved["pixels"], saved["coords"], saved["labels"], saved["hard"], meta)
+
+
 # ------------------------------------------------------------------------------------------------ the store
-def _assemble(out: Path, done: list[SlideSamples], settings: Settings, *, overwrite: bool) -> Store:
-    """Every slide's windows into the store, duplicates of pixels kept once (the first, in slide order)."""
-    total = sum(len(s.labels) for s in done)
+def _assemble(out: Path, finished: list[Path], settings: Settings, *, overwrite: bool) -> Store:
+    """Every slide's windows (read back one slide at a time) into the store, duplicates of pixels kept once (the
+    first, in slide order) and listed in the store's ``report.json``."""
+    total = 0
+    for saved in finished:
+        with np.load(saved, allow_pickle=False) as held:
+            total += len(held["labels"])
     kept: dict[str, tuple[str, int, int]] = {}
     duplicates: list[dict[str, Any]] = []
+    slides: list[dict[str, Any]] = []
     with StoreWriter(out, capacity=total, overwrite=overwrite or out.exists()) as writer:
-        for samples in done:
+        for saved in finished:
+            samples = _load_work(saved)
             name = samples.meta["name"]
-            samples.meta["duplicates"] = 0
+            before = len(duplicates)
             for pixels, (x, y), label, hard in _rows(samples):
                 sha1 = hashlib.sha1(pixels).hexdigest()
                 if sha1 in kept:
                     slide, kx, ky = kept[sha1]
                     duplicates.append({"slide": name, "coord_x": x, "coord_y": y, "label": label, "id": sha1,
                                        "kept": {"slide": slide, "coord_x": kx, "coord_y": ky}})  # fmt: skip
-                    samples.meta["duplicates"] += 1
                     continue
                 kept[sha1] = (name, x, y)
                 source = HARD_NEGATIVE if hard else SAMPLED
                 writer.add(pixels, sha1, label, SPLIT, source, sha1, Place(name, x, y))
-        slides = [{k: v for k, v in s.meta.items() if k != "inputs"} for s in done]
+            meta = {k: v for k, v in samples.meta.items() if k != "inputs"}
+            slides.append({**meta, "duplicates": len(duplicates) - before})
         record = {
             "settings": asdict(settings),
             "coordinates": "level-0 pixels of each window's top-left",
