@@ -46,6 +46,7 @@ import numpy as np
 import shapely
 
 from histodetect.data.annotations import inside, read_polygons
+from histodetect.data.ids import group_problem
 from histodetect.data.reference import is_tumour, read_reference
 from histodetect.data.store import PATCH_SHAPE, Place, Store, StoreWriter, why_not_replaceable
 from histodetect.data.tissue import tissue_fraction, window_share
@@ -220,7 +221,7 @@ def extract_slide(
         positives = _draw(rng, np.flatnonzero(labels == 1), n_positive)
         negatives = _draw(rng, np.flatnonzero(labels == 0), settings.per_slide - n_positive)
         sampled = np.sort(np.concatenate([positives, negatives]))
-        hard, hard_probability = np.zeros(0, dtype=np.int64), None
+        hard, hard_probability, scored = np.zeros(0, dtype=np.int64), None, 0
         if predictor is not None:
             eligible = labels == 0
             eligible[sampled] = False
@@ -229,6 +230,7 @@ def extract_slide(
                 near = job.tumour_area.buffer(settings.hard_margin * scale.level0_per_pixel)
                 eligible &= ~inside(near, centres[:, 0], centres[:, 1])
             candidates = np.flatnonzero(eligible)
+            scored = len(candidates)
             scores = score_cells(predictor, reader, scale, cells[candidates], workers=workers, progress=progress)
             top = np.argsort(-scores, kind="stable")[: settings.hard_count]
             hard = np.sort(candidates[top])
@@ -255,6 +257,7 @@ def extract_slide(
             "tissue_cells": len(cells),
             "candidates": {"positive": int(labels.sum()), "negative": int((labels == 0).sum())},
             "sampled": {"positive": len(positives), "negative": len(negatives)},
+            "hard_scored": scored,
             "hard_negatives": len(hard),
             "hard_negative_probability": hard_probability,
             "seconds": round(time.perf_counter() - started, 2),
@@ -282,6 +285,8 @@ def _jobs(paths: list[Path], annotations: Path | None, reference: dict[str, bool
     """Each slide with its outlines, read now; a slide the reference calls tumour must have them."""
     jobs = []
     for path in paths:
+        if why := group_problem(path.stem):
+            raise InferError(f"{path}: its name is the store's group for its patches, and cannot be one ({why})")
         ann = companion(annotations, path, len(paths) > 1, "--annotations")
         listed = is_tumour(reference, path) if reference is not None else None
         if listed and ann is None:
