@@ -365,3 +365,32 @@ def test_the_command_writes_a_store_that_train_splits_by_slide(
     side = dict(zip(store.ids, store.groups, strict=True))
     by_group = split.assign(group=split["id"].map(side)).groupby("group")["part"].nunique()
     assert (by_group == 1).all()
+
+
+def test_a_slide_whose_outlines_changed_is_extracted_again_on_resume(
+    tmp_path: Path, cohort: dict[str, Path], mosaic, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    notes = tmp_path / "annotations"
+    notes.mkdir()
+    tumour_geojson(notes / "tumour.geojson", mosaic)
+    options: dict[str, Any] = dict(annotations=notes, workers=0, progress=False)
+    original_assemble, original_slide = extract_module._assemble, extract_module.extract_slide
+
+    def killed(*args: Any, **kwargs: Any) -> Any:
+        raise KeyboardInterrupt  # both slides done, killed while writing the store
+
+    monkeypatch.setattr(extract_module, "_assemble", killed)
+    with pytest.raises(KeyboardInterrupt):
+        extract([cohort["slides"]], tmp_path / "store", Settings(per_slide=10), **options)
+    one = json.loads((notes / "tumour.geojson").read_text())
+    one["features"] = one["features"][:1]  # the outlines are corrected: one tumour patch only
+    (notes / "tumour.geojson").write_text(json.dumps(one))
+    calls: list[str] = []
+    monkeypatch.setattr(extract_module, "_assemble", original_assemble)
+    monkeypatch.setattr(
+        extract_module, "extract_slide", lambda job, *a, **k: calls.append(job.name) or original_slide(job, *a, **k)
+    )
+    store = extract([cohort["slides"]], tmp_path / "store", Settings(per_slide=10), **options)
+    assert calls == ["tumour"]
+    slides = {s["name"]: s for s in store.manifest["extract"]["slides"]}
+    assert slides["tumour"]["candidates"]["positive"] == 9  # the one patch's 3 x 3 cells
