@@ -239,6 +239,9 @@ def test_the_same_pixels_twice_are_stored_once_and_counted(tmp_path: Path, mosai
     assert store.manifest["extract"]["duplicates"] >= 1
     dropped = store.report["duplicate_pixels"]
     assert any(d["id"] == sha1 and d["coord_x"] == 288 and d["kept"]["coord_x"] == 96 for d in dropped)
+    assert store.manifest["problems"]["skipped"] == len(dropped) == store.manifest["extract"]["duplicates"]
+    info = CliRunner().invoke(app, ["info", str(store.path)])
+    assert info.exit_code == 0 and "duplicate_pixels" in info.output, info.output
 
 
 def far_from(entry: pd.Series, corners: np.ndarray) -> bool:

@@ -438,7 +438,14 @@ def _assemble(out: Path, finished: list[Path], settings: Settings, *, overwrite:
         }
         return writer.commit(
             source="histodetect extract",
-            extra={"extract": record},
+            extra={
+                "layout": "slides (histodetect extract)",
+                "problems": {  # in ingest's form, for ``histodetect info``
+                    "kinds": {"duplicate_pixels": {"warning": len(duplicates)}} if duplicates else {},
+                    "skipped": len(duplicates),
+                },
+                "extract": record,
+            },
             report={"duplicate_pixels": duplicates},
         )
 
