@@ -618,8 +618,8 @@ def extract(
     counts = store.manifest["splits"][store.splits[0]] if len(store) else {"positive": 0, "negative": 0}
     console.print(
         f"{len(store):,} patches ({counts['positive']:,} positive, {counts['negative']:,} negative) from "
-        f"{len(store.manifest['extract']['slides'])} slides, {store.manifest['extract']['duplicates']} duplicate "
-        f"windows kept once: [bold]{out}[/]",
+        f"{len(store.manifest['extract']['slides'])} slides ({store.manifest['extract']['duplicates']} windows "
+        f"left out as copies of stored ones: report.json): [bold]{out}[/]",
         highlight=False,
     )
 
