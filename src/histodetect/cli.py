@@ -495,7 +495,14 @@ def slide(
     ] = None,
     annotations: Annotated[
         Path | None,
-        typer.Option(help="Tumour outlines (GeoJSON or Camelyon16 ASAP XML, or a folder of them): cell ROC AUC."),
+        typer.Option(
+            help="Tumour outlines (GeoJSON or Camelyon16 ASAP XML, or a folder of them; a slide without one is "
+            "normal): cell ROC AUC, lesions found, and OUT/cohort.json + OUT/report.html for the cohort."
+        ),
+    ] = None,
+    reference: Annotated[
+        Path | None,
+        typer.Option(help="Camelyon16 reference CSV (image,type: Tumor/Normal): the slides' truth for cohort.json."),
     ] = None,
     threshold: Annotated[float, typer.Option(help="Probability counted as tumour (regions, areas, decision).")] = 0.5,
     top_k: Annotated[int, typer.Option(help="The slide score is the mean of the top-k cells.")] = 10,
@@ -539,6 +546,7 @@ def slide(
         shard=parse_shard(shard),
         mask=mask,
         annotations=annotations,
+        reference=reference,
         report=report,
         slide_mpp=slide_mpp,
         level=level,
@@ -550,6 +558,8 @@ def slide(
     )
     failed = sum("error" in row for row in rows)
     console.print(f"{len(rows) - failed} of {len(rows)} slides done: [bold]{out / 'slides.csv'}[/]")
+    if annotations is not None or reference is not None:
+        console.print(f"cohort metrics: [bold]{out / 'cohort.json'}[/]; report: [bold]{out / 'report.html'}[/]")
     if failed:
         raise typer.Exit(2)
 

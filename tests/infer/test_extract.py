@@ -306,7 +306,7 @@ def test_a_reference_csv_decides_tumour_or_normal(tmp_path: Path, cohort: dict[s
                     reference=tmp_path / "bad.csv", workers=0, progress=False)  # fmt: skip
         return str(caught.value)
 
-    assert "bad.csv: line 3" in refused("image,type\ntumour,Tumor\ntumour.tif,Normal\n")
+    assert "bad.csv, line 3" in refused("image,type\ntumour,Tumor\ntumour.tif,Normal\n")
     assert "line 2: type 'Macro'" in refused("tumour,Tumor\nnormal,Macro\n")
     assert "normal.tif: the reference calls it Tumor" in refused("tumour,Tumor\nnormal,Tumor\n")
     assert not (tmp_path / "bad").exists() and not list(tmp_path.glob(".bad*"))

@@ -1,61 +1,59 @@
-"""Which slides are tumour and which normal: a reference CSV in Camelyon16's own format.
+"""Which slides of a cohort hold tumour: a Camelyon16 reference CSV.
 
-Camelyon16 ships ``reference.csv`` as ``image,type[,...]`` rows (``test_001,Tumor,Macro``): the slide's name with or
-without its file extension, ``Tumor`` or ``Normal``, and columns that do not matter here (the lesion size class).
-A header row (``image,type``) may be there or not. Every row is checked: a type other than Tumor/Tumour/Normal, an
-empty name, or a slide named twice is refused, naming the file and the line, since a cohort judged against a
-reference with a typo in it is judged wrongly without anyone noticing.
+Camelyon16 ships its truth as ``reference.csv``: a row per slide, ``image,type[,...]`` with ``type`` ``Tumor`` or
+``Normal`` (the official file has no header and adds the metastasis size and the primary; a header row
+``image,type,...`` is accepted too). The image is named with or without its extension (``test_001`` or
+``test_001.tif``); slides are matched by name without it.
 """
 
 from __future__ import annotations
 
 import csv
 import os
-import re
 from pathlib import Path
 
 from histodetect.errors import InferError
 
-TYPES = {"tumor": True, "tumour": True, "normal": False}  # type (lower case) -> whether the slide holds tumour
-HEADER = ("image", "type")
-EXTENSION = re.compile(r"\.[A-Za-z]{1,5}$")  # a file extension (.tif, .svs, .ndpi, .mrxs): not part of the name
-
-
-def slide_key(name: str) -> str:
-    """How a slide and a reference row are matched: the name without its file extension (``test_001``)."""
-    return EXTENSION.sub("", name.strip())
+TYPES = {"tumor": True, "tumour": True, "normal": False}
+MAX_BYTES = 16 * 1024 * 1024  # a reference of a few thousand slides is a few hundred KB
 
 
 def read_reference(path: str | os.PathLike[str]) -> dict[str, bool]:
-    """``slide_key`` of every row's image -> True for a tumour slide, False for a normal one."""
+    """slide name (no extension) -> True for a tumour slide, False for a normal one."""
     path = Path(path)
     try:
-        with path.open(encoding="utf-8-sig", newline="") as fh:
-            rows = list(csv.reader(fh))
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise InferError(f"{path}: cannot read the reference CSV ({exc})") from exc
-    tumour: dict[str, bool] = {}
-    seen: dict[str, int] = {}
-    for line, row in enumerate(rows, start=1):
-        cells = [cell.strip() for cell in row]
-        if not any(cells):
-            continue  # a blank line
-        if line == 1 and tuple(c.lower() for c in cells[:2]) == HEADER:
+        if not path.is_file():
+            raise InferError(f"{path}: no such reference file")
+        if path.stat().st_size > MAX_BYTES:
+            raise InferError(f"{path}: over {MAX_BYTES // 2**20} MB; a reference CSV is a row per slide")
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InferError(f"{path}: not a readable reference CSV ({exc})") from exc
+    truth: dict[str, bool] = {}
+    first_line: dict[str, int] = {}
+    for number, row in enumerate(csv.reader(lines), start=1):
+        if not row or not "".join(row).strip():
             continue
-        if len(cells) < 2 or not cells[0]:
-            raise InferError(f"{path}: line {line}: expected image,type (e.g. test_001,Tumor), got {','.join(row)!r}")
-        key, kind = slide_key(cells[0]), cells[1].lower()
-        if kind not in TYPES:
-            raise InferError(f"{path}: line {line}: type {cells[1]!r} for {cells[0]!r}; expected Tumor or Normal")
-        if key in seen:
-            raise InferError(f"{path}: line {line}: {cells[0]!r} is listed again (first on line {seen[key]})")
-        seen[key] = line
-        tumour[key] = TYPES[kind]
-    if not tumour:
-        raise InferError(f"{path}: no slide in the reference CSV")
-    return tumour
+        if len(row) < 2:
+            raise InferError(f"{path}, line {number}: expected image,type (Tumor or Normal)")
+        image, kind = row[0].strip(), row[1].strip()
+        if number == 1 and kind.lower() not in TYPES and image.lower() in ("image", "slide", "name"):
+            continue  # a header
+        if kind.lower() not in TYPES:
+            raise InferError(f"{path}, line {number}: type {kind[:40]!r} for {image[:80]!r}; expected Tumor or Normal")
+        name = _stem(image)
+        if not name:
+            raise InferError(f"{path}, line {number}: no image name")
+        if name in truth:
+            raise InferError(f"{path}, line {number}: {name!r} again (first on line {first_line[name]})")
+        truth[name], first_line[name] = TYPES[kind.lower()], number
+    if not truth:
+        raise InferError(f"{path}: no slide in it; expected rows of image,type (Tumor or Normal)")
+    return truth
 
 
-def is_tumour(reference: dict[str, bool], slide: Path) -> bool | None:
-    """What ``reference`` says of ``slide``; None when it does not list it."""
-    return reference.get(slide_key(slide.name))
+def _stem(image: str) -> str:
+    """``test_001.tif`` -> ``test_001``; a name without a known extension stays as it is."""
+    name = Path(image).name
+    suffix = Path(name).suffix.lower()
+    return name[: -len(suffix)] if suffix in {".tif", ".tiff", ".svs", ".ndpi", ".mrxs", ".xml", ".btf"} else name

@@ -47,7 +47,7 @@ import shapely
 
 from histodetect.data.annotations import inside, read_polygons
 from histodetect.data.ids import group_problem
-from histodetect.data.reference import is_tumour, read_reference
+from histodetect.data.reference import read_reference
 from histodetect.data.store import PATCH_SHAPE, Place, Store, StoreWriter, why_not_replaceable
 from histodetect.data.tissue import tissue_fraction, window_share
 from histodetect.data.wsi import SlideReader, open_slide
@@ -288,7 +288,7 @@ def _jobs(paths: list[Path], annotations: Path | None, reference: dict[str, bool
         if why := group_problem(path.stem):
             raise InferError(f"{path}: its name is the store's group for its patches, and cannot be one ({why})")
         ann = companion(annotations, path, len(paths) > 1, "--annotations")
-        listed = is_tumour(reference, path) if reference is not None else None
+        listed = reference.get(path.stem) if reference is not None else None
         if listed and ann is None:
             raise InferError(
                 f"{path.name}: the reference calls it Tumor but --annotations has no outlines for it "
