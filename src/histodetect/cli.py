@@ -505,7 +505,9 @@ def slide(
         typer.Option(help="Camelyon16 reference CSV (image,type: Tumor/Normal): the slides' truth for cohort.json."),
     ] = None,
     threshold: Annotated[float, typer.Option(help="Probability counted as tumour (regions, areas, decision).")] = 0.5,
-    top_k: Annotated[int, typer.Option(help="The slide score is the mean of the top-k cells.")] = 10,
+    top_k: Annotated[
+        int, typer.Option(help="summary.json's top_k_mean: the mean of the top-k cells (the slide score reads areas).")
+    ] = 10,
     geojson: Annotated[
         str, typer.Option(help="regions: tumour.geojson only | cells: also every scored cell (cells.geojson).")
     ] = "regions",

@@ -9,7 +9,7 @@ import shapely
 from skimage.draw import polygon as raster_polygon
 from skimage.measure import regionprops
 
-from histodetect.infer.lesions import ITC_AXIS_UM, detections, lesions, major_axis_length, match
+from histodetect.infer.lesions import ITC_AXIS_UM, detections, evidence, lesions, major_axis_length, match
 
 MPP = 1.0  # one micron a level-0 pixel keeps the arithmetic readable
 
@@ -26,6 +26,17 @@ def test_detections_are_local_maxima_one_per_blob_at_cell_centres() -> None:
     heatmap[20, 20] = 0.3  # under the floor: no detection
     found = detections(heatmap, cell=32, mpp=MPP, floor=0.5, radius_um=100)
     assert found.to_dict("list") == {"x": [208.0, 976.0], "y": [208.0, 976.0], "probability": pytest.approx([0.9, 0.8])}
+
+
+def test_a_lone_confident_false_patch_averages_under_a_half_and_a_two_patch_lesion_over() -> None:
+    heatmap = np.full((30, 30), 0.02, dtype=np.float32)
+    heatmap[3:6, 3:6] = 0.99  # one patch (3x3 cells of 32 px) the model is sure of, wrongly
+    heatmap[20:23, 10:16] = 0.99  # two patches side by side
+    heatmap[0, :] = np.nan  # glass counts as no tumour
+    smoothed = evidence(heatmap, cell_um=32 * 0.972)  # 5x5 cells: 156 um
+    assert smoothed[:10, :10].max() < 0.5 < smoothed[15:, :].max()
+    assert smoothed[4, 4] == pytest.approx((9 * 0.99 + 16 * 0.02) / 25)
+    assert np.array_equal(evidence(heatmap, cell_um=96 * 0.972), np.nan_to_num(heatmap))  # a cell that large: as is
 
 
 def test_two_peaks_within_the_radius_make_one_detection_and_further_apart_two() -> None:

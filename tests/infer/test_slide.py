@@ -20,6 +20,7 @@ from histodetect.cli import app
 from histodetect.data.wsi import ArrayReader
 from histodetect.errors import InferError
 from histodetect.infer.engine import Predictor
+from histodetect.infer.lesions import evidence
 from histodetect.infer.slide import score_slide
 from histodetect.report.metrics import roc_auc
 
@@ -115,7 +116,8 @@ def test_glass_is_not_scored_and_the_outputs_are_in_level_0_pixels(
     assert (tmp_path / "out" / "heatmap.png").read_bytes()[:4] == b"\x89PNG"
     saved = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert saved["cells_scored"] == len(cells) and saved["tissue_mm2"] > 0
-    assert saved["slide_score"] == pytest.approx(np.sort(cells["probability"])[-10:].mean(), abs=1e-6)
+    assert saved["top_k_mean"] == pytest.approx(np.sort(cells["probability"])[-10:].mean(), abs=1e-6)
+    assert saved["slide_score"] == pytest.approx(evidence(heatmap, 32 * MODEL_MPP).max(), abs=1e-6)
     assert not list(tmp_path.glob(".*"))  # no hidden partial folder left
     tiles = json.loads((tmp_path / "out" / "cells.geojson").read_text())["features"]
     assert len(tiles) == len(cells) and tiles[0]["properties"]["objectType"] == "tile"

@@ -61,9 +61,14 @@ class ScoredSlide:
         return heatmap
 
     @functools.cached_property
+    def evidence(self) -> np.ndarray:
+        """The heatmap averaged over squares of ``lesions.EVIDENCE_UM``: what detections and the slide score read."""
+        return lesions.evidence(self.heatmap, self.cell * self.mpp)
+
+    @functools.cached_property
     def detections(self) -> pd.DataFrame:
-        """The heatmap's local maxima, ``x,y,probability`` in level-0 pixels."""
-        return lesions.detections(self.heatmap, self.cell, self.mpp)
+        """The evidence map's local maxima, ``x,y,probability`` in level-0 pixels."""
+        return lesions.detections(self.evidence, self.cell, self.mpp)
 
     @functools.cached_property
     def lesion_match(self) -> tuple[list[lesions.Lesion], pd.DataFrame, np.ndarray] | None:
@@ -76,11 +81,13 @@ class ScoredSlide:
 
 
 def summarise(scored: ScoredSlide, *, threshold: float, top_k: int) -> dict[str, Any]:
-    """Cell counts, areas and the slide score: the mean of the ``top_k`` highest cell probabilities."""
+    """Cell counts, areas and the slide score: the highest evidence (the heatmap averaged over squares of
+    ``lesions.EVIDENCE_UM``), which is also the best detection's probability; and the mean of the ``top_k``
+    highest cell probabilities (the score before: it ranks slides well, but a few false cells decide it)."""
     p = scored.probabilities
     top = np.sort(p)[::-1][:top_k]
     above = int((p >= threshold).sum())
-    score = float(top.mean()) if len(p) else None
+    score = float(scored.evidence.max()) if len(p) else None
     return {
         "cells": int(scored.fraction.size),
         "cells_scored": len(p),
@@ -89,6 +96,7 @@ def summarise(scored: ScoredSlide, *, threshold: float, top_k: int) -> dict[str,
         "cells_at_or_above_threshold": above,
         "area_above_threshold_mm2": round(above * scored.cell_mm2, 4),
         "top_k": top_k,
+        "top_k_mean": float(top.mean()) if len(p) else None,
         "slide_score": score,
         "slide_positive": score is not None and score >= threshold,
         "max_probability": float(p.max()) if len(p) else None,
