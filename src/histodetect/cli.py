@@ -17,6 +17,7 @@ import typer
 from rich.console import Console
 
 from histodetect.errors import UserError
+from histodetect.io import check_apart, recognised_by
 
 app = typer.Typer(
     name="histodetect",
@@ -55,6 +56,11 @@ def _runs_then(inputs: list[Path], command: str, what: str) -> tuple[list[Path],
     if len(inputs) < 2:
         raise UserError(f"{command} needs at least one RUN and {what}")
     return inputs[:-1], inputs[-1]
+
+
+def _existing(value: str | Path | None) -> Path | None:
+    """An option that may name a file (``--pretrained``, ``--groups``, ``--space``): its path when it is one."""
+    return Path(value) if value is not None and Path(value).exists() else None
 
 
 def _version(value: bool) -> None:
@@ -115,6 +121,10 @@ def ingest(
     """Check raw patches and pack them into a memory-mappable store."""
     from histodetect.data.ingest import ingest as run_ingest
 
+    read = {"--labels": labels, "--pcam-meta": pcam_meta, "--groups": groups}
+    check_apart(out, read, folder=True)
+    if report is not None:
+        check_apart(report, {"SOURCE": source, **read}, option="--report")
     result = run_ingest(
         source,
         out,
@@ -166,6 +176,7 @@ def eda(
     from histodetect.data.store import Store
     from histodetect.report.eda import write_eda
 
+    check_apart(out, {"STORE": store}, folder=True)
     page = write_eda(Store(store), out, seed=seed)
     console.print(f"report: [bold]{page}[/]")
 
@@ -276,6 +287,8 @@ def train(
     from histodetect.train.config import build_config
     from histodetect.train.run import train as run_train
 
+    read = {"STORE": store, "--config": config, "--pretrained": _existing(pretrained), "--groups": _existing(groups)}
+    check_apart(out, read, folder=True)
     commands = {"store", "out", "preset", "config", "resume", "all_folds", "restart"}
     overrides = {k: v for k, v in flags.items() if k not in commands}
     cfg = build_config(preset=preset, config_file=config, **overrides)
@@ -356,6 +369,7 @@ def tune(
     from histodetect.train.tune import tune as run_tune
     from histodetect.train.tune_results import best_config
 
+    check_apart(out, {"STORE": store, "--config": base_config, "--space": _existing(space)}, folder=True)
     base = build_config(
         preset=preset,
         config_file=base_config,
@@ -410,7 +424,9 @@ def evaluate(
 ) -> None:
     """Metrics with confidence intervals, ROC/PR/calibration plots and the worst mistakes, as HTML."""
     from histodetect.infer.evaluate import evaluate as run_evaluate
+    from histodetect.train.runfolder import EVALUATION
 
+    check_apart(out, {"RUN": run, "STORE": store}, folder=True, allowed=[run / EVALUATION])
     metrics = run_evaluate(run, store, out, split=split, tta=tta, threshold=threshold, precision=precision)
     console.print(
         f"{split}: ROC AUC {metrics['roc_auc']:.4f}  accuracy {metrics['accuracy']:.4f}  "
@@ -428,6 +444,8 @@ def compare(
     from histodetect.report.compare import compare as run_compare
     from histodetect.report.compare import terminal_table
 
+    check_apart(out, {"RUN": runs}, ours=recognised_by(b"| run |"))
+    check_apart(out.with_suffix(".html"), {"RUN": runs}, option="--out (its .html)", ours=recognised_by(b"<!doctype"))
     run_compare(runs, out)
     console.print(terminal_table(runs))
     console.print(f"full table: [bold]{out}[/] and [bold]{out.with_suffix('.html')}[/]")
@@ -456,6 +474,8 @@ def predict(
     from histodetect.infer.predict import predict as run_predict
 
     runs, source = _runs_then(inputs, "predict", "a SOURCE")
+    read = {"RUN": runs, "SOURCE": source, "--sample-submission": sample_submission}
+    check_apart(out, read, ours=recognised_by(b"id,label"))
     frame = run_predict(
         runs,
         source,
@@ -517,6 +537,7 @@ def slide(
     if geojson not in ("regions", "cells"):
         raise UserError(f"--geojson {geojson!r}: choose regions or cells")
     runs, slides = split_runs_and_slides(inputs)
+    check_apart(out, {"RUN": runs, "SLIDE": slides, "--mask": mask, "--annotations": annotations}, folder=True)
     predictor = Predictor(runs, tta=tta, batch_size=batch_size, precision=precision)
 
     def report(name: str, row: dict[str, Any]) -> None:
@@ -602,6 +623,8 @@ def explain(
     """Grad-CAM heatmaps over patches, with the predicted probability."""
     from histodetect.infer.explain import explain as run_explain
 
+    check_apart(out, {"RUN": run, "IMAGES": images}, folder=True)
+
     paths = run_explain(run, images, out, method=method, limit=limit)
     console.print(f"{len(paths)} files in [bold]{out}[/]")
 
@@ -622,6 +645,7 @@ def export(
 
     if format != "onnx":
         raise UserError(f"unsupported export format {format!r}; only onnx is available")
+    check_apart(out, {"RUN": run, "--check": check}, ours=recognised_by(b"\x12\x07pytorch", within=4))
     result = export_onnx(run, out, check_store=check)
     console.print(f"exported [bold]{out}[/]; max |onnx - torch| = {result['max_abs_diff']:.2e}")
 
