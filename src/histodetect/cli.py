@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -289,6 +290,8 @@ def train(
 
     read = {"STORE": store, "--config": config, "--pretrained": _existing(pretrained), "--groups": _existing(groups)}
     check_apart(out, read, folder=True)
+    if folds is not None and folds < 2:
+        raise UserError(f"--folds {folds}: cross-validation needs at least 2 folds (leave it out for one run)")
     commands = {"store", "out", "preset", "config", "resume", "all_folds", "restart"}
     overrides = {k: v for k, v in flags.items() if k not in commands}
     cfg = build_config(preset=preset, config_file=config, **overrides)
@@ -370,6 +373,10 @@ def tune(
     from histodetect.train.tune_results import best_config
 
     check_apart(out, {"STORE": store, "--config": base_config, "--space": _existing(space)}, folder=True)
+    if timeout is not None and not (timeout > 0 and math.isfinite(timeout)):
+        raise UserError(f"--timeout {timeout}: must be a positive number of minutes")
+    if trials < 1:
+        raise UserError(f"--trials {trials}: must be at least 1")
     base = build_config(
         preset=preset,
         config_file=base_config,
@@ -532,10 +539,15 @@ def slide(
 ) -> None:
     """Tumour heatmaps, QuPath GeoJSON and slide scores for whole slides, at the model's microns per pixel."""
     from histodetect.infer.engine import Predictor
+    from histodetect.infer.slide import check_options
     from histodetect.infer.slide_batch import parse_shard, score_slides, split_runs_and_slides
 
     if geojson not in ("regions", "cells"):
         raise UserError(f"--geojson {geojson!r}: choose regions or cells")
+    check_options(
+        min_tissue=min_tissue, threshold=threshold, top_k=top_k, slide_mpp=slide_mpp, level=level, workers=workers
+    )
+    parse_shard(shard)
     runs, slides = split_runs_and_slides(inputs)
     check_apart(out, {"RUN": runs, "SLIDE": slides, "--mask": mask, "--annotations": annotations}, folder=True)
     predictor = Predictor(runs, tta=tta, batch_size=batch_size, precision=precision)

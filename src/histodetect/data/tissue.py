@@ -24,7 +24,7 @@ from skimage.filters import threshold_otsu
 from skimage.morphology import remove_small_holes, remove_small_objects
 
 from histodetect.data.annotations import inside, read_polygons
-from histodetect.data.wsi import SlideReader
+from histodetect.data.wsi import MAX_READ_PIXELS, SlideReader
 from histodetect.errors import InferError
 
 SATURATION_RANGE = (0.04, 0.08)  # bounds of the Otsu threshold on saturation
@@ -40,10 +40,13 @@ def tissue_fraction(reader: SlideReader, cell: float, grid: tuple[int, int]) -> 
     rows, cols = grid
     k = next((k for k in (4, 2) if rows * cols * k * k <= MASK_PIXELS), 1)
     saturation = np.zeros((rows * k, cols * k), dtype=np.uint8)
-    band = max(1, BAND_PIXELS // (cols * k * k))
+    level = reader.best_level(cell / k)
+    side = cell / reader.level_downsamples[level]  # a cell's side in pixels of the level read
+    # Bands of the view, each read within MAX_READ_PIXELS of the level (a slide without coarse levels reads more).
+    band = max(1, min(BAND_PIXELS // (cols * k * k), int(MAX_READ_PIXELS // 2 // ((cols * side + 3) * side))))
     for r0 in range(0, rows, band):
         r1 = min(rows, r0 + band)
-        view = reader.read_scaled((0, r0 * cell, cols * cell, r1 * cell), (cols * k, (r1 - r0) * k))
+        view = reader.read_scaled((0, r0 * cell, cols * cell, r1 * cell), (cols * k, (r1 - r0) * k), level=level)
         saturation[r0 * k : r1 * k] = _saturation(view)
     threshold = _otsu(saturation)
     tissue = saturation > round(threshold * 255)

@@ -47,6 +47,7 @@ from histodetect.errors import InferError, UserError
 from histodetect.infer import slide_outputs
 from histodetect.infer.engine import Predictor, progress_bar
 from histodetect.io import remove_dead_leftovers
+from histodetect.train.config import MAX_MPP, MIN_MPP
 
 WINDOW = PATCH_SHAPE[0]  # 96: what every model was trained on
 CELL = 32  # the labelled centre of a window
@@ -91,13 +92,19 @@ def choose_scale(
     reader: SlideReader, model_mpp: float, slide_mpp: float | None = None, level: int | None = None
 ) -> Scale:
     """The level to read and the resampling factor that bring ``reader`` to ``model_mpp``."""
-    if model_mpp <= 0:
-        raise InferError(f"the model's scale is {model_mpp} microns a pixel; it must be positive (train --mpp)")
+    if not MIN_MPP <= model_mpp <= MAX_MPP:  # NaN fails too
+        raise InferError(
+            f"the model's scale is {model_mpp} microns a pixel; it must be {MIN_MPP}..{MAX_MPP} (train --mpp)"
+        )
     if slide_mpp is not None:
-        if slide_mpp <= 0:
-            raise InferError(f"--slide-mpp {slide_mpp}: must be a positive number of microns a pixel")
+        check_slide_mpp(slide_mpp)
         source = "--slide-mpp"
     elif reader.mpp is not None:
+        if not MIN_MPP <= reader.mpp <= MAX_MPP:
+            raise InferError(
+                f"{reader.name}: the file records {reader.mpp:g} microns a pixel, outside {MIN_MPP}..{MAX_MPP}; "
+                "its header is not credible (give the real scale with --slide-mpp)"
+            )
         slide_mpp, source = reader.mpp, "file"
     elif reader.in_memory:
         slide_mpp, source = model_mpp, "assumed: a plain image at the model's scale"
@@ -123,6 +130,36 @@ def choose_scale(
     if round(factor) >= 1 and abs(factor - round(factor)) <= SCALE_TOLERANCE * factor:
         factor = float(round(factor))
     return Scale(slide_mpp, source, model_mpp, level, downsample, factor)
+
+
+def check_slide_mpp(slide_mpp: float) -> None:
+    if not MIN_MPP <= slide_mpp <= MAX_MPP:  # NaN fails too
+        raise InferError(f"--slide-mpp {slide_mpp}: must be {MIN_MPP}..{MAX_MPP} microns a pixel")
+
+
+def check_options(
+    *,
+    min_tissue: float = 0.1,
+    threshold: float = 0.5,
+    top_k: int = TOP_K,
+    slide_mpp: float | None = None,
+    level: int | None = None,
+    workers: int | None = None,
+) -> None:
+    """Refuse bad slide options in one line, before a model is loaded or any folder made (the command checks them
+    first; ``score_slide`` again, for callers of the library)."""
+    if not 0.0 <= min_tissue <= 1.0:
+        raise InferError(f"--min-tissue {min_tissue}: must be within [0, 1]")
+    if not 0.0 <= threshold <= 1.0:
+        raise InferError(f"--threshold {threshold}: must be within [0, 1]")
+    if top_k < 1:
+        raise InferError(f"--top-k {top_k}: must be at least 1")
+    if slide_mpp is not None:
+        check_slide_mpp(slide_mpp)
+    if level is not None and level < 0:
+        raise InferError(f"--level {level}: must be 0 or more")
+    if workers is not None and not 0 <= workers <= 64:
+        raise InferError(f"--workers {workers}: must be 0..64 reader processes")
 
 
 class CellBlocks(Dataset[tuple[np.ndarray, np.ndarray | None, str | None]]):
@@ -233,12 +270,9 @@ def score_slide(
     """Score every tissue cell of ``slide`` (a path, or a reader already open) with ``predictor`` and write the
     slide's folder ``out`` (which must not exist, or be empty): ``cells.csv``, ``heatmap.npy``, ``heatmap.png``,
     ``tumour.geojson`` (and ``cells.geojson`` with ``cell_features``) and ``summary.json``. Returns the summary."""
-    if not 0.0 <= min_tissue <= 1.0:
-        raise InferError(f"--min-tissue {min_tissue}: must be within [0, 1]")
-    if not 0.0 <= threshold <= 1.0:
-        raise InferError(f"--threshold {threshold}: must be within [0, 1]")
-    if top_k < 1:
-        raise InferError(f"--top-k {top_k}: must be at least 1")
+    check_options(
+        min_tissue=min_tissue, threshold=threshold, top_k=top_k, slide_mpp=slide_mpp, level=level, workers=workers
+    )
     started = time.perf_counter()
     with contextlib.ExitStack() as stack:
         reader = slide if isinstance(slide, SlideReader) else stack.enter_context(open_slide(slide))
