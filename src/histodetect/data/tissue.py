@@ -23,7 +23,7 @@ from scipy.ndimage import uniform_filter
 from skimage.filters import threshold_otsu
 from skimage.morphology import remove_small_holes, remove_small_objects
 
-from histodetect.data.annotations import inside, read_polygons
+from histodetect.data.annotations import check_fits, inside, read_polygons
 from histodetect.data.wsi import MAX_READ_PIXELS, SlideReader
 from histodetect.errors import InferError
 
@@ -86,13 +86,22 @@ def region_mask(path: str | os.PathLike[str], reader: SlideReader, cell: float, 
     x = (np.arange(cols) + 0.5) * cell
     y = (np.arange(rows) + 0.5) * cell
     if path.suffix.lower() != ".png":
+        area = read_polygons(path)
+        check_fits(area, path, reader.name, *reader.dimensions)
         xx, yy = np.meshgrid(x, y)
-        return inside(read_polygons(path), xx, yy)
+        return inside(area, xx, yy)
     try:
         with Image.open(path) as image:
+            if image.width * image.height > MAX_READ_PIXELS:  # checked on the header, before decoding
+                raise InferError(
+                    f"{path}: a {image.width}x{image.height} mask; at most {MAX_READ_PIXELS // 1_000_000} megapixels "
+                    "(a mask may be at any scale: save a smaller one)"
+                )
             mask = np.asarray(image.convert("L")) > 0
-    except (OSError, ValueError) as exc:
-        raise InferError(f"{path}: not a readable PNG mask ({exc})") from exc
+    except InferError:
+        raise
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise InferError(f"{path}: not a readable PNG mask ({str(exc)[:200]})") from None
     width, height = reader.dimensions
     ratio = (mask.shape[1] / mask.shape[0]) / (width / height)
     if abs(ratio - 1) > SHAPE_TOLERANCE:

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
-from histodetect.data.annotations import inside, read_polygons
+from histodetect.data.annotations import check_fits, inside, read_polygons
 from histodetect.data.store import PATCH_SHAPE
 from histodetect.data.tissue import region_mask, tissue_fraction, window_share
 from histodetect.data.wsi import SlideReader, open_slide
@@ -285,6 +285,8 @@ def score_slide(
         if mask is not None:
             selected &= region_mask(mask, reader, scale.cell, grid)
         truth_area = read_polygons(annotations) if annotations is not None else None
+        if truth_area is not None:
+            check_fits(truth_area, annotations, reader.name, width, height)
         cells = np.argwhere(selected)
         with _folder(Path(out)) as folder:
             scoring = time.perf_counter()
