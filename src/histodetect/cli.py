@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -581,6 +582,9 @@ def slide(
         cell_features=geojson == "cells",
         workers=workers,
     )
+    if not rows:
+        console.print(f"--shard {shard}: no slide falls to this shard; nothing to do", highlight=False)
+        return
     failed = sum("error" in row for row in rows)
     console.print(f"{len(rows) - failed} of {len(rows)} slides done: [bold]{out / 'slides.csv'}[/]")
     if failed:
@@ -606,12 +610,21 @@ def serve(
         ),
     ] = None,
     insecure: Annotated[bool, typer.Option(help="Allow a non-loopback --host without a token.")] = False,
+    allowed_hosts: Annotated[
+        str | None,
+        typer.Option(help="Host header names to answer, comma list, or * (default: localhost names on loopback)."),
+    ] = None,
 ) -> None:
     """The web app: a page at /, POST /predict, /explain, /slide, GET /health, the API's docs at /docs."""
     from histodetect.app.server import serve as run_server
     from histodetect.app.settings import Settings
 
-    settings = Settings(tuple(runs), tta=tta, precision=precision, threshold=threshold, token=token)
+    if token is None and os.environ.get("HISTODETECT_TOKEN") == "":  # click reads an empty variable as unset
+        raise UserError("HISTODETECT_TOKEN is set but empty: an empty token would let anyone in; unset it or give one")
+    hosts = tuple(h.strip() for h in allowed_hosts.split(",") if h.strip()) if allowed_hosts is not None else None
+    settings = Settings(
+        tuple(runs), tta=tta, precision=precision, threshold=threshold, token=token, allowed_hosts=hosts
+    )
     run_server(
         settings,
         host=host,

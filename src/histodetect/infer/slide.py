@@ -288,6 +288,11 @@ def score_slide(
         if truth_area is not None:
             check_fits(truth_area, annotations, reader.name, width, height)
         cells = np.argwhere(selected)
+        if not len(cells):  # an all-glass (or all-black) slide has no answer, not a negative one
+            where = f" inside --mask {mask}" if mask is not None else ""
+            raise InferError(
+                f"{reader.name}: no tissue found{where} (no cell's window is {min_tissue:.0%} tissue); nothing to score"
+            )
         with _folder(Path(out)) as folder:
             scoring = time.perf_counter()
             probabilities = score_cells(predictor, reader, scale, cells, workers=workers, progress=progress)
