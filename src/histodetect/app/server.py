@@ -9,8 +9,8 @@ once its head is complete, so the head gets its own deadline here (:class:`HeadD
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import collections
+import dataclasses
 import json
 import socket
 from collections.abc import Callable
