@@ -159,7 +159,7 @@ def test_a_polygon_of_too_many_vertices_is_refused_before_geos_works_on_it(tmp_p
     """A 10^6-vertex zig-zag took GEOS past 300 s; the bound is checked first."""
     n = MAX_POLYGON_VERTICES + 1
     x = np.arange(n, dtype=float)
-    zigzag = np.column_stack([x, (x % 2) * 100]).tolist() + [[n, -10], [0, -10], [0, 0]]
+    zigzag = [*np.column_stack([x, (x % 2) * 100]).tolist(), [n, -10], [0, -10], [0, 0]]
     path = write_json(tmp_path / "zigzag.geojson", {"type": "Polygon", "coordinates": [zigzag]})
     with pytest.raises(InferError, match="vertices; at most"):
         read_polygons(path)
@@ -186,7 +186,7 @@ def test_polygons_beyond_the_slide_are_refused(tmp_path: Path) -> None:
 def test_a_slide_only_format_that_openslide_refuses_is_an_error_not_a_plain_image(tmp_path: Path) -> None:
     path = tmp_path / "truncated.svs"
     Image.new("RGB", (64, 64), (200, 100, 150)).save(path, format="TIFF")  # Pillow reads it, OpenSlide does not
-    with pytest.raises(InferError, match="OpenSlide cannot read it as a .svs slide"):
+    with pytest.raises(InferError, match=r"OpenSlide cannot read it as a \.svs slide"):
         open_slide(path)
 
 
