@@ -106,7 +106,7 @@ def check_apart(
     hard links; a ``folder`` output may not hold an input either (the command would list, skip or replace it).
     ``allowed`` names folders inside an input where this command does write (``RUN/evaluation``). An existing
     file at ``out`` is replaced only when ``ours(out)`` recognises it as this command's own output, or with the
-    command's ``overwrite`` option.
+    command's ``overwrite`` option. It also makes the checks of :func:`check_output_dir` / :func:`check_output_file`.
     """
     out = Path(out)
     target = out.resolve()
@@ -120,6 +120,7 @@ def check_apart(
                 raise UserError(f"{option} {out}: is inside the input {name} {path}; choose a path outside it")
             if folder and source.is_relative_to(target):
                 raise UserError(f"{option} {out}: holds the input {name} {path}; choose a folder apart from it")
+    (check_output_dir if folder else check_output_file)(out, option)
     if ours is not None and not overwrite and out.is_file() and not ours(out):
         raise UserError(
             f"{option} {out}: an existing file that this command did not write; move it or choose another {option}"
