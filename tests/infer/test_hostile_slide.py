@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -131,3 +135,52 @@ def test_out_onto_a_summary_file_says_what_is_wrong(tmp_path: Path, region: Path
     out = tmp_path / "summary.json"
     out.write_text(json.dumps({}))
     assert "is a file" in one_line(*invoke("slide", baseline_run, region, "--out", out))
+
+
+READER = """
+import os, sys, time
+from torch.utils.data import DataLoader, Dataset
+from histodetect.infer.slide import die_with_parent
+
+class Slow(Dataset):
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        with open(sys.argv[1], "w") as f:
+            f.write(str(os.getpid()))
+        time.sleep(120)
+        return i
+
+for _ in DataLoader(Slow(), num_workers=1, batch_size=None, worker_init_fn=die_with_parent):
+    pass
+"""
+
+
+def running(pid: int) -> bool:
+    """Whether ``pid`` exists and is not a zombie (dead, waiting for whoever adopted it to reap it)."""
+    try:
+        return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_a_reader_worker_dies_with_its_killed_parent(tmp_path: Path) -> None:
+    """Before, kill -9 on slide left its reader worker running (parent gone, ~620 MB resident, minutes later)."""
+    pid_file = tmp_path / "worker.pid"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    parent = subprocess.Popen([sys.executable, "-c", READER, str(pid_file)], env=env)
+    deadline = time.monotonic() + 120
+    while not (pid_file.is_file() and pid_file.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    worker = int(pid_file.read_text())
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while running(worker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    alive = running(worker)
+    if alive:
+        os.kill(worker, signal.SIGKILL)
+    assert not alive, "the reader outlived its parent"
