@@ -199,3 +199,23 @@ def test_a_fifo_or_a_symlink_loop_named_as_a_slide_is_named(tmp_path: Path) -> N
     loop.symlink_to(loop)
     with pytest.raises(InferError, match="leads nowhere"):
         open_slide(loop)
+
+
+def test_ingest_warns_of_a_label_spelled_1e0_and_of_columns_it_does_not_read(sample_dir: Path, tmp_path: Path) -> None:
+    """Before, ``1e0`` was taken as 1 and an extra column ignored, both without a word."""
+    import shutil
+
+    from histodetect.data.ingest import ingest
+
+    source = tmp_path / "source"
+    shutil.copytree(sample_dir, source)
+    lines = (source / "train_labels.csv").read_text().splitlines()
+    first_id, first_label = lines[1].split(",")
+    rows = [f"{first_id},{first_label}e0,checked"] + [f"{line},ok" for line in lines[2:]]
+    (source / "train_labels.csv").write_text("\n".join(["id,label,note", *rows]) + "\n")
+    result = ingest(source, tmp_path / "store", progress=False)
+    assert result.exit_code == 0
+    kinds = {(p["kind"], p.get("id")) for p in result.report["problems"]}
+    assert ("label_format", first_id) in kinds
+    assert any(kind == "csv_extra_column" for kind, _ in kinds)
+    assert result.store is not None and result.store.labels[list(result.store.ids).index(first_id)] == int(first_label)
