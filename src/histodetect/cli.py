@@ -30,6 +30,11 @@ app = typer.Typer(
 )
 console = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
+# What each command recognises as its own earlier output, which it may replace (io.check_apart's ``ours``).
+OWN_SUBMISSION = recognised_by(b"id,label")
+OWN_TABLE = recognised_by(b"| run |")
+OWN_PAGE = recognised_by(b"<!doctype html>")
+OWN_ONNX = recognised_by(b"\x12\x07pytorch", within=4)  # ir_version, then producer_name "pytorch"
 IMAGE_SIZE_HELP = "Pixels the network sees: 96 = native, or auto = the backbone's pretrained size (224 for most)."
 # Options shared by the commands that score patches.
 Tta = Annotated[str, typer.Option(help="Test-time augmentation: none | flips | d4.")]
@@ -452,8 +457,8 @@ def compare(
     from histodetect.report.compare import compare as run_compare
     from histodetect.report.compare import terminal_table
 
-    check_apart(out, {"RUN": runs}, ours=recognised_by(b"| run |"))
-    check_apart(out.with_suffix(".html"), {"RUN": runs}, option="--out (its .html)", ours=recognised_by(b"<!doctype"))
+    check_apart(out, {"RUN": runs}, ours=OWN_TABLE)
+    check_apart(out.with_suffix(".html"), {"RUN": runs}, option="--out (its .html)", ours=OWN_PAGE)
     run_compare(runs, out)
     console.print(terminal_table(runs))
     console.print(f"full table: [bold]{out}[/] and [bold]{out.with_suffix('.html')}[/]")
@@ -483,7 +488,7 @@ def predict(
 
     runs, source = _runs_then(inputs, "predict", "a SOURCE")
     read = {"RUN": runs, "SOURCE": source, "--sample-submission": sample_submission}
-    check_apart(out, read, ours=recognised_by(b"id,label"))
+    check_apart(out, read, ours=OWN_SUBMISSION)
     frame = run_predict(
         runs,
         source,
@@ -670,7 +675,7 @@ def export(
 
     if format != "onnx":
         raise UserError(f"unsupported export format {format!r}; only onnx is available")
-    check_apart(out, {"RUN": run, "--check": check}, ours=recognised_by(b"\x12\x07pytorch", within=4))
+    check_apart(out, {"RUN": run, "--check": check}, ours=OWN_ONNX)
     result = export_onnx(run, out, check_store=check)
     console.print(f"exported [bold]{out}[/]; max |onnx - torch| = {result['max_abs_diff']:.2e}")
 

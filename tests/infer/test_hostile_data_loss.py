@@ -129,3 +129,20 @@ def test_every_writing_command_is_walked() -> None:
     walked = {case[1].split()[0] for case in CASES}
     writing = {c.name or c.callback.__name__ for c in app.registered_commands} - {"info", "serve", "demo"}
     assert writing == walked, writing ^ walked
+
+
+def test_a_command_may_still_replace_its_own_output(world: Path, tmp_path: Path) -> None:
+    """The rule refuses only what the command did not make: a re-run writes over its own submission, table, page
+    and model."""
+    from histodetect.cli import OWN_ONNX, OWN_PAGE, OWN_SUBMISSION, OWN_TABLE
+
+    runner = CliRunner()
+    for _ in range(2):  # the second time over the first one's files
+        table = runner.invoke(app, ["compare", str(world / "run"), "--out", str(tmp_path / "t.md")])
+        assert table.exit_code == 0, table.output
+        submission = runner.invoke(
+            app, ["predict", str(world / "run"), image(world), "--out", str(tmp_path / "s.csv"), "--precision", "fp32"]
+        )
+        assert submission.exit_code == 0, submission.output
+    assert OWN_TABLE(tmp_path / "t.md") and OWN_PAGE(tmp_path / "t.html") and OWN_SUBMISSION(tmp_path / "s.csv")
+    assert OWN_ONNX(world / "model.onnx") and not OWN_ONNX(world / "notes.txt")
