@@ -554,6 +554,9 @@ def slide(
         min_tissue=min_tissue, threshold=threshold, top_k=top_k, slide_mpp=slide_mpp, level=level, workers=workers
     )
     parse_shard(shard)
+    for option, given in (("--mask", mask), ("--annotations", annotations)):
+        if given is not None and not given.exists():  # before the model loads and OUT is made, not once per slide
+            raise UserError(f"{option} {given}: no such file or folder")
     runs, slides = split_runs_and_slides(inputs)
     check_apart(out, {"RUN": runs, "SLIDE": slides, "--mask": mask, "--annotations": annotations}, folder=True)
     predictor = Predictor(runs, tta=tta, batch_size=batch_size, precision=precision)

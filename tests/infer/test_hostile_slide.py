@@ -55,6 +55,7 @@ def one_line(code: int, stderr: str) -> str:
         ("--workers", "-1", "--workers -1: must be"),
         ("--min-tissue", "2", "--min-tissue 2.0"),
         ("--shard", "3/2", "--shard 3/2"),
+        ("--mask", "missing.geojson", "--mask missing.geojson: no such file"),
     ],
 )
 def test_a_bad_flag_is_one_line_before_the_model_loads_or_out_is_made(
