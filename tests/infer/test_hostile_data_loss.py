@@ -146,3 +146,14 @@ def test_a_command_may_still_replace_its_own_output(world: Path, tmp_path: Path)
         assert submission.exit_code == 0, submission.output
     assert OWN_TABLE(tmp_path / "t.md") and OWN_PAGE(tmp_path / "t.html") and OWN_SUBMISSION(tmp_path / "s.csv")
     assert OWN_ONNX(world / "model.onnx") and not OWN_ONNX(world / "notes.txt")
+
+
+def test_predict_mentions_sample_submission_columns_it_does_not_read(world: Path, tmp_path: Path) -> None:
+    """SILENT ACCEPT before: an extra column of the sample submission vanished from the submission without a word."""
+    sample = tmp_path / "sample.csv"
+    lines = (world / "sample.csv").read_text().splitlines()
+    sample.write_text("\n".join([lines[0] + ",site", *(f"{line},a" for line in lines[1:])]) + "\n")
+    args = ["predict", str(world / "run"), str(world / "test"), "--sample-submission", str(sample)]
+    result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "s.csv"), "--precision", "fp32"])
+    assert result.exit_code == 0, result.output
+    assert "column(s) 'site' of sample.csv are not read" in result.stderr

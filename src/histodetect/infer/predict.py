@@ -96,6 +96,14 @@ def _match_sample(patch_set: PatchSet, sample: Path) -> tuple[np.ndarray, np.nda
         raise InferError(f"{sample}: no 'id' column (header: {','.join(map(str, frame.columns))})")
     if frame.empty:
         raise InferError(f"{sample}: lists no ids (a header only); a submission needs at least one row")
+    others = [str(c) for c in frame.columns if c not in ("id", "label")]
+    if others:  # only the ids are read: other columns are not carried into the submission
+        Console(stderr=True).print(
+            f"note: column(s) {', '.join(map(shown, others[:5]))} of {sample.name} are not read; the submission "
+            "has id,label only",
+            highlight=False,
+            soft_wrap=True,
+        )
     ids = frame["id"].str.strip().to_numpy()
     repeated = pd.Index(ids)[pd.Index(ids).duplicated()].unique().tolist()
     if repeated:
