@@ -1,6 +1,7 @@
 """Hostile inputs, class DATA LOSS: every writing command, with its output pointed onto (or into, or around) each
 of its inputs, or onto a file it did not make, is refused in one line (exit 2) before any work, and leaves every
-input byte-identical and nothing new beside them (``io.check_apart``, called first by each command)."""
+input byte-identical and nothing new beside them (``io.check_apart``, called first by each command). Last, a
+SILENT ACCEPT of the same inputs: sample submission columns predict does not carry over."""
 
 from __future__ import annotations
 
@@ -148,6 +149,7 @@ def test_a_command_may_still_replace_its_own_output(world: Path, tmp_path: Path)
     assert OWN_ONNX(world / "model.onnx") and not OWN_ONNX(world / "notes.txt")
 
 
+# ---------------------------------------------------------------------------------------------------- silent accepts
 def test_predict_mentions_sample_submission_columns_it_does_not_read(world: Path, tmp_path: Path) -> None:
     """SILENT ACCEPT before: an extra column of the sample submission vanished from the submission without a word."""
     sample = tmp_path / "sample.csv"
