@@ -106,6 +106,13 @@ CASES = [
     ("export onto the weights", "export {W}/run --out {W}/run/model.safetensors", "inside the input RUN"),
     ("export into the check store", "export {W}/run --check {W}/store --out {W}/store/m.onnx", "inside the input"),
     ("export onto a file it did not make", "export {W}/run --out {W}/notes.txt", "did not write"),
+    ("extract onto the slide", "extract {W}/slide.tif --out {W}/slide.tif", "is the input SLIDE"),
+    (
+        "extract into the hard-negatives run",
+        "extract {W}/slide.tif --hard-negatives {W}/run --out {W}/run/store",
+        "inside the input --hard-negatives",
+    ),
+    ("extract around the slides", "extract {W}/slide.tif --out {W}", "holds the input SLIDE"),
     (
         "ingest's report onto its labels",
         "ingest {W}/test --labels {W}/labels.csv --out {W}/new-store --report {W}/labels.csv",

@@ -65,9 +65,11 @@ def read_area(path: str | os.PathLike[str]) -> tuple[shapely.Geometry, list[str]
     _check_vertices(path, included + excluded)
     invalid = int(np.count_nonzero(~shapely.is_valid(np.array(included + excluded, dtype=object))))
     notes = [f"{path}: repaired {invalid} polygon(s) that cross themselves (shapely.make_valid)"] if invalid else []
-    area = shapely.union_all([shapely.make_valid(p) for p in included])
+    # Each polygon of a MultiPolygon repaired alone: repairing the whole treats the parts' overlaps (or shared
+    # edges, as a grid of squares has) by parity, as holes, and loses them.
+    area = shapely.union_all([shapely.make_valid(p) for p in shapely.get_parts(included)])
     if excluded:
-        area = area.difference(shapely.union_all([shapely.make_valid(p) for p in excluded]))
+        area = area.difference(shapely.union_all([shapely.make_valid(p) for p in shapely.get_parts(excluded)]))
     return area, notes
 
 
