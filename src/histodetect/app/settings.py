@@ -44,6 +44,8 @@ class Settings:
     request_timeout: float = 60.0
     limit_concurrency: int = 64
     region_min_tissue: float = 0.1
+    stain_norm: str | None = None  # none | macenko | reinhard; None = what the runs were trained with
+    stain_reference: Path | None = None  # an image of the target lab or a stain.json; None = the runs' own
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "runs", tuple(Path(os.fspath(r)) for r in self.runs))

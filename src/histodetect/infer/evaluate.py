@@ -13,17 +13,19 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from histodetect.data.augment import STAIN_SHIFTS, StainShift
 from histodetect.data.store import Store
 from histodetect.infer.engine import InferError, Predictor
 from histodetect.infer.sources import StoreRows
 from histodetect.io import atomic_write_json, check_output_dir
 from histodetect.report.evaluation import json_safe, write_evaluation_report
-from histodetect.report.metrics import binary_metrics
+from histodetect.report.metrics import binary_metrics, roc_auc
 from histodetect.train.runfolder import EVALUATION, check_store, held_out_rows, load_config, store_fingerprint
 
 RUN_PARTS = ("val", "test")  # split names that mean the run's own held-out parts
@@ -46,12 +48,19 @@ def evaluate(
     tta: str = "none",
     threshold: float = 0.5,
     precision: str = "fp32",
+    stain_norm: str | None = None,
+    stain_reference: str | os.PathLike[str] | None = None,
+    stain_shifts: bool = False,
 ) -> dict[str, Any]:
     """Score ``run`` on ``split`` of ``store`` and write the report into ``out``; returns the metrics.
 
     ``split``: ``val`` or ``test`` (the run's own held-out ids: the store must be the one it was trained on),
     ``all`` (every labeled patch) or a store split, ``NAME`` or ``store:NAME`` (all of whose patches must be
     labeled).
+
+    ``stain_shifts``: also score the same patches re-stained by each of
+    :data:`~histodetect.data.augment.STAIN_SHIFTS` (as other labs' slides might look); ``metrics["stain_shifts"]``
+    holds each one's ROC AUC beside the untouched one.
     """
     run, out = Path(run), Path(out)
     check_output_dir(out)
@@ -61,11 +70,15 @@ def evaluate(
     data = Store(store)
     rows = _rows(run, data, split)
     patches = StoreRows(data, rows)
-    predictor = Predictor([run], tta=tta, precision=precision)
+    predictor = Predictor([run], tta=tta, precision=precision, stain_norm=stain_norm, stain_reference=stain_reference)
     p = predictor.predict(patches, label="evaluate")
     y = data.labels[rows].astype(np.int64)
+    metrics = binary_metrics(y, p, threshold=threshold)
+    stain = predictor.stain.describe() if predictor.stain is not None else None  # counts of the untouched patches
+    if stain_shifts:
+        metrics["stain_shifts"] = _stain_shifts(predictor, patches, y, metrics["roc_auc"])
     metrics = {
-        **binary_metrics(y, p, threshold=threshold),
+        **metrics,
         "run": str(run),
         "model": config.model,
         "store": str(data.path),
@@ -73,6 +86,7 @@ def evaluate(
         "split": split,
         "tta": tta,
         "numeric_precision": predictor.precision,  # not "precision": that is the PPV
+        "stain_norm": stain,
     }
     write_evaluation_report(
         out,
@@ -87,6 +101,29 @@ def evaluate(
     if copy.resolve() != (out / "metrics.json").resolve():
         atomic_write_json(copy, json_safe(metrics))
     return metrics
+
+
+class _Shifted:
+    """``patches`` re-stained by ``shift`` a slice at a time (a :class:`~histodetect.infer.engine.PatchReader`)."""
+
+    def __init__(self, patches: StoreRows, shift: StainShift) -> None:
+        self.patches = patches
+        self.shift = shift
+
+    def __len__(self) -> int:
+        return len(self.patches)
+
+    def __getitem__(self, index: slice) -> np.ndarray:
+        return self.shift(self.patches[index])
+
+
+def _stain_shifts(predictor: Predictor, patches: StoreRows, y: np.ndarray, untouched: float) -> dict[str, Any]:
+    """ROC AUC of the patches under each of :data:`STAIN_SHIFTS`, and its difference from the untouched one."""
+    shifts: dict[str, Any] = {}
+    for name, shift in STAIN_SHIFTS.items():
+        auc = roc_auc(y, predictor.predict(_Shifted(patches, shift), label=name))
+        shifts[name] = {**asdict(shift), "roc_auc": auc, "delta": auc - untouched}
+    return shifts
 
 
 def _described(split: str) -> str:

@@ -36,6 +36,8 @@ def predict(
     batch_size: int | None = None,
     split: str | None = None,
     precision: str = "auto",
+    stain_norm: str | None = None,
+    stain_reference: str | os.PathLike[str] | None = None,
 ) -> pd.DataFrame:
     """Predict every patch of ``source`` with the mean of ``runs`` and write ``out`` atomically.
 
@@ -57,7 +59,14 @@ def predict(
         ids = patch_set.ids[order]
     # Read in source order (sequential on a store's memory map), then put the rows in the output's order.
     rows = np.sort(order)
-    predictor = Predictor(runs, tta=tta, batch_size=batch_size, precision=precision)
+    predictor = Predictor(
+        runs,
+        tta=tta,
+        batch_size=batch_size,
+        precision=precision,
+        stain_norm=stain_norm,
+        stain_reference=stain_reference,
+    )
     probabilities = predictor.predict(patch_set.take(rows).patches)
     p = probabilities[np.searchsorted(rows, order)]
     label = p if threshold is None else (p >= threshold).astype(np.int64)
