@@ -106,7 +106,7 @@ def fit_stains(pixels: np.ndarray | torch.Tensor) -> StainFit:
     torchstain's own fits. Raises :class:`StainError` when they hold too little stain to fit."""
     from torchstain.torch.normalizers import TorchMacenkoNormalizer
 
-    flat = torch.as_tensor(np.asarray(pixels)).reshape(-1, 3)
+    flat = torch.as_tensor(np.array(pixels)).reshape(-1, 3)  # its own copy: decoded images may be read-only
     if flat.dtype != torch.uint8:
         raise StainError(f"stain fits need uint8 RGB pixels, not {flat.dtype}")
     od = _optical_density(flat.float())
