@@ -208,16 +208,11 @@ class StainNormalizer:
             raise ValueError(f"expected uint8 (B, H, W, 3), got {pixels.dtype} {tuple(pixels.shape)}")
         if not len(pixels):
             return pixels
-        x = pixels.float()
-        if self.method == "macenko":
-            out, ok = _macenko(x, self.reference, source)
-        else:
-            out, ok = _reinhard(x, self.reference, source)
+        normalise = _macenko if self.method == "macenko" else _reinhard
+        out, ok = normalise(pixels.float(), self.reference, source)
         self.patches += len(pixels)
-        left = int((~ok).sum())
-        self.fallbacks += left
-        out = out.clamp_(0, 255).to(torch.uint8)
-        return torch.where(ok.view(-1, 1, 1, 1), out, pixels) if left else out
+        self.fallbacks += int((~ok).sum())
+        return out
 
 
 # ---------------------------------------------------------------------------------------------- Macenko
@@ -227,9 +222,9 @@ def _optical_density(x: torch.Tensor) -> torch.Tensor:
 
 
 def _macenko(x: torch.Tensor, reference: StainFit, source: StainFit | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Float ``(B, H, W, 3)`` in 0..255 -> (normalised, which patches were fitted)."""
+    """Float ``(B, H, W, 3)`` in 0..255 -> (normalised uint8, which patches were fitted; the others come back as
+    they were: their mapping is the identity)."""
     b, h, w, _ = x.shape
-    od = _optical_density(x).reshape(b, -1, 3)  # (B, N, 3)
     ref_stains = torch.tensor(reference.stains, dtype=torch.float32, device=x.device)  # (3, 2)
     ref_max = torch.tensor(reference.max_concentrations, dtype=torch.float32, device=x.device)
     if source is not None:
@@ -244,10 +239,13 @@ def _macenko(x: torch.Tensor, reference: StainFit, source: StainFit | None) -> t
     # concentrations in the patch's own stains, each rescaled to the reference's amount, recomposed in its stains
     mapping = ref_stains @ ((ref_max / max_c)[:, :, None] * torch.linalg.pinv(stains))  # (B, 3, 3) on OD
     mapping = torch.where(ok.view(-1, 1, 1), mapping, torch.eye(3, device=x.device))
-    # LIGHT * exp(-mapped OD), less torchstain's +1 (which brightens every pixel by one level): the identity mapping
-    # then gives the patch back exactly
-    out = (od @ -mapping.transpose(1, 2)).add_(math.log(LIGHT)).exp_().sub_(1)
-    return out.reshape(b, h, w, 3), ok
+    # LIGHT * exp(-M od) with od = log(LIGHT) - log(1 + I) is exp(M log(1 + I) + log(LIGHT) (1 - M 1)): two passes
+    # over the pixels fewer. Less torchstain's +1 (which brightens every pixel by one level) and rounded, so the
+    # identity mapping gives a patch back exactly.
+    offset = math.log(LIGHT) * (1 - mapping.sum(dim=2))  # (B, 3)
+    log_light = x.reshape(b, -1, 3).log1p_()
+    out = (log_light @ mapping.transpose(1, 2)).add_(offset.unsqueeze(1)).exp_().sub_(0.5)
+    return out.clamp_(0, 255).to(torch.uint8).reshape(b, h, w, 3), ok
 
 
 def _stain_vectors(od: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -285,15 +283,16 @@ def _nth(ordered: torch.Tensor, count: torch.Tensor, q: float) -> torch.Tensor:
 
 
 def _percentile(values: torch.Tensor, q: float) -> torch.Tensor:
-    """The ``q``-th percentile (nearest rank, as torchstain) along the last axis, via ``kthvalue``, which has no
-    size limit (``torch.quantile`` refuses more than 2^24 values: a GPU batch of 1,024 patches)."""
-    k = 1 + round(q / 100 * (values.shape[-1] - 1))
-    return values.kthvalue(k, dim=-1).values
+    """The ``q``-th percentile (nearest rank, as torchstain) along the last axis: the ``n - k + 1``-th largest, by
+    ``topk`` (a few of 576 values; ``torch.quantile`` also refuses more than 2^24 values, a GPU batch)."""
+    n = values.shape[-1]
+    k = 1 + round(q / 100 * (n - 1))
+    return values.topk(n - k + 1, dim=-1).values[..., -1]
 
 
 # ---------------------------------------------------------------------------------------------- Reinhard
 def _reinhard(x: torch.Tensor, reference: StainFit, source: StainFit | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Float ``(B, H, W, 3)`` in 0..255 -> (normalised, which patches were mapped)."""
+    """Float ``(B, H, W, 3)`` in 0..255 -> (normalised uint8, which patches were mapped; the others as they were)."""
     b = x.shape[0]
     lab = _lab(x.permute(0, 3, 1, 2) / 255)  # (B, 3, H, W)
     target_mean = torch.tensor(reference.lab_mean, device=x.device).view(1, 3, 1, 1)
@@ -309,7 +308,8 @@ def _reinhard(x: torch.Tensor, reference: StainFit, source: StainFit | None) -> 
         ok = (stained >= MIN_STAINED) & (std > 1e-3).all(dim=1).view(-1)
         std = torch.where(ok.view(-1, 1, 1, 1), std, torch.ones_like(std))
     rgb = _rgb((lab - mean) / std * target_std + target_mean)
-    return (rgb * 255).permute(0, 2, 3, 1), ok
+    out = (rgb * 255).permute(0, 2, 3, 1).to(torch.uint8)  # truncated, as torchstain
+    return torch.where(ok.view(-1, 1, 1, 1), out, x.to(torch.uint8)), ok
 
 
 def _lab(rgb: torch.Tensor) -> torch.Tensor:
