@@ -1,7 +1,7 @@
 """Stain robustness: a run's held-out patches untouched and re-stained as other labs', scored without and with
 each stain normalisation, and what normalising costs beside scoring.
 
-    python benchmarks/stain_robustness.py RUN [RUN...] --store STORE [--split test] [--limit N]
+    python benchmarks/stain_robustness.py RUN [RUN...] --store STORE [--split test] [--limit N] [--threads T]
 
 For each run: ROC AUC on its ``--split`` patches (``split.csv``) untouched and under each of :data:`BENCH_SHIFTS`
 (this benchmark's own re-stainings, chosen by hand and different from ``evaluate --stain-shifts``'s), for each
@@ -76,12 +76,14 @@ def reference_of(run: Path, store: Store) -> tuple[StainFit, str]:
     return fit_stains(patches), f"fitted here on {len(patches)} training patches"
 
 
-def score(run: Path, patches: np.ndarray, y: np.ndarray, reference: StainFit) -> dict[str, dict[str, float]]:
+def score(
+    run: Path, patches: np.ndarray, y: np.ndarray, reference: StainFit, options: list[str]
+) -> dict[str, dict[str, float]]:
     """ROC AUC per option and per lab (``untouched`` first)."""
     labs: dict[str, StainShift | None] = {"untouched": None, **BENCH_SHIFTS}
     restained = {name: Shifted(patches, shift)[:] for name, shift in labs.items()}  # 1,000 patches: ~28 MB each
     result: dict[str, dict[str, float]] = {}
-    for option in OPTIONS:
+    for option in options:
         method = option.removesuffix("-lab")
         predictor = Predictor([run], progress=False, stain_norm=method, stain_reference=reference)
         result[option] = {}
@@ -134,7 +136,11 @@ def main() -> None:
     parser.add_argument("--split", default="test")
     parser.add_argument("--limit", type=int, default=None, help="score only the first N held-out patches")
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--options", default=",".join(OPTIONS), help=f"comma list of {', '.join(OPTIONS)}")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     store = Store(args.store)
     report: dict[str, Any] = {
         "cpu": platform.processor() or platform.machine(),
@@ -145,7 +151,8 @@ def main() -> None:
         rows = read_split(run, store, (args.split,))[args.split][: args.limit]
         patches, y = store.read(rows), store.labels[rows].astype(np.int64)
         reference, source = reference_of(run, store)
-        auc = score(run, patches, y, reference)
+        options = ["none", *(o for o in args.options.split(",") if o != "none")]  # none: today's, the baseline
+        auc = score(run, patches, y, reference, options)
         today = auc["none"]["untouched"]
         summary = {
             option: {
@@ -153,7 +160,7 @@ def main() -> None:
                 "worst_lab": min(BENCH_SHIFTS, key=lambda lab, o=option: auc[o][lab]),
                 "worst_loss_vs_untouched": max(today - auc[option][lab] for lab in BENCH_SHIFTS),
             }
-            for option in OPTIONS
+            for option in options
         }
         report["runs"][str(run)] = {
             "patches": len(rows),
