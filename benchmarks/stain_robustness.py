@@ -9,7 +9,8 @@ option of :data:`OPTIONS`:
 
 - ``none``: the patches as they are (what the run does today, if it was trained without normalisation);
 - ``macenko`` / ``reinhard``: each patch normalised on its own (``predict --stain-norm``);
-- ``macenko-lab`` / ``reinhard-lab``: one fit per lab (up to 256 of its patches, as ``slide`` fits once per slide).
+- ``macenko-lab`` / ``reinhard-lab``: one fit per lab (up to 256 of its patches, as ``slide`` fits once per slide;
+  ``--stain-fit set``).
 
 The reference is the run's ``stain.json`` or, for a run trained before runs recorded one, fitted here the same way
 (from up to 512 of its training patches). Scoring runs as ``predict`` does by default (no TTA, ``auto``
@@ -49,7 +50,6 @@ BENCH_SHIFTS: dict[str, StainShift] = {
     "warm-scanner": StainShift(white=(1.05, 0.97, 0.88)),
 }
 OPTIONS = ("none", "macenko", "reinhard", "macenko-lab", "reinhard-lab")
-LAB_FIT_PATCHES = 256
 TIMING_BATCH = 64  # the Predictor's CPU batch
 
 
@@ -88,7 +88,7 @@ def score(
         predictor = Predictor([run], progress=False, stain_norm=method, stain_reference=reference)
         result[option] = {}
         for name, pixels in restained.items():
-            fit = predictor.fit_stain(pixels[spread(len(pixels), LAB_FIT_PATCHES)]) if option.endswith("-lab") else None
+            fit = predictor.fit_stain_set(pixels, "set" if option.endswith("-lab") else "patch")
             result[option][name] = roc_auc(y, predictor.predict(pixels, stain=fit))
         if predictor.stain is not None:
             result[option]["fallbacks"] = predictor.stain.fallbacks

@@ -43,6 +43,13 @@ StainReference = Annotated[
     Path | None,
     typer.Option(help="Normalise to this image of the target lab (or a stain.json); default: the run's own."),
 ]
+StainFitPer = Annotated[
+    str,
+    typer.Option(
+        help="patch: each patch normalised by its own fit | set: one fit for the whole input (one lab's patches), "
+        "as slide fits each slide once."
+    ),
+]
 
 
 def friendly(fn: F) -> F:
@@ -432,6 +439,7 @@ def evaluate(
     stain_shifts: Annotated[
         bool, typer.Option("--stain-shifts", help="Also score the patches re-stained as other labs' (ROC AUC each).")
     ] = False,
+    stain_fit: StainFitPer = "patch",
 ) -> None:
     """Metrics with confidence intervals, ROC/PR/calibration plots and the worst mistakes, as HTML."""
     from histodetect.infer.evaluate import evaluate as run_evaluate
@@ -447,6 +455,7 @@ def evaluate(
         stain_norm=stain_norm,
         stain_reference=stain_reference,
         stain_shifts=stain_shifts,
+        stain_fit=stain_fit,
     )
     console.print(
         f"{split}: ROC AUC {metrics['roc_auc']:.4f}  accuracy {metrics['accuracy']:.4f}  "
@@ -491,6 +500,7 @@ def predict(
     ] = None,
     stain_norm: StainNorm = None,
     stain_reference: StainReference = None,
+    stain_fit: StainFitPer = "patch",
 ) -> None:
     """Predict probabilities for a test folder, store or image; ensembles several runs; writes a submission."""
     from histodetect.infer.predict import predict as run_predict
@@ -508,6 +518,7 @@ def predict(
         precision=precision,
         stain_norm=stain_norm,
         stain_reference=stain_reference,
+        stain_fit=stain_fit,
     )
     console.print(f"{len(frame)} predictions: [bold]{out}[/]")
 

@@ -79,15 +79,18 @@ def test_a_run_without_a_reference_needs_one(baseline_run: Path, sample_store: S
 
 
 def test_evaluate_stain_shifts_scores_each_restaining(stain_run: Path, sample_store: Store, tmp_path: Path) -> None:
-    result = CliRunner().invoke(
-        app, ["evaluate", str(stain_run), str(sample_store.path), "--out", str(tmp_path / "ev"), "--stain-shifts"]
-    )
+    command = ["evaluate", str(stain_run), str(sample_store.path), "--out", str(tmp_path / "ev"), "--stain-shifts"]
+    result = CliRunner().invoke(app, [*command, "--stain-fit", "set"])
     assert result.exit_code == 0, result.output
     metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert list(metrics["stain_shifts"]) == list(STAIN_SHIFTS)
     for shift in metrics["stain_shifts"].values():
         assert shift["delta"] == pytest.approx(shift["roc_auc"] - metrics["roc_auc"])
     assert metrics["stain_norm"]["method"] == "macenko" and metrics["stain_norm"]["patches"] == metrics["n"]
+    assert metrics["stain_norm"]["fit"] == "set" and metrics["stain_norm"]["fallbacks"] == 0  # one fit for all
+    other = ["evaluate", str(stain_run), str(sample_store.path), "--out", str(tmp_path / "ev2"), "--stain-fit", "lab"]
+    refused = CliRunner().invoke(app, other)
+    assert refused.exit_code == 2 and "--stain-fit 'lab'" in refused.output
     assert "Other labs" in (tmp_path / "ev" / "report.html").read_text()
     assert "pale: ROC AUC" in result.output
 

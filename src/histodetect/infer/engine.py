@@ -33,7 +33,7 @@ from rich.text import Text
 
 from histodetect.data.augment import dihedral, to_float
 from histodetect.data.stain import METHODS as STAIN_METHODS
-from histodetect.data.stain import STAIN_FILE, StainFit, StainNormalizer, fit_stains, read_reference
+from histodetect.data.stain import STAIN_FILE, StainFit, StainNormalizer, fit_stains, read_reference, spread
 from histodetect.device import cpu_has_bf16, resolve_accelerator
 from histodetect.errors import InferError
 from histodetect.models import Classifier
@@ -47,6 +47,7 @@ PRECISIONS = ("auto", "fp32", "bf16")
 # tf_efficientnet_lite0 at ~1,600 images/s and 256 at ~850 (resnet18: ~990 vs ~760). A GPU needs large batches.
 DEFAULT_BATCH = {"cpu": 64, "cuda": 1024}
 ONNX_SUFFIX = ".onnx"
+STAIN_FITS = ("patch", "set")  # --stain-fit: each patch its own fit, or one for the whole input
 
 
 class PatchReader(Protocol):
@@ -172,6 +173,15 @@ class Predictor:
         ``stain``; None without normalisation. Raises :class:`~histodetect.data.stain.StainError` when they hold
         too little stain to fit."""
         return fit_stains(pixels) if self.stain is not None else None
+
+    def fit_stain_set(self, patches: PatchReader, fit: str = "set") -> StainFit | None:
+        """``fit="set"``: one fit for patches that come from one lab (up to 256 spread over them), as a slide is
+        fitted once; ``"patch"`` (or no normalisation): None, each patch is fitted on its own."""
+        if fit not in STAIN_FITS:
+            raise InferError(f"--stain-fit {fit!r}: choose from {', '.join(STAIN_FITS)}")
+        if self.stain is None or fit == "patch" or not len(patches):
+            return None
+        return self.fit_stain(np.concatenate([np.asarray(patches[i : i + 1]) for i in spread(len(patches), 256)]))
 
     def normalise(self, batch: np.ndarray, stain: StainFit | None = None) -> np.ndarray:
         """The uint8 ``(N, H, W, 3)`` patches as the members see them: stain-normalised, or as they are."""

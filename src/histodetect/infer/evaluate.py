@@ -51,6 +51,7 @@ def evaluate(
     stain_norm: str | None = None,
     stain_reference: str | os.PathLike[str] | None = None,
     stain_shifts: bool = False,
+    stain_fit: str = "patch",
 ) -> dict[str, Any]:
     """Score ``run`` on ``split`` of ``store`` and write the report into ``out``; returns the metrics.
 
@@ -60,7 +61,8 @@ def evaluate(
 
     ``stain_shifts``: also score the same patches re-stained by each of
     :data:`~histodetect.data.augment.STAIN_SHIFTS` (as other labs' slides might look); ``metrics["stain_shifts"]``
-    holds each one's ROC AUC beside the untouched one.
+    holds each one's ROC AUC beside the untouched one. ``stain_fit``: ``patch`` (each patch normalised by its own
+    fit) or ``set`` (one fit for the patches, and one for each re-staining: each is one lab's).
     """
     run, out = Path(run), Path(out)
     check_output_dir(out)
@@ -71,12 +73,12 @@ def evaluate(
     rows = _rows(run, data, split)
     patches = StoreRows(data, rows)
     predictor = Predictor([run], tta=tta, precision=precision, stain_norm=stain_norm, stain_reference=stain_reference)
-    p = predictor.predict(patches, label="evaluate")
+    p = predictor.predict(patches, label="evaluate", stain=predictor.fit_stain_set(patches, stain_fit))
     y = data.labels[rows].astype(np.int64)
     metrics = binary_metrics(y, p, threshold=threshold)
     stain = predictor.stain.describe() if predictor.stain is not None else None  # counts of the untouched patches
     if stain_shifts:
-        metrics["stain_shifts"] = _stain_shifts(predictor, patches, y, metrics["roc_auc"])
+        metrics["stain_shifts"] = _stain_shifts(predictor, patches, y, metrics["roc_auc"], stain_fit)
     metrics = {
         **metrics,
         "run": str(run),
@@ -86,7 +88,7 @@ def evaluate(
         "split": split,
         "tta": tta,
         "numeric_precision": predictor.precision,  # not "precision": that is the PPV
-        "stain_norm": stain,
+        "stain_norm": stain if stain is None else {**stain, "fit": stain_fit},
     }
     write_evaluation_report(
         out,
@@ -117,11 +119,14 @@ class _Shifted:
         return self.shift(self.patches[index])
 
 
-def _stain_shifts(predictor: Predictor, patches: StoreRows, y: np.ndarray, untouched: float) -> dict[str, Any]:
+def _stain_shifts(
+    predictor: Predictor, patches: StoreRows, y: np.ndarray, untouched: float, stain_fit: str
+) -> dict[str, Any]:
     """ROC AUC of the patches under each of :data:`STAIN_SHIFTS`, and its difference from the untouched one."""
     shifts: dict[str, Any] = {}
     for name, shift in STAIN_SHIFTS.items():
-        auc = roc_auc(y, predictor.predict(_Shifted(patches, shift), label=name))
+        shifted = _Shifted(patches, shift)
+        auc = roc_auc(y, predictor.predict(shifted, label=name, stain=predictor.fit_stain_set(shifted, stain_fit)))
         shifts[name] = {**asdict(shift), "roc_auc": auc, "delta": auc - untouched}
     return shifts
 

@@ -38,6 +38,7 @@ def predict(
     precision: str = "auto",
     stain_norm: str | None = None,
     stain_reference: str | os.PathLike[str] | None = None,
+    stain_fit: str = "patch",
 ) -> pd.DataFrame:
     """Predict every patch of ``source`` with the mean of ``runs`` and write ``out`` atomically.
 
@@ -67,7 +68,8 @@ def predict(
         stain_norm=stain_norm,
         stain_reference=stain_reference,
     )
-    probabilities = predictor.predict(patch_set.take(rows).patches)
+    patches = patch_set.take(rows).patches
+    probabilities = predictor.predict(patches, stain=predictor.fit_stain_set(patches, stain_fit))
     p = probabilities[np.searchsorted(rows, order)]
     label = p if threshold is None else (p >= threshold).astype(np.int64)
     frame = pd.DataFrame({"id": ids, "label": label})
