@@ -121,3 +121,12 @@ def test_references_are_read_from_images_and_json_and_bad_ones_refused(
     for bad in ("bad.json", "bad.png", "missing.png"):
         with pytest.raises(UserError, match=bad):
             read_reference(tmp_path / bad)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("method", ["macenko", "reinhard"])
+def test_runs_on_the_gpu_as_on_the_cpu(patches: np.ndarray, reference: StainFit, method: str) -> None:
+    pixels = torch.from_numpy(patches)
+    on_gpu = StainNormalizer(method, reference)(pixels.cuda())
+    assert on_gpu.device.type == "cuda"
+    assert (on_gpu.cpu().int() - StainNormalizer(method, reference)(pixels).int()).abs().float().mean() < 0.5
