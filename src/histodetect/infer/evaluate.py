@@ -21,7 +21,7 @@ import numpy as np
 
 from histodetect.data.augment import STAIN_SHIFTS, StainShift
 from histodetect.data.store import Store
-from histodetect.infer.engine import InferError, Predictor
+from histodetect.infer.engine import InferError, PatchReader, Predictor
 from histodetect.infer.sources import StoreRows
 from histodetect.io import atomic_write_json, check_output_dir
 from histodetect.report.evaluation import json_safe, write_evaluation_report
@@ -105,10 +105,10 @@ def evaluate(
     return metrics
 
 
-class _Shifted:
+class Restained:
     """``patches`` re-stained by ``shift`` a slice at a time (a :class:`~histodetect.infer.engine.PatchReader`)."""
 
-    def __init__(self, patches: StoreRows, shift: StainShift) -> None:
+    def __init__(self, patches: PatchReader, shift: StainShift) -> None:
         self.patches = patches
         self.shift = shift
 
@@ -125,7 +125,7 @@ def _stain_shifts(
     """ROC AUC of the patches under each of :data:`STAIN_SHIFTS`, and its difference from the untouched one."""
     shifts: dict[str, Any] = {}
     for name, shift in STAIN_SHIFTS.items():
-        shifted = _Shifted(patches, shift)
+        shifted = Restained(patches, shift)
         auc = roc_auc(y, predictor.predict(shifted, label=name, stain=predictor.fit_stain_set(shifted, stain_fit)))
         shifts[name] = {**asdict(shift), "roc_auc": auc, "delta": auc - untouched}
     return shifts
