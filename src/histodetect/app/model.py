@@ -28,7 +28,13 @@ class ModelService:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.predictor = Predictor(
-            settings.runs, tta=settings.tta, precision=settings.precision, device=settings.device, progress=False
+            settings.runs,
+            tta=settings.tta,
+            precision=settings.precision,
+            device=settings.device,
+            progress=False,
+            stain_norm=settings.stain_norm,
+            stain_reference=settings.stain_reference,
         )
         self.batcher = MicroBatcher(
             self.predictor.predict,
@@ -68,8 +74,9 @@ class ModelService:
         return await self.batcher.run(self._grad_cam, patch)
 
     def _grad_cam(self, patch: np.ndarray) -> bytes:
-        heat, _ = cams(self._cam_model, np.array(patch[None]))  # decoded pixels may be read-only
-        return png(overlay(patch, heat[0]))
+        seen = self.predictor.normalise(np.array(patch[None]))  # as the model sees it; decoded pixels may be read-only
+        heat, _ = cams(self._cam_model, seen)
+        return png(overlay(seen[0], heat[0]))
 
     @functools.cached_property
     def _cam_model(self) -> Classifier:

@@ -42,6 +42,7 @@ import shapely
 from torch.utils.data import DataLoader, Dataset
 
 from histodetect.data.annotations import check_fits, inside, read_polygons
+from histodetect.data.stain import StainError, StainFit, spread
 from histodetect.data.store import PATCH_SHAPE
 from histodetect.data.tissue import region_mask, tissue_fraction, window_share
 from histodetect.data.wsi import SlideReader, open_slide
@@ -61,6 +62,7 @@ BLOCK = 16  # cells a side read as one region: 576 px for 512 px of cells, so ma
 SCALE_TOLERANCE = 0.08
 TOP_K = 10  # the slide score is the mean of the k most suspicious cells (and their max)
 PARTIAL = ".partial-"
+STAIN_WINDOWS = 256  # tissue windows a slide's stains are fitted on (torchstain's fit of 2.4 M pixels)
 
 
 @dataclass(frozen=True)
@@ -225,6 +227,30 @@ def default_workers() -> int:
     return max(1, min(8, (os.cpu_count() or 2) - 1))
 
 
+def fit_slide_stain(
+    predictor: Predictor, reader: SlideReader, scale: Scale, cells: np.ndarray
+) -> tuple[StainFit | None, dict[str, Any] | None]:
+    """The predictor's stain normalisation fitted once on the slide's tissue (up to ``STAIN_WINDOWS`` of the
+    ``cells`` windows, spread over it), so neighbouring windows are normalised alike, and what ``summary.json``
+    records of it. (None, None) without normalisation; (None, record) when the tissue holds too little stain to
+    fit, and each window is then fitted on its own."""
+    if predictor.stain is None:
+        return None, None
+    picked = cells[spread(len(cells), STAIN_WINDOWS)]
+    windows = [w for _, w, _ in CellBlocks(reader, scale, picked) if w is not None] if len(picked) else []
+    record: dict[str, Any] = {
+        "method": predictor.stain.method,
+        "reference": predictor.stain.reference_source,
+        "fitted_on_windows": sum(len(w) for w in windows),
+    }
+    try:
+        fit = predictor.fit_stain(np.concatenate(windows)) if windows else None
+    except StainError as exc:
+        fit, record["not_fitted"] = None, str(exc)
+    record["slide_stains"] = fit.to_dict() if fit is not None else None
+    return fit, record
+
+
 def score_cells(
     predictor: Predictor,
     reader: SlideReader,
@@ -233,8 +259,10 @@ def score_cells(
     *,
     workers: int | None = None,
     progress: bool = True,
+    stain: StainFit | None = None,
 ) -> np.ndarray:
-    """float32 probability of each ``(row, col)`` in ``cells``, by the window centred on it."""
+    """float32 probability of each ``(row, col)`` in ``cells``, by the window centred on it; ``stain``: the
+    slide's fit (:func:`fit_slide_stain`), or None for each window's own."""
     probabilities = np.full(len(cells), np.nan, dtype=np.float32)
     if not len(cells):
         return probabilities
@@ -257,7 +285,7 @@ def score_cells(
             if len(pending) > 1:  # one array; a block's windows are then batched as views, not copied again
                 pending = [(np.concatenate([p for p, _ in pending]), np.concatenate([w for _, w in pending]))]
             positions, windows = pending[0]
-            probabilities[positions[:n]] = predictor.predict_batch(windows[:n])
+            probabilities[positions[:n]] = predictor.predict_batch(windows[:n], stain)
             pending = [(positions[n:], windows[n:])] if n < len(positions) else []
             count -= n
             advance(n)
@@ -319,7 +347,10 @@ def score_slide(
             )
         with _folder(Path(out)) as folder:
             scoring = time.perf_counter()
-            probabilities = score_cells(predictor, reader, scale, cells, workers=workers, progress=progress)
+            stain, stain_record = fit_slide_stain(predictor, reader, scale, cells)
+            probabilities = score_cells(
+                predictor, reader, scale, cells, workers=workers, progress=progress, stain=stain
+            )
             scoring = time.perf_counter() - scoring
             truth = None
             if truth_area is not None:
@@ -366,6 +397,7 @@ def score_slide(
                 "runs": predictor.sources,
                 "tta": predictor.tta,
                 "precision": predictor.precision,
+                "stain_norm": stain_record,
                 "scoring_seconds": round(scoring, 2),
                 "cells_per_second": round(len(cells) / scoring, 1) if scoring > 0 and len(cells) else None,
                 "seconds": round(time.perf_counter() - started, 2),
