@@ -161,11 +161,10 @@ class TrainConfig:
         for name in ("lr", "batch_size", "epochs", "pos_weight", "max_time"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, not {getattr(self, name)}")
-        for name in ("label_smoothing", "focal_alpha"):
-            if not 0.0 <= getattr(self, name) < 1.0 + (name == "focal_alpha"):
-                raise ConfigError(
-                    f"{name} must be in [0, 1{']' if name == 'focal_alpha' else ')'}, not {getattr(self, name)}"
-                )
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError(f"label_smoothing must be in [0, 1), not {self.label_smoothing}")
+        if self.focal_alpha > 1.0:  # a negative alpha turns the class weighting off (loss.focal)
+            raise ConfigError(f"focal_alpha must be at most 1 (negative: off), not {self.focal_alpha}")
         for name in ("lr", "batch_size", "epochs"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, not {getattr(self, name)}")
