@@ -499,6 +499,25 @@ def slide(
     ] = None,
     threshold: Annotated[float, typer.Option(help="Probability counted as tumour (regions, areas, decision).")] = 0.5,
     top_k: Annotated[int, typer.Option(help="The slide score is the mean of the top-k cells.")] = 10,
+    cell: Annotated[
+        int,
+        typer.Option(
+            help="Cell side in model pixels: 32 | 48 | 96, each scored by the 96 px window centred on it "
+            "(96: one window per 96x96 area, ~9x fewer than 32)."
+        ),
+    ] = 32,
+    cascade: Annotated[
+        bool,
+        typer.Option(
+            "--cascade",
+            help="Coarse-to-fine: score 96 px cells first, then --cell cells only near windows at or above "
+            "--refine-above (the rest keep the coarse probability; cells.csv: refined).",
+        ),
+    ] = False,
+    refine_above: Annotated[
+        float | None,
+        typer.Option(help="With --cascade: refine around 96 px windows at or above this probability (default 0.1)."),
+    ] = None,
     geojson: Annotated[
         str, typer.Option(help="regions: tumour.geojson only | cells: also every scored cell (cells.geojson).")
     ] = "regions",
@@ -512,10 +531,13 @@ def slide(
 ) -> None:
     """Tumour heatmaps, QuPath GeoJSON and slide scores for whole slides, at the model's microns per pixel."""
     from histodetect.infer.engine import Predictor
+    from histodetect.infer.slide import REFINE_ABOVE, check_cells
     from histodetect.infer.slide_batch import parse_shard, score_slides, split_runs_and_slides
 
     if geojson not in ("regions", "cells"):
         raise UserError(f"--geojson {geojson!r}: choose regions or cells")
+    refine_above = REFINE_ABOVE if refine_above is None else refine_above
+    check_cells(cell, cascade, refine_above)
     runs, slides = split_runs_and_slides(inputs)
     predictor = Predictor(runs, tta=tta, batch_size=batch_size, precision=precision)
 
@@ -545,6 +567,9 @@ def slide(
         min_tissue=min_tissue,
         threshold=threshold,
         top_k=top_k,
+        cell=cell,
+        cascade=cascade,
+        refine_above=refine_above,
         cell_features=geojson == "cells",
         workers=workers,
     )

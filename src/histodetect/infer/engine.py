@@ -41,6 +41,10 @@ from histodetect.train.config import TrainConfig
 # flips = identity, left-right (4), top-bottom (6 = half turn + left-right), both (2 = half turn).
 TTA_TRANSFORMS: dict[str, tuple[int, ...]] = {"none": (0,), "flips": (0, 4, 6, 2), "d4": tuple(range(8))}
 PRECISIONS = ("auto", "fp32", "bf16")
+# What runs the network: PyTorch, onnxruntime on the project's export (infer.export), or OpenVINO on it. "auto" is
+# PyTorch wherever it computes in bf16 (CUDA, CPUs with native bf16) and CPU_FP32_ENGINE on CPUs that compute fp32.
+ENGINES = ("auto", "torch", "onnx", "openvino")
+CPU_FP32_ENGINE = "onnx"  # benchmarks/cpu_engines.py: the fastest within 0.002 of PyTorch fp32 (README, "CPU engines")
 # On a CPU small batches stay in cache: on the project's 2-core AVX-512 machine (bf16, 96 px) 64 runs
 # tf_efficientnet_lite0 at ~1,600 images/s and 256 at ~850 (resnet18: ~990 vs ~760). A GPU needs large batches.
 DEFAULT_BATCH = {"cpu": 64, "cuda": 1024}
@@ -91,6 +95,7 @@ class Predictor:
         batch_size: int | None = None,
         precision: str = "auto",
         device: str = "auto",
+        engine: str = "auto",
         progress: bool = True,
     ) -> None:
         if not runs:
@@ -101,8 +106,13 @@ class Predictor:
             raise InferError(f"precision {precision!r}: choose from {', '.join(PRECISIONS)}")
         if batch_size is not None and batch_size < 1:
             raise InferError(f"--batch-size {batch_size}: need at least 1")
+        if engine not in ENGINES:
+            raise InferError(f"--engine {engine!r}: choose from {', '.join(ENGINES)}")
         self.device = torch.device(resolve_accelerator(device))
         self.autocast_dtype = _autocast_dtype(self.device, precision)
+        self.engine = _choose_engine(engine, self.device, self.autocast_dtype)
+        if self.engine != "torch":
+            self.autocast_dtype = None  # the export runs in fp32
         self.channels_last = self.device.type != "mps"
         self.transforms = TTA_TRANSFORMS[tta]
         self.batch_size = batch_size or DEFAULT_BATCH.get(self.device.type, DEFAULT_BATCH["cpu"])
@@ -122,17 +132,26 @@ class Predictor:
 
     def _load(self, run: str | os.PathLike[str] | Classifier) -> _Member:
         if isinstance(run, Classifier):
-            return _TorchMember(run, self.device, self.autocast_dtype, self.channels_last)
+            return self._member(run)
         run = Path(run)
         if run.suffix.lower() == ONNX_SUFFIX:
             if not run.is_file():
                 raise FileNotFoundError(f"{run}: no such ONNX file")
-            return OnnxMember(run)
+            return OpenVinoMember(run.read_bytes()) if self.engine == "openvino" else OnnxMember(run)
         from histodetect.train.runfolder import load_model  # Lightning is imported only when a run folder is used
 
         model, config = load_model(run)
         self._mpps.add(config.mpp)
-        return _TorchMember(model, self.device, self.autocast_dtype, self.channels_last)
+        return self._member(model)
+
+    def _member(self, model: Classifier) -> _Member:
+        """``model`` on this predictor's engine: as it is, or exported to ONNX in memory (a few seconds)."""
+        if self.engine == "torch":
+            return _TorchMember(model, self.device, self.autocast_dtype, self.channels_last)
+        from histodetect.infer.export import to_onnx  # export builds on this module
+
+        graph = to_onnx(model.eval())
+        return OpenVinoMember(graph) if self.engine == "openvino" else OnnxMember(graph)
 
     def predict(self, patches: PatchReader, *, label: str = "predict") -> np.ndarray:
         """float32 probabilities ``(N,)`` for uint8 ``(N, H, W, 3)`` patches, read one batch at a time."""
@@ -172,6 +191,15 @@ def _autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
     if device.type == "cpu" and cpu_has_bf16():
         return torch.bfloat16
     return None
+
+
+def _choose_engine(engine: str, device: torch.device, autocast_dtype: torch.dtype | None) -> str:
+    """``engine``, or for ``auto``: PyTorch on accelerators and in bf16, ``CPU_FP32_ENGINE`` for fp32 on a CPU."""
+    if engine != "auto":
+        if engine != "torch" and device.type != "cpu":
+            raise InferError(f"--engine {engine} runs on the CPU; this predictor is on {device.type} (--engine torch)")
+        return engine
+    return CPU_FP32_ENGINE if device.type == "cpu" and autocast_dtype is None else "torch"
 
 
 def _check_batch(batch: np.ndarray) -> None:
@@ -235,6 +263,27 @@ class OnnxMember:
         for k in ks:
             batch = dihedral(nchw, k).permute(0, 2, 3, 1).contiguous().numpy()
             total += self.session.run(None, {self.input: batch})[0].reshape(-1)
+        return torch.from_numpy(total)
+
+
+class OpenVinoMember:
+    """An exported model (the ONNX graph's bytes) compiled by OpenVINO for the CPU in fp32 (its default on a CPU
+    with bf16 would be bf16)."""
+
+    def __init__(self, graph: bytes) -> None:
+        try:
+            import openvino as ov
+        except ImportError as exc:
+            raise InferError("--engine openvino needs the openvino package (pip install openvino)") from exc
+        core = ov.Core()
+        self.model = core.compile_model(core.read_model(graph, b""), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+
+    def __call__(self, pixels: torch.Tensor, ks: Sequence[int]) -> torch.Tensor:
+        nchw = pixels.permute(0, 3, 1, 2)
+        total = np.zeros(len(pixels), dtype=np.float32)
+        for k in ks:
+            batch = dihedral(nchw, k).permute(0, 2, 3, 1).contiguous().numpy()
+            total += np.asarray(self.model(batch)[0]).reshape(-1)
         return torch.from_numpy(total)
 
 

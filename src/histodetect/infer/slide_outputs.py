@@ -45,6 +45,7 @@ class ScoredSlide:
     cells: np.ndarray  # (n, 2) row, col of the scored cells, row-major
     probabilities: np.ndarray  # (n,)
     truth: np.ndarray | None  # (n,) bool: centre inside an annotated tumour
+    refined: np.ndarray | None = None  # (n,) bool: scored by its own window in a cascade (else the coarse one's)
 
     @functools.cached_property
     def heatmap(self) -> np.ndarray:
@@ -107,6 +108,8 @@ def write_all(
     )
     if scored.truth is not None:
         frame["tumour"] = scored.truth.astype(np.int64)
+    if scored.refined is not None:
+        frame["refined"] = scored.refined.astype(np.int64)
     frame.to_csv(folder / "cells.csv", index=False)
     _write_json(folder / "tumour.geojson", tumour_regions(scored, threshold))
     if cell_features:
