@@ -34,6 +34,13 @@ BatchSize = Annotated[int | None, typer.Option(help="Patches per batch (default:
 Precision = Annotated[
     str, typer.Option(help="auto (bf16 where the hardware has it: fast, same AUC) | fp32 (exact) | bf16.")
 ]
+Engine = Annotated[
+    str,
+    typer.Option(
+        help="What runs the network: auto (PyTorch where it computes bf16, onnxruntime fp32 on CPUs without bf16) "
+        "| torch | onnx | openvino (needs pip install openvino)."
+    ),
+]
 
 
 def friendly(fn: F) -> F:
@@ -446,6 +453,7 @@ def predict(
     sample_submission: Annotated[Path | None, typer.Option(help="Write exactly these ids, in this order.")] = None,
     tta: Tta = "none",
     precision: Precision = "auto",
+    engine: Engine = "auto",
     threshold: Annotated[float | None, typer.Option(help="Write 0/1 decisions instead of probabilities.")] = None,
     batch_size: BatchSize = None,
     split: Annotated[
@@ -466,6 +474,7 @@ def predict(
         batch_size=batch_size,
         split=split,
         precision=precision,
+        engine=engine,
     )
     console.print(f"{len(frame)} predictions: [bold]{out}[/]")
 
@@ -527,6 +536,7 @@ def slide(
     workers: Annotated[int | None, typer.Option(help="Reader processes (default: cores - 1, at most 8).")] = None,
     tta: Tta = "none",
     precision: Precision = "auto",
+    engine: Engine = "auto",
     batch_size: BatchSize = None,
 ) -> None:
     """Tumour heatmaps, QuPath GeoJSON and slide scores for whole slides, at the model's microns per pixel."""
@@ -539,7 +549,7 @@ def slide(
     refine_above = REFINE_ABOVE if refine_above is None else refine_above
     check_cells(cell, cascade, refine_above)
     runs, slides = split_runs_and_slides(inputs)
-    predictor = Predictor(runs, tta=tta, batch_size=batch_size, precision=precision)
+    predictor = Predictor(runs, tta=tta, batch_size=batch_size, precision=precision, engine=engine)
 
     def report(name: str, row: dict[str, Any]) -> None:
         if "error" in row:
@@ -589,6 +599,7 @@ def serve(
     port: Annotated[int, typer.Option(help="Port (0 picks a free one).")] = 8000,
     tta: Tta = "none",
     precision: Annotated[str, typer.Option(help="fp32 (exact, the default here) | bf16 | auto.")] = "fp32",
+    engine: Engine = "auto",
     threshold: Annotated[float, typer.Option(help="Probability at which a patch's label is 1.")] = 0.5,
     token: Annotated[
         str | None,
@@ -603,7 +614,7 @@ def serve(
     from histodetect.app.server import serve as run_server
     from histodetect.app.settings import Settings
 
-    settings = Settings(tuple(runs), tta=tta, precision=precision, threshold=threshold, token=token)
+    settings = Settings(tuple(runs), tta=tta, precision=precision, engine=engine, threshold=threshold, token=token)
     run_server(
         settings,
         host=host,

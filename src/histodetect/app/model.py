@@ -28,7 +28,12 @@ class ModelService:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.predictor = Predictor(
-            settings.runs, tta=settings.tta, precision=settings.precision, device=settings.device, progress=False
+            settings.runs,
+            tta=settings.tta,
+            precision=settings.precision,
+            device=settings.device,
+            engine=settings.engine,
+            progress=False,
         )
         self.batcher = MicroBatcher(
             self.predictor.predict,
@@ -47,6 +52,7 @@ class ModelService:
             "models": self.models,
             "tta": self.settings.tta,
             "precision": self.predictor.precision,
+            "engine": self.predictor.engine,
             "device": self.predictor.device.type,
             "threshold": self.settings.threshold,
             "batching": self.settings.batching,

@@ -78,6 +78,12 @@ class Predictor:
     full precision (exact comparisons with an ONNX export). ONNX members always run in fp32 on onnxruntime's CPU
     provider.
 
+    ``engine``: what runs run folders and ``Classifier`` objects. ``torch``: PyTorch as above. ``onnx``: the
+    project's ONNX export (made in memory and cached, :func:`histodetect.infer.export.cached_onnx`) on onnxruntime,
+    fp32. ``openvino``: the same graph on OpenVINO, fp32. ``auto``: ``CPU_FP32_ENGINE`` on a CPU without native bf16
+    computing fp32 (measured the fastest within 0.002 of PyTorch fp32: ``benchmarks/cpu_engines.py``), PyTorch
+    everywhere else. ``.onnx`` files run on onnxruntime (or OpenVINO with ``openvino``) whatever the engine.
+
     The PyTorch members run channels_last, except on MPS: with autocast as always, and in fp32 too, where it moves
     probabilities by less than 1e-6 and on a CPU is 1.2-2x as fast (lite0, resnet50, baseline-cnn at 96 px; lite0
     41 against 94 ms for 8 patches).
@@ -112,6 +118,8 @@ class Predictor:
         self.autocast_dtype = _autocast_dtype(self.device, precision)
         self.engine = _choose_engine(engine, self.device, self.autocast_dtype)
         if self.engine != "torch":
+            if precision == "bf16":
+                raise InferError(f"--engine {self.engine} computes fp32; --precision bf16 needs --engine torch")
             self.autocast_dtype = None  # the export runs in fp32
         self.channels_last = self.device.type != "mps"
         self.transforms = TTA_TRANSFORMS[tta]
@@ -145,12 +153,12 @@ class Predictor:
         return self._member(model)
 
     def _member(self, model: Classifier) -> _Member:
-        """``model`` on this predictor's engine: as it is, or exported to ONNX in memory (a few seconds)."""
+        """``model`` on this predictor's engine: as it is, or exported to ONNX (cached: ``export.cached_onnx``)."""
         if self.engine == "torch":
             return _TorchMember(model, self.device, self.autocast_dtype, self.channels_last)
-        from histodetect.infer.export import to_onnx  # export builds on this module
+        from histodetect.infer.export import cached_onnx  # export builds on this module
 
-        graph = to_onnx(model.eval())
+        graph = cached_onnx(model.eval())
         return OpenVinoMember(graph) if self.engine == "openvino" else OnnxMember(graph)
 
     def predict(self, patches: PatchReader, *, label: str = "predict") -> np.ndarray:
@@ -194,12 +202,14 @@ def _autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
 
 
 def _choose_engine(engine: str, device: torch.device, autocast_dtype: torch.dtype | None) -> str:
-    """``engine``, or for ``auto``: PyTorch on accelerators and in bf16, ``CPU_FP32_ENGINE`` for fp32 on a CPU."""
+    """``engine``, or for ``auto``: ``CPU_FP32_ENGINE`` on a CPU without bf16 computing fp32, else PyTorch (where
+    the CPU has bf16 an explicit fp32 stays on PyTorch, as before)."""
     if engine != "auto":
         if engine != "torch" and device.type != "cpu":
             raise InferError(f"--engine {engine} runs on the CPU; this predictor is on {device.type} (--engine torch)")
         return engine
-    return CPU_FP32_ENGINE if device.type == "cpu" and autocast_dtype is None else "torch"
+    fp32_cpu = device.type == "cpu" and autocast_dtype is None and not cpu_has_bf16()
+    return CPU_FP32_ENGINE if fp32_cpu else "torch"
 
 
 def _check_batch(batch: np.ndarray) -> None:
@@ -240,9 +250,23 @@ class _TorchMember:
         return view.contiguous(memory_format=torch.channels_last) if self.channels_last else view
 
 
-class OnnxMember:
-    """An exported model (uint8 NHWC in, probability out, see :mod:`histodetect.infer.export`) on onnxruntime;
-    ``model`` is an ``.onnx`` file or its bytes (export checks a graph before writing it)."""
+class _ExportMember:
+    """An exported graph (uint8 NHWC in, probability out, see :mod:`histodetect.infer.export`) on a runtime that
+    takes numpy arrays; TTA views are made here, since the graph has none."""
+
+    def _run(self, batch: np.ndarray) -> np.ndarray: ...
+
+    def __call__(self, pixels: torch.Tensor, ks: Sequence[int]) -> torch.Tensor:
+        nchw = pixels.permute(0, 3, 1, 2)  # dihedral acts on the last two axes
+        total = np.zeros(len(pixels), dtype=np.float32)
+        for k in ks:
+            total += self._run(dihedral(nchw, k).permute(0, 2, 3, 1).contiguous().numpy()).reshape(-1)
+        return torch.from_numpy(total)
+
+
+class OnnxMember(_ExportMember):
+    """An exported model on onnxruntime's CPU provider; ``model`` is an ``.onnx`` file or its bytes (export checks
+    a graph before writing it)."""
 
     def __init__(self, model: Path | bytes) -> None:
         import onnxruntime as ort
@@ -257,16 +281,11 @@ class OnnxMember:
             ) from exc
         self.input = self.session.get_inputs()[0].name
 
-    def __call__(self, pixels: torch.Tensor, ks: Sequence[int]) -> torch.Tensor:
-        nchw = pixels.permute(0, 3, 1, 2)  # dihedral acts on the last two axes
-        total = np.zeros(len(pixels), dtype=np.float32)
-        for k in ks:
-            batch = dihedral(nchw, k).permute(0, 2, 3, 1).contiguous().numpy()
-            total += self.session.run(None, {self.input: batch})[0].reshape(-1)
-        return torch.from_numpy(total)
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input: batch})[0]
 
 
-class OpenVinoMember:
+class OpenVinoMember(_ExportMember):
     """An exported model (the ONNX graph's bytes) compiled by OpenVINO for the CPU in fp32 (its default on a CPU
     with bf16 would be bf16)."""
 
@@ -278,13 +297,8 @@ class OpenVinoMember:
         core = ov.Core()
         self.model = core.compile_model(core.read_model(graph, b""), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
 
-    def __call__(self, pixels: torch.Tensor, ks: Sequence[int]) -> torch.Tensor:
-        nchw = pixels.permute(0, 3, 1, 2)
-        total = np.zeros(len(pixels), dtype=np.float32)
-        for k in ks:
-            batch = dihedral(nchw, k).permute(0, 2, 3, 1).contiguous().numpy()
-            total += np.asarray(self.model(batch)[0]).reshape(-1)
-        return torch.from_numpy(total)
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        return np.asarray(self.model(batch)[0])
 
 
 class _Rate(ProgressColumn):

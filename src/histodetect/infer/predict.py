@@ -36,6 +36,7 @@ def predict(
     batch_size: int | None = None,
     split: str | None = None,
     precision: str = "auto",
+    engine: str = "auto",
 ) -> pd.DataFrame:
     """Predict every patch of ``source`` with the mean of ``runs`` and write ``out`` atomically.
 
@@ -57,7 +58,7 @@ def predict(
         ids = patch_set.ids[order]
     # Read in source order (sequential on a store's memory map), then put the rows in the output's order.
     rows = np.sort(order)
-    predictor = Predictor(runs, tta=tta, batch_size=batch_size, precision=precision)
+    predictor = Predictor(runs, tta=tta, batch_size=batch_size, precision=precision, engine=engine)
     probabilities = predictor.predict(patch_set.take(rows).patches)
     p = probabilities[np.searchsorted(rows, order)]
     label = p if threshold is None else (p >= threshold).astype(np.int64)

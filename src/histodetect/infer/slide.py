@@ -412,6 +412,7 @@ def score_slide(
                 "runs": predictor.sources,
                 "tta": predictor.tta,
                 "precision": predictor.precision,
+                "engine": predictor.engine,
                 "scoring_seconds": round(scoring, 2),
                 "cells_per_second": round(len(cells) / scoring, 1) if scoring > 0 and len(cells) else None,
                 "windows_scored": windows,
