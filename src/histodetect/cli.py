@@ -37,7 +37,7 @@ Precision = Annotated[
 Engine = Annotated[
     str,
     typer.Option(
-        help="What runs the network: auto (PyTorch where it computes bf16, onnxruntime fp32 on CPUs without bf16) "
+        help="What runs the network: auto (onnxruntime fp32 on a CPU unless --precision bf16; PyTorch on a GPU) "
         "| torch | onnx | openvino (needs pip install openvino)."
     ),
 ]
@@ -525,7 +525,7 @@ def slide(
     ] = False,
     refine_above: Annotated[
         float | None,
-        typer.Option(help="With --cascade: refine around 96 px windows at or above this probability (default 0.1)."),
+        typer.Option(help="With --cascade: refine around 96 px windows at or above this probability (default 0.25)."),
     ] = None,
     geojson: Annotated[
         str, typer.Option(help="regions: tumour.geojson only | cells: also every scored cell (cells.geojson).")

@@ -18,9 +18,8 @@ from typer.testing import CliRunner
 from histodetect.cli import app
 from histodetect.data.augment import dihedral
 from histodetect.data.store import Store
-from histodetect.infer import engine as engine_module
 from histodetect.infer import predict as predict_module
-from histodetect.infer.engine import CPU_FP32_ENGINE, InferError, Predictor, _choose_engine
+from histodetect.infer.engine import CPU_ENGINE, InferError, Predictor, _choose_engine
 from histodetect.infer.predict import predict
 from histodetect.infer.sources import open_source
 
@@ -273,11 +272,11 @@ def test_the_engine_is_chosen_in_the_predictor_and_each_can_be_forced(
         Predictor([baseline_run], engine="onnx", precision="bf16")
 
 
-def test_auto_runs_the_measured_engine_only_on_a_cpu_computing_fp32(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_auto_runs_the_measured_engine_on_a_cpu_and_pytorch_where_bf16_is_asked_for() -> None:
     cpu = torch.device("cpu")
-    monkeypatch.setattr(engine_module, "cpu_has_bf16", lambda: False)
-    assert _choose_engine("auto", cpu, None) == CPU_FP32_ENGINE != "torch"
-    assert _choose_engine("auto", cpu, torch.bfloat16) == "torch"  # --precision bf16 asked for on such a CPU
-    monkeypatch.setattr(engine_module, "cpu_has_bf16", lambda: True)
-    assert _choose_engine("auto", cpu, None) == "torch"  # today's paths where the CPU has bf16
-    assert _choose_engine("torch", cpu, None) == "torch" and _choose_engine("onnx", cpu, None) == "onnx"
+    assert _choose_engine("auto", cpu, "auto") == _choose_engine("auto", cpu, "fp32") == CPU_ENGINE != "torch"
+    assert _choose_engine("auto", cpu, "bf16") == "torch"
+    assert _choose_engine("auto", torch.device("cuda"), "auto") == "torch"
+    assert _choose_engine("torch", cpu, "auto") == "torch" and _choose_engine("onnx", cpu, "fp32") == "onnx"
+    with pytest.raises(InferError, match="runs on the CPU"):
+        _choose_engine("onnx", torch.device("cuda"), "auto")

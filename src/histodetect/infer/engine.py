@@ -42,9 +42,12 @@ from histodetect.train.config import TrainConfig
 TTA_TRANSFORMS: dict[str, tuple[int, ...]] = {"none": (0,), "flips": (0, 4, 6, 2), "d4": tuple(range(8))}
 PRECISIONS = ("auto", "fp32", "bf16")
 # What runs the network: PyTorch, onnxruntime on the project's export (infer.export), or OpenVINO on it. "auto" is
-# PyTorch wherever it computes in bf16 (CUDA, CPUs with native bf16) and CPU_FP32_ENGINE on CPUs that compute fp32.
+# CPU_ENGINE on a CPU (unless bf16 is asked for) and PyTorch on accelerators.
 ENGINES = ("auto", "torch", "onnx", "openvino")
-CPU_FP32_ENGINE = "onnx"  # benchmarks/cpu_engines.py: the fastest within 0.002 of PyTorch fp32 (README, "CPU engines")
+# benchmarks/cpu_engines.py (README, "CPU engines"): onnxruntime fp32 ran Lite0 3.8x as fast as PyTorch eager fp32 and
+# 3.7x PyTorch bf16 on the AVX-512/AMX machine, within 1.1e-6 of fp32; OpenVINO 3.6% faster (within the noise of a
+# shared CPU, and a new dependency), int8 and bf16 moved probabilities by 0.09 and 0.03.
+CPU_ENGINE = "onnx"
 # On a CPU small batches stay in cache: on the project's 2-core AVX-512 machine (bf16, 96 px) 64 runs
 # tf_efficientnet_lite0 at ~1,600 images/s and 256 at ~850 (resnet18: ~990 vs ~760). A GPU needs large batches.
 DEFAULT_BATCH = {"cpu": 64, "cuda": 1024}
@@ -73,16 +76,17 @@ class Predictor:
     ``histodetect export``, or ``Classifier`` objects already in memory (benchmarks, notebooks; they are put in
     eval mode and moved to the device and memory layout in place).
 
-    ``precision``: ``auto`` is bf16 autocast with channels_last on CUDA and on CPUs with native bf16 (about 2.8x
-    fp32 for tf_efficientnet_lite0 at 96 px on the project's AVX-512 machines) and fp32 elsewhere; ``fp32`` forces
+    ``precision`` (PyTorch): ``auto`` is bf16 autocast with channels_last on CUDA and on CPUs with native bf16 and
+    fp32 elsewhere; ``fp32`` forces
     full precision (exact comparisons with an ONNX export). ONNX members always run in fp32 on onnxruntime's CPU
     provider.
 
     ``engine``: what runs run folders and ``Classifier`` objects. ``torch``: PyTorch as above. ``onnx``: the
     project's ONNX export (made in memory and cached, :func:`histodetect.infer.export.cached_onnx`) on onnxruntime,
-    fp32. ``openvino``: the same graph on OpenVINO, fp32. ``auto``: ``CPU_FP32_ENGINE`` on a CPU without native bf16
-    computing fp32 (measured the fastest within 0.002 of PyTorch fp32: ``benchmarks/cpu_engines.py``), PyTorch
-    everywhere else. ``.onnx`` files run on onnxruntime (or OpenVINO with ``openvino``) whatever the engine.
+    fp32. ``openvino``: the same graph on OpenVINO, fp32. ``auto``: ``CPU_ENGINE`` on a CPU unless ``precision`` is
+    ``bf16`` (measured the fastest within 0.002 of PyTorch fp32, faster than PyTorch's bf16 too:
+    ``benchmarks/cpu_engines.py``), PyTorch on accelerators. ``.onnx`` files run on onnxruntime (OpenVINO with
+    ``openvino``) whatever the engine. ``precision`` applies to PyTorch: the ONNX engines compute fp32.
 
     The PyTorch members run channels_last, except on MPS: with autocast as always, and in fp32 too, where it moves
     probabilities by less than 1e-6 and on a CPU is 1.2-2x as fast (lite0, resnet50, baseline-cnn at 96 px; lite0
@@ -116,7 +120,7 @@ class Predictor:
             raise InferError(f"--engine {engine!r}: choose from {', '.join(ENGINES)}")
         self.device = torch.device(resolve_accelerator(device))
         self.autocast_dtype = _autocast_dtype(self.device, precision)
-        self.engine = _choose_engine(engine, self.device, self.autocast_dtype)
+        self.engine = _choose_engine(engine, self.device, precision)
         if self.engine != "torch":
             if precision == "bf16":
                 raise InferError(f"--engine {self.engine} computes fp32; --precision bf16 needs --engine torch")
@@ -201,15 +205,14 @@ def _autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
     return None
 
 
-def _choose_engine(engine: str, device: torch.device, autocast_dtype: torch.dtype | None) -> str:
-    """``engine``, or for ``auto``: ``CPU_FP32_ENGINE`` on a CPU without bf16 computing fp32, else PyTorch (where
-    the CPU has bf16 an explicit fp32 stays on PyTorch, as before)."""
+def _choose_engine(engine: str, device: torch.device, precision: str) -> str:
+    """``engine``, or for ``auto``: ``CPU_ENGINE`` on a CPU (with or without bf16: measured faster than PyTorch's
+    bf16 too, and exact), PyTorch when ``--precision bf16`` is asked for and on accelerators."""
     if engine != "auto":
         if engine != "torch" and device.type != "cpu":
             raise InferError(f"--engine {engine} runs on the CPU; this predictor is on {device.type} (--engine torch)")
         return engine
-    fp32_cpu = device.type == "cpu" and autocast_dtype is None and not cpu_has_bf16()
-    return CPU_FP32_ENGINE if fp32_cpu else "torch"
+    return CPU_ENGINE if device.type == "cpu" and precision != "bf16" else "torch"
 
 
 def _check_batch(batch: np.ndarray) -> None:
