@@ -2,7 +2,9 @@
 
 A PCam/Kaggle label speaks for a patch's centre 32x32 pixels; the rest of the 96x96 patch is context. So the slide
 is cut into cells of 32 pixels *at the model's scale* and each cell is scored by the 96x96 window centred on it:
-every cell once, by the question the model was trained on.
+every cell once, by the question the model was trained on. ``cell`` 48 or 96 cuts coarser cells (still scored by
+the 96 px window centred on each; at 96, one window per 96x96 area), and the cascade (:func:`cascade_cells`) scores
+96 px cells first and the fine cells only near coarse windows that may hold tumour.
 
 Scale: a run records the microns per pixel it was trained at (``TrainConfig.mpp``). The slide's own resolution
 comes from the file (OpenSlide's ``openslide.mpp-x/y``) or ``slide_mpp``. The level read is the coarsest one at
