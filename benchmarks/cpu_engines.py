@@ -84,6 +84,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--timed", type=int, default=320, help="of those patches, how many each timed pass scores")
+    parser.add_argument("--engines", nargs="+", help="only these (names as in the output)")
     parser.add_argument("--openvino-path", type=Path, help="a folder holding openvino (pip install --target)")
     args = parser.parse_args()
     if args.openvino_path:
@@ -105,6 +106,8 @@ def main() -> None:
         makers["torch-eager-bf16 (reference)"] = lambda: Predictor(
             [args.run], precision="bf16", engine="torch", batch_size=args.batch
         )
+    if args.engines:
+        makers = {name: make for name, make in makers.items() if name == "torch-eager-fp32" or name in args.engines}
     engines: dict[str, dict[str, Any]] = {}
     predictors: dict[str, Predictor] = {}
     answers: dict[str, np.ndarray] = {}
