@@ -22,6 +22,7 @@ COMMANDS = [
     "compare",
     "predict",
     "slide",
+    "extract",
     "serve",
     "explain",
     "export",

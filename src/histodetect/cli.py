@@ -504,10 +504,19 @@ def slide(
     ] = None,
     annotations: Annotated[
         Path | None,
-        typer.Option(help="Tumour outlines (GeoJSON or Camelyon16 ASAP XML, or a folder of them): cell ROC AUC."),
+        typer.Option(
+            help="Tumour outlines (GeoJSON or Camelyon16 ASAP XML, or a folder of them; a slide without one is "
+            "normal): cell ROC AUC, lesions found, and OUT/cohort.json + OUT/report.html for the cohort."
+        ),
+    ] = None,
+    reference: Annotated[
+        Path | None,
+        typer.Option(help="Camelyon16 reference CSV (image,type: Tumor/Normal): the slides' truth for cohort.json."),
     ] = None,
     threshold: Annotated[float, typer.Option(help="Probability counted as tumour (regions, areas, decision).")] = 0.5,
-    top_k: Annotated[int, typer.Option(help="The slide score is the mean of the top-k cells.")] = 10,
+    top_k: Annotated[
+        int, typer.Option(help="summary.json's top_k_mean: the mean of the top-k cells (the slide score reads areas).")
+    ] = 10,
     cell: Annotated[
         int,
         typer.Option(
@@ -571,6 +580,7 @@ def slide(
         shard=parse_shard(shard),
         mask=mask,
         annotations=annotations,
+        reference=reference,
         report=report,
         slide_mpp=slide_mpp,
         level=level,
@@ -585,8 +595,80 @@ def slide(
     )
     failed = sum("error" in row for row in rows)
     console.print(f"{len(rows) - failed} of {len(rows)} slides done: [bold]{out / 'slides.csv'}[/]")
+    if annotations is not None or reference is not None:
+        console.print(f"cohort metrics: [bold]{out / 'cohort.json'}[/]; report: [bold]{out / 'report.html'}[/]")
     if failed:
         raise typer.Exit(2)
+
+
+@app.command()
+@friendly
+def extract(
+    slides: Annotated[list[Path], typer.Argument(help="Slide files (or folders of them) to cut patches from.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The store to write (an ordinary histodetect store).")],
+    annotations: Annotated[
+        Path | None,
+        typer.Option(help="Tumour outlines: GeoJSON or ASAP XML, or a folder of <slide>.xml/.geojson; none: normal."),
+    ] = None,
+    reference: Annotated[
+        Path | None, typer.Option(help="Camelyon16 reference CSV (image,type: Tumor/Normal) saying which is which.")
+    ] = None,
+    mpp: Annotated[
+        float | None,
+        typer.Option(help="Model's um per pixel (default: the --hard-negatives run's, else 0.972)."),
+    ] = None,
+    per_slide: Annotated[int, typer.Option(help="Windows drawn per slide.")] = 500,
+    positive_share: Annotated[float, typer.Option(help="Share of a tumour slide's windows drawn from tumour.")] = 0.5,
+    seed: Annotated[int, typer.Option(help="Seed of the draw (with each slide's name): same seed, same store.")] = 0,
+    min_tissue: Annotated[float, typer.Option(help="Tissue share a window needs, as in slide.")] = 0.1,
+    slide_mpp: Annotated[
+        float | None, typer.Option(help="Microns per pixel of level 0, for files that do not record it.")
+    ] = None,
+    hard_negatives: Annotated[
+        Path | None,
+        typer.Option(help="A run: add the windows it scores highest, away from tumour, as negatives."),
+    ] = None,
+    hard_count: Annotated[int, typer.Option(help="Hard negatives per slide.")] = 100,
+    overwrite: Annotated[bool, typer.Option(help="Replace --out when it is a store.")] = False,
+    workers: Annotated[
+        int | None, typer.Option(help="Reader processes for scoring (default: cores - 1, at most 8).")
+    ] = None,
+) -> None:
+    """Labelled 96x96 patches from annotated slides (PCam's rule), optionally with a run's hard negatives: a store."""
+    from histodetect.infer.extract import Settings, describe
+    from histodetect.infer.extract import extract as run_extract
+
+    settings = Settings(
+        mpp=mpp,
+        per_slide=per_slide,
+        positive_share=positive_share,
+        seed=seed,
+        min_tissue=min_tissue,
+        slide_mpp=slide_mpp,
+        hard_negatives=str(hard_negatives.resolve()) if hard_negatives is not None else None,
+        hard_count=hard_count,
+    )
+
+    def report(name: str, meta: dict[str, Any], reused: bool) -> None:
+        console.print(describe(meta) + (" (done earlier, reused)" if reused else ""), highlight=False)
+
+    store = run_extract(
+        slides,
+        out,
+        settings,
+        annotations=annotations,
+        reference=reference,
+        overwrite=overwrite,
+        workers=workers,
+        report=report,
+    )
+    counts = store.manifest["splits"][store.splits[0]] if len(store) else {"positive": 0, "negative": 0}
+    console.print(
+        f"{len(store):,} patches ({counts['positive']:,} positive, {counts['negative']:,} negative) from "
+        f"{len(store.manifest['extract']['slides'])} slides ({store.manifest['extract']['duplicates']} windows "
+        f"left out as copies of stored ones: report.json): [bold]{out}[/]",
+        highlight=False,
+    )
 
 
 @app.command()

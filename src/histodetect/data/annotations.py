@@ -37,9 +37,11 @@ def read_polygons(path: str | os.PathLike[str]) -> shapely.Geometry:
         raise InferError(f"{path}: polygons must come as GeoJSON (.geojson/.json) or ASAP XML (.xml)")
     if not included:
         raise InferError(f"{path}: no polygon in it")
-    area = shapely.union_all([shapely.make_valid(p) for p in included])
+    # Each polygon of a MultiPolygon repaired alone: repairing the whole treats the parts' overlaps (or shared
+    # edges, as a grid of squares has) by parity, as holes, and loses them.
+    area = shapely.union_all([shapely.make_valid(p) for p in shapely.get_parts(included)])
     if excluded:
-        area = area.difference(shapely.union_all([shapely.make_valid(p) for p in excluded]))
+        area = area.difference(shapely.union_all([shapely.make_valid(p) for p in shapely.get_parts(excluded)]))
     return area
 
 

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import shapely
 from scipy.ndimage import binary_dilation
 from torch.utils.data import DataLoader, Dataset
 
@@ -327,7 +328,7 @@ def score_slide(
     slide_mpp: float | None = None,
     level: int | None = None,
     mask: str | os.PathLike[str] | None = None,
-    annotations: str | os.PathLike[str] | None = None,
+    annotations: str | os.PathLike[str] | shapely.Geometry | None = None,
     cell_features: bool = False,
     top_k: int = TOP_K,
     cell: int = CELL,
@@ -361,7 +362,9 @@ def score_slide(
         selected = window >= min_tissue if min_tissue > 0 else np.ones(grid, dtype=bool)
         if mask is not None:
             selected &= region_mask(mask, reader, scale.cell, grid)
-        truth_area = read_polygons(annotations) if annotations is not None else None
+        truth_area = annotations if isinstance(annotations, shapely.Geometry) else None
+        if annotations is not None and truth_area is None:
+            truth_area = read_polygons(annotations)
         cells = np.argwhere(selected)
         with _folder(Path(out)) as folder:
             scoring = time.perf_counter()
@@ -381,9 +384,18 @@ def score_slide(
                 truth = inside(truth_area, centres[:, 0], centres[:, 1])
             cell_mm = scale.cell_px * scale.model_mpp_read / 1000
             scored = slide_outputs.ScoredSlide(
-                reader, scale.cell, cell_mm**2, fraction, window, cells, probabilities, truth,
+                reader,
+                scale.cell,
+                cell_mm**2,
+                fraction,
+                window,
+                cells,
+                probabilities,
+                truth,
+                scale.slide_mpp,
+                truth_area,
                 cascaded.refined if cascaded is not None else None,
-            )  # fmt: skip
+            )
             scores = slide_outputs.summarise(scored, threshold=threshold, top_k=top_k)
             checked = {}
             if truth_area is not None:
@@ -409,7 +421,7 @@ def score_slide(
                 "saturation_threshold": round(saturation, 4),
                 "mask": str(mask) if mask is not None else None,
                 **scores,
-                "annotations": str(annotations) if annotations is not None else None,
+                "annotations": _describe(annotations),
                 **checked,
                 "runs": predictor.sources,
                 "tta": predictor.tta,
@@ -424,6 +436,16 @@ def score_slide(
             }
             slide_outputs.write_all(folder, scored, summary, threshold=threshold, cell_features=cell_features)
     return summary
+
+
+def _describe(annotations: str | os.PathLike[str] | shapely.Geometry | None) -> str | None:
+    """What ``summary.json`` says of the truth: the file, or that a cohort's slide without one is outlined as
+    normal (a geometry given directly)."""
+    if annotations is None:
+        return None
+    if isinstance(annotations, shapely.Geometry):
+        return "no outline file: normal" if annotations.is_empty else "outlines given directly"
+    return str(annotations)
 
 
 @contextlib.contextmanager

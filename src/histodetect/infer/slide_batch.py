@@ -7,6 +7,11 @@ After each slide ``DIR/slides.csv`` is rewritten from every finished folder's ``
 it) plus the slides that failed in this command, with their error: one bad file does not stop a cohort, and it is
 never dropped silently.
 
+With ``--annotations`` (or a ``--reference`` CSV), the cohort is judged as Camelyon16 judged one: ``DIR/cohort.json``
+(slide ROC AUC, lesion FROC: :mod:`histodetect.report.cohort`) and ``DIR/report.html`` are rewritten after each
+slide from every finished folder too. A slide without an outline file in an ``--annotations`` folder is a normal
+slide: its detections are judged (all false positives).
+
 ``--mask`` and ``--annotations`` name one file (for one slide) or a folder holding ``<slide name>.xml``,
 ``.geojson``, ``.json`` or ``.png`` per slide (Camelyon16's annotations come as ``tumor_001.xml`` ...); a slide
 without one is scored without.
@@ -21,7 +26,9 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import shapely
 
+from histodetect.data.reference import read_reference
 from histodetect.errors import InferError, UserError
 from histodetect.infer.engine import ONNX_SUFFIX, Predictor
 from histodetect.infer.slide import score_slide
@@ -107,6 +114,7 @@ def score_slides(
     shard: tuple[int, int] = (0, 1),
     mask: Path | None = None,
     annotations: Path | None = None,
+    reference: Path | None = None,
     report: Callable[[str, dict[str, Any]], None] | None = None,
     **options: Any,
 ) -> list[dict[str, Any]]:
@@ -116,6 +124,8 @@ def score_slides(
     out = Path(out)
     paths = find_slides(slides)
     many = len(paths) > 1
+    truth = read_reference(reference) if reference is not None else None
+    judged = annotations is not None or truth is not None
     rows: list[dict[str, Any]] = []
     for path in paths[shard[0] :: shard[1]]:
         folder = out / path.stem
@@ -128,7 +138,7 @@ def score_slides(
                     path,
                     folder,
                     mask=companion(mask, path, many, "--mask"),
-                    annotations=companion(annotations, path, many, "--annotations"),
+                    annotations=_outlines(annotations, path, many),
                     **options,
                 )
                 row = {"name": path.stem, **summary}
@@ -136,9 +146,25 @@ def score_slides(
                 row = {"name": path.stem, "slide": str(path), "error": str(exc)}
         rows.append(row)
         write_table(out, [r for r in rows if "error" in r])
+        if judged:
+            write_cohort_outputs(out, truth, threshold=options.get("threshold", 0.5))
         if report is not None:
             report(path.stem, row)
     return rows
+
+
+def _outlines(annotations: Path | None, slide: Path, many: bool) -> Path | shapely.Geometry | None:
+    """The slide's outline file; an empty geometry (a normal slide) when a folder of them has none for it."""
+    found = companion(annotations, slide, many, "--annotations")
+    return shapely.Polygon() if found is None and annotations is not None and annotations.is_dir() else found
+
+
+def write_cohort_outputs(out: Path, truth: dict[str, bool] | None, *, threshold: float) -> None:
+    """``out/cohort.json`` and ``out/report.html`` from every finished slide folder."""
+    from histodetect.infer.cohort import write_cohort, write_report
+
+    metrics, results = write_cohort(out, truth, threshold=threshold)
+    write_report(out, metrics, results)
 
 
 def write_table(out: Path, failed: Sequence[dict[str, Any]]) -> Path:

@@ -9,6 +9,10 @@ the coordinate system slide viewers use.
 - ``tumour.geojson``: a FeatureCollection QuPath imports by drag-and-drop: each connected region of cells at or
   above the threshold as one polygon (the union of its cells, shapely), classified ``Tumor``, with its mean and max
   probability, cell count and area as measurements. ``cells.geojson`` (optional): every scored cell as a tile.
+- ``detections.csv``: ``x,y,probability`` of the heatmap's local maxima (:mod:`histodetect.infer.lesions`), the
+  columns Camelyon16 asked of participants, most probable first.
+- ``lesions.csv`` and ``lesions.geojson`` (with annotations): the lesions of the outlines (Camelyon16's protocol),
+  whether a detection found each and at what probability; the regions, for cohort metrics and QuPath.
 - ``summary.json``: written last.
 """
 
@@ -26,6 +30,7 @@ import shapely
 from skimage.measure import label, regionprops
 
 from histodetect.data.wsi import SlideReader
+from histodetect.infer import lesions
 from histodetect.io import atomic_write_json
 from histodetect.report.metrics import roc_auc
 
@@ -45,6 +50,8 @@ class ScoredSlide:
     cells: np.ndarray  # (n, 2) row, col of the scored cells, row-major
     probabilities: np.ndarray  # (n,)
     truth: np.ndarray | None  # (n,) bool: centre inside an annotated tumour
+    mpp: float  # microns per level-0 pixel
+    tumour_area: shapely.Geometry | None = None  # the annotated tumour (level-0 pixels), when annotations were given
     refined: np.ndarray | None = None  # (n,) bool: scored by its own window in a cascade (else the coarse one's)
 
     @functools.cached_property
@@ -54,13 +61,34 @@ class ScoredSlide:
         heatmap[self.cells[:, 0], self.cells[:, 1]] = self.probabilities
         return heatmap
 
+    @functools.cached_property
+    def evidence(self) -> np.ndarray:
+        """The heatmap averaged over squares of ``lesions.EVIDENCE_UM``: what detections and the slide score read."""
+        return lesions.evidence(self.heatmap, self.cell * self.mpp)
+
+    @functools.cached_property
+    def detections(self) -> pd.DataFrame:
+        """The evidence map's local maxima, ``x,y,probability`` in level-0 pixels."""
+        return lesions.detections(self.evidence, self.cell, self.mpp)
+
+    @functools.cached_property
+    def lesion_match(self) -> tuple[list[lesions.Lesion], pd.DataFrame, np.ndarray] | None:
+        """With annotations: the lesions, their table (found, best probability) and each detection's lesion number
+        (0: none)."""
+        if self.tumour_area is None:
+            return None
+        found = lesions.lesions(self.tumour_area, self.mpp)
+        return (found, *lesions.match(self.detections, found))
+
 
 def summarise(scored: ScoredSlide, *, threshold: float, top_k: int) -> dict[str, Any]:
-    """Cell counts, areas and the slide score: the mean of the ``top_k`` highest cell probabilities."""
+    """Cell counts, areas and the slide score: the highest evidence (the heatmap averaged over squares of
+    ``lesions.EVIDENCE_UM``), which is also the best detection's probability; and the mean of the ``top_k``
+    highest cell probabilities (the score before: it ranks slides well, but a few false cells decide it)."""
     p = scored.probabilities
     top = np.sort(p)[::-1][:top_k]
     above = int((p >= threshold).sum())
-    score = float(top.mean()) if len(p) else None
+    score = float(scored.evidence.max()) if len(p) else None
     return {
         "cells": int(scored.fraction.size),
         "cells_scored": len(p),
@@ -69,10 +97,12 @@ def summarise(scored: ScoredSlide, *, threshold: float, top_k: int) -> dict[str,
         "cells_at_or_above_threshold": above,
         "area_above_threshold_mm2": round(above * scored.cell_mm2, 4),
         "top_k": top_k,
+        "top_k_mean": float(top.mean()) if len(p) else None,
         "slide_score": score,
         "slide_positive": score is not None and score >= threshold,
         "max_probability": float(p.max()) if len(p) else None,
         "mean_probability": float(p.mean()) if len(p) else None,
+        "detections": len(scored.detections),
     }
 
 
@@ -86,6 +116,22 @@ def agreement(scored: ScoredSlide, slide_tumour: bool, slide_positive: bool) -> 
         "cell_roc_auc": roc_auc(y, scored.probabilities) if 0 < y.sum() < len(y) else None,
         "slide_tumour": bool(slide_tumour),
         "slide_decision_correct": bool(slide_tumour) == slide_positive,
+        **lesion_counts(scored),
+    }
+
+
+def lesion_counts(scored: ScoredSlide) -> dict[str, Any]:
+    """How the detections met the outlined lesions (Camelyon16's rules, :mod:`histodetect.infer.lesions`)."""
+    assert scored.lesion_match is not None
+    _, table, hits = scored.lesion_match
+    itc = table["itc"] == 1
+    itc_numbers = set(table.loc[itc, "lesion"])
+    return {
+        "lesions": int((~itc).sum()),
+        "lesions_found": int(table["found"].sum()),
+        "itc_lesions": int(itc.sum()),
+        "false_positives": int((hits == 0).sum()),
+        "detections_on_itc": int(sum(h in itc_numbers for h in hits)),
     }
 
 
@@ -111,6 +157,11 @@ def write_all(
     if scored.refined is not None:
         frame["refined"] = scored.refined.astype(np.int64)
     frame.to_csv(folder / "cells.csv", index=False)
+    scored.detections.to_csv(folder / "detections.csv", index=False)
+    if scored.lesion_match is not None:
+        found, table, _ = scored.lesion_match
+        table.to_csv(folder / "lesions.csv", index=False)
+        _write_json(folder / lesions.LESION_REGIONS, lesions.regions_geojson(found))
     _write_json(folder / "tumour.geojson", tumour_regions(scored, threshold))
     if cell_features:
         _write_json(folder / "cells.geojson", cell_tiles(scored))
@@ -192,6 +243,7 @@ def plot_heatmap(scored: ScoredSlide, summary: dict[str, Any], target: Path) -> 
     ax.imshow(scored.reader.thumbnail(THUMBNAIL), extent=(0, width, height, 0))
     rows, cols = heatmap.shape
     ax.imshow(overlay, extent=(0, cols * scored.cell, rows * scored.cell, 0), interpolation="nearest")
+    _draw_outlines_and_detections(ax, scored)
     ax.set(xlim=(0, width), ylim=(height, 0), xticks=[], yticks=[])
     score = summary["slide_score"]
     ax.set_title(
@@ -203,3 +255,26 @@ def plot_heatmap(scored: ScoredSlide, summary: dict[str, Any], target: Path) -> 
     fig.colorbar(mappable, ax=ax, fraction=0.04, pad=0.02, label="P(tumour in the cell)")
     fig.savefig(target, format="png", bbox_inches="tight")
     plt.close(fig)
+
+
+HIT_COLOUR, FALSE_COLOUR, UNJUDGED_COLOUR, OUTLINE_COLOUR = "#16A34A", "#2563EB", "#111827", "#7C3AED"
+
+
+def _draw_outlines_and_detections(ax: Any, scored: ScoredSlide) -> None:
+    """The annotated tumour's outline, and each detection: a circle where it found a lesion, a cross for a false
+    positive (a dot where there is no truth to judge it by)."""
+    if scored.tumour_area is not None:
+        for polygon in shapely.get_parts(scored.tumour_area):
+            for ring in [polygon.exterior, *polygon.interiors] if hasattr(polygon, "exterior") else []:
+                x, y = ring.xy
+                ax.plot(x, y, color=OUTLINE_COLOUR, linewidth=1.2)
+    found = scored.detections
+    if found.empty:
+        return
+    x, y = found["x"].to_numpy(), found["y"].to_numpy()
+    if scored.lesion_match is None:
+        ax.scatter(x, y, s=14, marker="o", facecolors="none", edgecolors=UNJUDGED_COLOUR, linewidths=0.8)
+        return
+    _, _, hits = scored.lesion_match
+    ax.scatter(x[hits > 0], y[hits > 0], s=40, marker="o", facecolors="none", edgecolors=HIT_COLOUR, linewidths=1.4)
+    ax.scatter(x[hits == 0], y[hits == 0], s=30, marker="x", color=FALSE_COLOUR, linewidths=1.2)

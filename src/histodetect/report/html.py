@@ -62,8 +62,37 @@ tr.highlight td {{ background: #FFF8E6; font-weight: 600; }}
 .note {{ padding: 10px 14px; border-radius: 8px; background: #EEF4FB; border-left: 4px solid var(--neg); }}
 .note.warn {{ background: #FDF6E7; border-left-color: var(--warn); }}
 .note.good {{ background: #EDF7F1; border-left-color: var(--good); }}
+table.sortable th {{ cursor: pointer; user-select: none; }}
+table.sortable th[aria-sort="ascending"]::after {{ content: " \\25B2"; }}
+table.sortable th[aria-sort="descending"]::after {{ content: " \\25BC"; }}
 code {{ font-size: 12.5px; background: #F0F2F5; padding: 1px 5px; border-radius: 4px; }}
 footer {{ color: var(--muted); font-size: 12.5px; margin-top: 28px; }}
+"""
+
+
+# Sorts a table.sortable by the clicked column: numbers as numbers (a dash last), text as text; a second click reverses.
+SORT_SCRIPT = """
+document.querySelectorAll("table.sortable").forEach((table) => {
+  table.querySelectorAll("th").forEach((th, col) => th.addEventListener("click", () => {
+    const up = th.getAttribute("aria-sort") !== "ascending";
+    table.querySelectorAll("th").forEach((h) => h.removeAttribute("aria-sort"));
+    th.setAttribute("aria-sort", up ? "ascending" : "descending");
+    const key = (row) => {
+      const text = row.children[col].textContent.trim();
+      const number = parseFloat(text.replace(/,/g, ""));
+      return text === "\u2014" ? null : (isNaN(number) || !/^[-+.\\d]/.test(text) ? text : number);
+    };
+    const body = table.tBodies[0];
+    const rows = Array.from(body.rows);
+    rows.sort((a, b) => {
+      const x = key(a), y = key(b);
+      if (x === null || y === null) return (x === null) - (y === null);
+      const order = typeof x === typeof y ? (x < y ? -1 : x > y ? 1 : 0) : (typeof x === "number" ? -1 : 1);
+      return up ? order : -order;
+    });
+    rows.forEach((row) => body.appendChild(row));
+  }));
+});
 """
 
 
@@ -125,14 +154,23 @@ class Section:
         caption: str = "",
         highlight: Sequence[int] = (),
         numeric: Sequence[str] = (),
+        sortable: bool = False,
     ) -> Section:
+        """A table; ``sortable``: a click on a column's header sorts the rows by it (a small inline script)."""
         caption_html = f'<div class="caption">{_esc(caption)}</div>' if caption else ""
-        self.blocks.append(f'<div class="block">{render_table(frame, highlight, numeric)}{caption_html}</div>')
+        table = render_table(frame, highlight, numeric)
+        if sortable:
+            table = table.replace("<table>", '<table class="sortable">', 1)
+            self.page.script = SORT_SCRIPT
+        self.blocks.append(f'<div class="block">{table}{caption_html}</div>')
         return self
 
     def figure(self, fig: Figure, name: str, caption: str, wide: bool = False) -> Section:
         """Save ``fig`` as ``<name>.png`` beside the page and embed the same bytes in it."""
-        png = self.page.save_png(fig, name)
+        return self.image(self.page.save_png(fig, name), caption, wide)
+
+    def image(self, png: bytes, caption: str, wide: bool = False) -> Section:
+        """Embed a PNG already made (e.g. a slide's heatmap.png)."""
         data = base64.b64encode(png).decode("ascii")
         self.blocks.append(
             f'<figure class="block{" wide" if wide else ""}"><img src="data:image/png;base64,{data}" '
@@ -165,6 +203,7 @@ class Page:
         self.subtitle = subtitle
         self.headline: list[Card] = []
         self.sections: list[Section] = []
+        self.script = ""  # inline JavaScript, if a block needs one (the page loads nothing from elsewhere)
 
     def cards(self, cards: Sequence[Card]) -> None:
         """Headline numbers shown under the title."""
@@ -193,7 +232,7 @@ class Page:
             f"<title>{_esc(self.title)}</title><style>{CSS}</style></head><body><main>"
             f"<header><h1>{_esc(self.title)}</h1>{subtitle}</header>{cards}{body}"
             "<footer>Written by histodetect. Figures are embedded; the same PNGs are saved beside this page."
-            "</footer></main></body></html>\n"
+            f"</footer></main>{f'<script>{self.script}</script>' if self.script else ''}</body></html>\n"
         )
 
     def write(self, name: str = "index.html") -> Path:

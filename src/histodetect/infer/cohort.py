@@ -1,0 +1,236 @@
+"""A cohort judged as Camelyon16 judged one: slide-level ROC AUC and lesion-level FROC, from the slide folders
+``slide`` wrote (``OUT/<slide>/summary.json``, ``detections.csv``, ``lesions.geojson``).
+
+- Truth per slide: the reference CSV (:mod:`histodetect.data.reference`) when given; otherwise a slide is tumour when
+  its annotation file outlines tumour and normal when it outlines none or has no file.
+- Slide level: ROC AUC of ``slide_score`` with a stratified bootstrap 95% CI, and sensitivity and specificity of the
+  decision ``slide_score >= threshold``.
+- Lesion level (Camelyon16's FROC, :mod:`histodetect.infer.lesions` for lesions and detections): over every slide
+  that can be judged (normal slides, and tumour slides with outlines), the operating points of a threshold swept
+  over the detections' probabilities: average false positives per slide against the share of lesions (ITCs aside)
+  found at or above it. Sensitivity at 1/4, 1/2, 1, 2, 4 and 8 false positives per slide is interpolated between
+  operating points as the challenge's script does (``np.interp``), and the FROC score is their mean.
+- Problems that leave a metric incomplete (a reference naming a slide not scored, a tumour slide without outlines,
+  a reference that disagrees with the outlines) are listed by name in ``problems``.
+
+``cohort.json`` is rewritten after every slide from every finished folder (as ``slides.csv`` is), atomically.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from shapely.geometry import shape
+
+from histodetect.infer.lesions import LESION_REGIONS, Lesion, match
+from histodetect.io import atomic_write_json
+from histodetect.report.cohort_page import write_cohort_page
+from histodetect.report.metrics import bootstrap_auc_ci, roc_auc, threshold_metrics
+
+FROC_POINTS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+COHORT = "cohort.json"
+SUMMARY = "summary.json"
+DETECTIONS = "detections.csv"
+LESIONS = "lesions.csv"
+
+
+@dataclass
+class SlideResult:
+    """One finished slide folder, with its truth and its lesion evaluation (when it can be judged)."""
+
+    name: str
+    summary: dict[str, Any]
+    tumour: bool | None  # None: truth unknown
+    detections: pd.DataFrame
+    lesions: pd.DataFrame | None  # None: lesions cannot be judged (a tumour slide without outlines)
+    hits: np.ndarray  # per detection: lesion number (1-based) or 0
+
+    @property
+    def false_positives(self) -> np.ndarray:
+        return self.detections["probability"].to_numpy(dtype=np.float64)[self.hits == 0]
+
+    @property
+    def lesion_best(self) -> np.ndarray:
+        """Best probability of each lesion that counts (ITCs aside); 0 for a missed one."""
+        if self.lesions is None or self.lesions.empty:
+            return np.zeros(0)
+        counted = self.lesions[self.lesions["itc"] == 0]
+        return counted["best_probability"].fillna(0.0).to_numpy(dtype=np.float64)
+
+
+def load_slides(out: Path, reference: dict[str, bool] | None) -> tuple[list[SlideResult], list[str]]:
+    """Every finished slide folder under ``out`` with its truth; and the problems found, by slide name."""
+    results: list[SlideResult] = []
+    problems: list[str] = []
+    for summary_file in sorted(out.glob(f"*/{SUMMARY}")):
+        folder = summary_file.parent
+        summary = json.loads(summary_file.read_text(encoding="utf-8"))
+        name = folder.name
+        outlined = summary.get("annotations") is not None
+        outlines_tumour = bool(summary.get("slide_tumour")) if outlined else False
+        tumour: bool | None = outlines_tumour
+        if reference is not None:
+            tumour = reference.get(name)
+            if tumour is None:
+                problems.append(f"{name}: scored but not in the reference; left out of the cohort metrics")
+            elif tumour and not outlined:
+                problems.append(f"{name}: a tumour slide without outlines; left out of the lesion metrics")
+            elif not tumour and outlines_tumour:
+                problems.append(f"{name}: the reference says Normal but its annotations outline tumour")
+        found = _read_detections(folder)
+        judged = tumour is not None and (outlined or not tumour)
+        lesion_table = None
+        hits = np.zeros(len(found), dtype=np.int64)
+        if judged:
+            regions = _read_regions(folder)
+            lesion_table, hits = match(found, regions)
+        results.append(SlideResult(name, summary, tumour, found, lesion_table, hits))
+    if reference is not None:
+        scored = {r.name for r in results}
+        problems += [f"{name}: in the reference but not scored" for name in sorted(set(reference) - scored)]
+    return results, problems
+
+
+def _read_detections(folder: Path) -> pd.DataFrame:
+    path = folder / DETECTIONS
+    if not path.is_file():
+        return pd.DataFrame({"x": [], "y": [], "probability": []})
+    return pd.read_csv(path)
+
+
+def _read_regions(folder: Path) -> list[Lesion]:
+    """The lesions a slide folder recorded (``lesions.geojson``), in their numbered order."""
+    path = folder / LESION_REGIONS
+    if not path.is_file():
+        return []
+    features = json.loads(path.read_text(encoding="utf-8"))["features"]
+    return [
+        Lesion(shape(f["geometry"]), p["area_mm2"], p["longest_axis_um"], bool(p["itc"]))
+        for f in features
+        for p in [f["properties"]]
+    ]
+
+
+def froc(false_positives: np.ndarray, lesion_best: np.ndarray, n_slides: int) -> dict[str, Any]:
+    """Camelyon16's FROC: operating points over every detection probability, sensitivity at ``FROC_POINTS``
+    average false positives per slide (linear interpolation), and their mean."""
+    n_lesions = len(lesion_best)
+    thresholds = np.unique(np.concatenate([false_positives, lesion_best[lesion_best > 0]]))
+    fp_sorted = np.sort(false_positives)
+    hit_sorted = np.sort(lesion_best[lesion_best > 0])
+    # counts at or above each threshold (ascending thresholds: falling counts), then the point with none called
+    fps = np.append(len(fp_sorted) - np.searchsorted(fp_sorted, thresholds, side="left"), 0) / max(n_slides, 1)
+    tps = np.append(len(hit_sorted) - np.searchsorted(hit_sorted, thresholds, side="left"), 0)
+    sensitivity = tps / n_lesions if n_lesions else np.full(len(tps), np.nan)
+    at = np.interp(FROC_POINTS, fps[::-1], sensitivity[::-1]) if n_lesions else np.full(len(FROC_POINTS), np.nan)
+    return {
+        "froc": _num(float(np.mean(at))) if n_lesions else None,
+        "sensitivity_at": {f"{p:g}": _num(float(s)) for p, s in zip(FROC_POINTS, at, strict=True)},
+        "curve": {"false_positives_per_slide": fps.round(6).tolist(), "sensitivity": _nums(sensitivity)},
+    }
+
+
+def cohort_metrics(
+    results: list[SlideResult], problems: list[str], *, threshold: float, seed: int = 0
+) -> dict[str, Any]:
+    """``cohort.json``'s content (see the module's docstring)."""
+    known = [r for r in results if r.tumour is not None and r.summary.get("slide_score") is not None]
+    y = np.array([int(bool(r.tumour)) for r in known], dtype=np.int64)
+    p = np.array([float(r.summary["slide_score"]) for r in known], dtype=np.float64)
+    slide: dict[str, Any] = {
+        "slides": len(known),
+        "tumour": int(y.sum()),
+        "normal": int(len(y) - y.sum()),
+        "score": "slide_score",
+        "threshold": threshold,
+        "roc_auc": None,
+        "roc_auc_ci": None,
+    }
+    if 0 < y.sum() < len(y):
+        low, high = bootstrap_auc_ci(y, p, seed=seed)
+        slide["roc_auc"], slide["roc_auc_ci"] = roc_auc(y, p), [_num(low), _num(high)]
+    if len(y):
+        decided = threshold_metrics(y, p, threshold)
+        slide.update(
+            sensitivity=_num(decided["sensitivity"]),
+            specificity=_num(decided["specificity"]),
+            accuracy=decided["accuracy"],
+            correct=decided["tp"] + decided["tn"],
+        )
+    judged = [r for r in known if r.lesions is not None]
+    fps = np.concatenate([r.false_positives for r in judged]) if judged else np.zeros(0)
+    best = np.concatenate([r.lesion_best for r in judged]) if judged else np.zeros(0)
+    n_itc = sum(int(r.lesions["itc"].sum()) for r in judged if r.lesions is not None and not r.lesions.empty)
+    lesion = {
+        "slides": len(judged),
+        "lesions": len(best),
+        "found": int((best > 0).sum()),
+        "itc": n_itc,
+        "false_positives": len(fps),
+        **froc(fps, best, len(judged)),
+    }
+    return {"slide": slide, "lesion": lesion, "problems": problems}
+
+
+def write_cohort(
+    out: Path, reference: dict[str, bool] | None, *, threshold: float
+) -> tuple[dict[str, Any], list[SlideResult]]:
+    """Rewrite ``out/cohort.json`` from every finished slide folder; returns it and the slides it read."""
+    results, problems = load_slides(out, reference)
+    metrics = cohort_metrics(results, problems, threshold=threshold)
+    atomic_write_json(out / COHORT, metrics)
+    return metrics, results
+
+
+def write_report(out: Path, metrics: dict[str, Any], results: list[SlideResult]) -> Path:
+    """``out/report.html`` (:mod:`histodetect.report.cohort_page`) for what :func:`write_cohort` read."""
+    threshold = metrics["slide"]["threshold"]
+    known = [r for r in results if r.tumour is not None and r.summary.get("slide_score") is not None]
+    truth = np.array([int(bool(r.tumour)) for r in known], dtype=np.int64)
+    scores = np.array([float(r.summary["slide_score"]) for r in known], dtype=np.float64)
+    heatmaps = [(out / r.name / "heatmap.png", f"{r.name}: {_verdict(r, threshold)}") for r in results]
+    return write_cohort_page(out, metrics, cohort_table(results, threshold), truth, scores, heatmaps)
+
+
+def cohort_table(results: list[SlideResult], threshold: float) -> pd.DataFrame:
+    """The cohort table the page shows (one row per slide)."""
+    rows = []
+    for r in results:
+        s = r.summary
+        score = s.get("slide_score")
+        decision = None if score is None else bool(score >= threshold)
+        lesions = r.lesions[r.lesions["itc"] == 0] if r.lesions is not None and not r.lesions.empty else None
+        rows.append(
+            {
+                "slide": r.name,
+                "reference": {True: "Tumor", False: "Normal", None: None}[r.tumour],
+                "slide score": None if score is None else round(float(score), 4),
+                "decision": {True: "Tumor", False: "Normal", None: None}[decision],
+                "right": None if r.tumour is None or decision is None else ("yes" if decision == r.tumour else "no"),
+                "tumour area mm2": s.get("area_above_threshold_mm2"),
+                "lesions found": None if lesions is None else f"{int(lesions['found'].sum())}/{len(lesions)}",
+                "false positives": int((r.hits == 0).sum()) if r.lesions is not None else None,
+                "cells": s.get("cells_scored"),
+                "seconds": s.get("seconds"),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def _verdict(result: SlideResult, threshold: float) -> str:
+    score = result.summary.get("slide_score")
+    truth = {True: "tumour", False: "normal", None: "truth unknown"}[result.tumour]
+    return f"{truth}, slide score {score:.3f} (threshold {threshold:g})" if score is not None else truth
+
+
+def _num(value: float) -> float | None:
+    return None if value is None or not np.isfinite(value) else float(value)
+
+
+def _nums(values: np.ndarray) -> list[float | None]:
+    return [_num(float(v)) for v in values]
