@@ -74,3 +74,28 @@ def test_leftovers_of_dead_processes_are_removed_and_nothing_else(tmp_path: Path
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         [f".store.partial-{os.getpid()}", f".other.partial-{dead_pid}", f".store.partial-{dead_pid}.txt"]
     )
+
+
+def test_check_apart_sees_through_links_and_allows_only_named_places(tmp_path: Path) -> None:
+    """The data-loss rule: an output never lands on an input, by any name, nor inside one outside its places."""
+    from histodetect.io import check_apart, recognised_by
+
+    run = tmp_path / "run"
+    (run / "evaluation").mkdir(parents=True)
+    weights = run / "model.safetensors"
+    weights.write_bytes(b"weights")
+    (tmp_path / "alias").symlink_to(weights)
+    os.link(weights, tmp_path / "hard")
+    for out in (tmp_path / "alias", tmp_path / "hard", weights):
+        with pytest.raises(UserError, match="is the input RUN"):
+            check_apart(out, {"RUN": [weights]})
+    with pytest.raises(UserError, match="inside the input RUN"):
+        check_apart(run / "report", {"RUN": run}, folder=True)
+    check_apart(run / "evaluation" / "val", {"RUN": run}, folder=True, allowed=[run / "evaluation"])
+    mine, theirs = tmp_path / "mine.csv", tmp_path / "theirs.csv"
+    mine.write_text("id,label\na,0.5\n")
+    theirs.write_text("precious\n")
+    check_apart(mine, {}, ours=recognised_by(b"id,label"))
+    with pytest.raises(UserError, match="did not write"):
+        check_apart(theirs, {}, ours=recognised_by(b"id,label"))
+    check_apart(theirs, {}, ours=recognised_by(b"id,label"), overwrite=True)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import functools
 import json
+import math
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -17,6 +19,7 @@ import typer
 from rich.console import Console
 
 from histodetect.errors import UserError
+from histodetect.io import check_apart, recognised_by
 
 app = typer.Typer(
     name="histodetect",
@@ -27,6 +30,11 @@ app = typer.Typer(
 )
 console = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
+# What each command recognises as its own earlier output, which it may replace (io.check_apart's ``ours``).
+OWN_SUBMISSION = recognised_by(b"id,label")
+OWN_TABLE = recognised_by(b"| run |")
+OWN_PAGE = recognised_by(b"<!doctype html>")
+OWN_ONNX = recognised_by(b"\x12\x07pytorch", within=4)  # ir_version, then producer_name "pytorch"
 IMAGE_SIZE_HELP = "Pixels the network sees: 96 = native, or auto = the backbone's pretrained size (224 for most)."
 # Options shared by the commands that score patches.
 Tta = Annotated[str, typer.Option(help="Test-time augmentation: none | flips | d4.")]
@@ -62,6 +70,11 @@ def _runs_then(inputs: list[Path], command: str, what: str) -> tuple[list[Path],
     if len(inputs) < 2:
         raise UserError(f"{command} needs at least one RUN and {what}")
     return inputs[:-1], inputs[-1]
+
+
+def _existing(value: str | Path | None) -> Path | None:
+    """An option that may name a file (``--pretrained``, ``--groups``, ``--space``): its path when it is one."""
+    return Path(value) if value is not None and Path(value).exists() else None
 
 
 def _version(value: bool) -> None:
@@ -122,6 +135,10 @@ def ingest(
     """Check raw patches and pack them into a memory-mappable store."""
     from histodetect.data.ingest import ingest as run_ingest
 
+    read = {"--labels": labels, "--pcam-meta": pcam_meta, "--groups": groups}
+    check_apart(out, read, folder=True)
+    if report is not None:
+        check_apart(report, {"SOURCE": source, **read}, option="--report")
     result = run_ingest(
         source,
         out,
@@ -173,6 +190,7 @@ def eda(
     from histodetect.data.store import Store
     from histodetect.report.eda import write_eda
 
+    check_apart(out, {"STORE": store}, folder=True)
     page = write_eda(Store(store), out, seed=seed)
     console.print(f"report: [bold]{page}[/]")
 
@@ -283,6 +301,10 @@ def train(
     from histodetect.train.config import build_config
     from histodetect.train.run import train as run_train
 
+    read = {"STORE": store, "--config": config, "--pretrained": _existing(pretrained), "--groups": _existing(groups)}
+    check_apart(out, read, folder=True)
+    if folds is not None and folds < 2:
+        raise UserError(f"--folds {folds}: cross-validation needs at least 2 folds (leave it out for one run)")
     commands = {"store", "out", "preset", "config", "resume", "all_folds", "restart"}
     overrides = {k: v for k, v in flags.items() if k not in commands}
     cfg = build_config(preset=preset, config_file=config, **overrides)
@@ -363,6 +385,11 @@ def tune(
     from histodetect.train.tune import tune as run_tune
     from histodetect.train.tune_results import best_config
 
+    check_apart(out, {"STORE": store, "--config": base_config, "--space": _existing(space)}, folder=True)
+    if timeout is not None and not (timeout > 0 and math.isfinite(timeout)):
+        raise UserError(f"--timeout {timeout}: must be a positive number of minutes")
+    if trials < 1:
+        raise UserError(f"--trials {trials}: must be at least 1")
     base = build_config(
         preset=preset,
         config_file=base_config,
@@ -417,7 +444,9 @@ def evaluate(
 ) -> None:
     """Metrics with confidence intervals, ROC/PR/calibration plots and the worst mistakes, as HTML."""
     from histodetect.infer.evaluate import evaluate as run_evaluate
+    from histodetect.train.runfolder import EVALUATION
 
+    check_apart(out, {"RUN": run, "STORE": store}, folder=True, allowed=[run / EVALUATION])
     metrics = run_evaluate(run, store, out, split=split, tta=tta, threshold=threshold, precision=precision)
     console.print(
         f"{split}: ROC AUC {metrics['roc_auc']:.4f}  accuracy {metrics['accuracy']:.4f}  "
@@ -435,6 +464,8 @@ def compare(
     from histodetect.report.compare import compare as run_compare
     from histodetect.report.compare import terminal_table
 
+    check_apart(out, {"RUN": runs}, ours=OWN_TABLE)
+    check_apart(out.with_suffix(".html"), {"RUN": runs}, option="--out (its .html)", ours=OWN_PAGE)
     run_compare(runs, out)
     console.print(terminal_table(runs))
     console.print(f"full table: [bold]{out}[/] and [bold]{out.with_suffix('.html')}[/]")
@@ -464,6 +495,8 @@ def predict(
     from histodetect.infer.predict import predict as run_predict
 
     runs, source = _runs_then(inputs, "predict", "a SOURCE")
+    read = {"RUN": runs, "SOURCE": source, "--sample-submission": sample_submission}
+    check_apart(out, read, ours=OWN_SUBMISSION)
     frame = run_predict(
         runs,
         source,
@@ -550,14 +583,23 @@ def slide(
 ) -> None:
     """Tumour heatmaps, QuPath GeoJSON and slide scores for whole slides, at the model's microns per pixel."""
     from histodetect.infer.engine import Predictor
-    from histodetect.infer.slide import REFINE_ABOVE, check_cells
+    from histodetect.infer.slide import REFINE_ABOVE, check_cells, check_options
     from histodetect.infer.slide_batch import parse_shard, score_slides, split_runs_and_slides
 
     if geojson not in ("regions", "cells"):
         raise UserError(f"--geojson {geojson!r}: choose regions or cells")
+    check_options(
+        min_tissue=min_tissue, threshold=threshold, top_k=top_k, slide_mpp=slide_mpp, level=level, workers=workers
+    )
+    parse_shard(shard)
     refine_above = REFINE_ABOVE if refine_above is None else refine_above
     check_cells(cell, cascade, refine_above)
+    for option, given in (("--mask", mask), ("--annotations", annotations)):
+        if given is not None and not given.exists():  # before the model loads and OUT is made, not once per slide
+            raise UserError(f"{option} {given}: no such file or folder")
     runs, slides = split_runs_and_slides(inputs)
+    read = {"RUN": runs, "SLIDE": slides, "--mask": mask, "--annotations": annotations, "--reference": reference}
+    check_apart(out, read, folder=True)
     predictor = Predictor(runs, tta=tta, batch_size=batch_size, precision=precision, engine=engine)
 
     def report(name: str, row: dict[str, Any]) -> None:
@@ -593,6 +635,9 @@ def slide(
         cell_features=geojson == "cells",
         workers=workers,
     )
+    if not rows:
+        console.print(f"--shard {shard}: no slide falls to this shard; nothing to do", highlight=False)
+        return
     failed = sum("error" in row for row in rows)
     console.print(f"{len(rows) - failed} of {len(rows)} slides done: [bold]{out / 'slides.csv'}[/]")
     if annotations is not None or reference is not None:
@@ -638,6 +683,8 @@ def extract(
     from histodetect.infer.extract import Settings, describe
     from histodetect.infer.extract import extract as run_extract
 
+    read = {"SLIDE": slides, "--annotations": annotations, "--reference": reference, "--hard-negatives": hard_negatives}
+    check_apart(out, read, folder=True)
     settings = Settings(
         mpp=mpp,
         per_slide=per_slide,
@@ -691,12 +738,21 @@ def serve(
         ),
     ] = None,
     insecure: Annotated[bool, typer.Option(help="Allow a non-loopback --host without a token.")] = False,
+    allowed_hosts: Annotated[
+        str | None,
+        typer.Option(help="Host header names to answer, comma list, or * (default: localhost names on loopback)."),
+    ] = None,
 ) -> None:
     """The web app: a page at /, POST /predict, /explain, /slide, GET /health, the API's docs at /docs."""
     from histodetect.app.server import serve as run_server
     from histodetect.app.settings import Settings
 
-    settings = Settings(tuple(runs), tta=tta, precision=precision, engine=engine, threshold=threshold, token=token)
+    if token is None and os.environ.get("HISTODETECT_TOKEN") == "":  # click reads an empty variable as unset
+        raise UserError("HISTODETECT_TOKEN is set but empty: an empty token would let anyone in; unset it or give one")
+    hosts = tuple(h.strip() for h in allowed_hosts.split(",") if h.strip()) if allowed_hosts is not None else None
+    settings = Settings(
+        tuple(runs), tta=tta, precision=precision, engine=engine, threshold=threshold, token=token, allowed_hosts=hosts
+    )
     run_server(
         settings,
         host=host,
@@ -720,6 +776,8 @@ def explain(
     """Grad-CAM heatmaps over patches, with the predicted probability."""
     from histodetect.infer.explain import explain as run_explain
 
+    check_apart(out, {"RUN": run, "IMAGES": images}, folder=True)
+
     paths = run_explain(run, images, out, method=method, limit=limit)
     console.print(f"{len(paths)} files in [bold]{out}[/]")
 
@@ -740,6 +798,7 @@ def export(
 
     if format != "onnx":
         raise UserError(f"unsupported export format {format!r}; only onnx is available")
+    check_apart(out, {"RUN": run, "--check": check}, ours=OWN_ONNX)
     result = export_onnx(run, out, check_store=check)
     console.print(f"exported [bold]{out}[/]; max |onnx - torch| = {result['max_abs_diff']:.2e}")
 

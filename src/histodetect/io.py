@@ -13,7 +13,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +87,74 @@ def check_output_dir(path: str | os.PathLike[str], option: str = "--out") -> Non
     if path.exists() and not path.is_dir():
         raise UserError(f"{option} {path}: is a file; give a folder to write into")
     _check_parent(path, option)
+
+
+def check_apart(
+    out: str | os.PathLike[str],
+    inputs: Mapping[str, Any],
+    *,
+    option: str = "--out",
+    folder: bool = False,
+    allowed: Iterable[str | os.PathLike[str]] = (),
+    ours: Callable[[Path], bool] | None = None,
+    overwrite: bool = False,
+) -> None:
+    """Refuse, before any work, an output that would change what the command reads or what it did not make.
+
+    Every writing command calls this first (the rule of DEVELOPERS.md): ``out`` may not be, or be inside, any of
+    ``inputs`` (a name such as ``RUN`` or ``--config`` -> a path, a list of paths or None), through symlinks and
+    hard links; a ``folder`` output may not hold an input either (the command would list, skip or replace it).
+    ``allowed`` names folders inside an input where this command does write (``RUN/evaluation``). An existing
+    file at ``out`` is replaced only when ``ours(out)`` recognises it as this command's own output, or with the
+    command's ``overwrite`` option. It also makes the checks of :func:`check_output_dir` / :func:`check_output_file`.
+    """
+    out = Path(out)
+    target = out.resolve()
+    places = [Path(a).resolve() for a in allowed]
+    for name, paths in inputs.items():
+        for path in _as_paths(paths):
+            source = path.resolve()
+            if target == source or _same_file(out, path):
+                raise UserError(f"{option} {out}: is the input {name} {path}; writing there would destroy it")
+            if target.is_relative_to(source) and not any(target.is_relative_to(p) for p in places):
+                raise UserError(f"{option} {out}: is inside the input {name} {path}; choose a path outside it")
+            if folder and source.is_relative_to(target):
+                raise UserError(f"{option} {out}: holds the input {name} {path}; choose a folder apart from it")
+    (check_output_dir if folder else check_output_file)(out, option)
+    if ours is not None and not overwrite and out.is_file() and not ours(out):
+        raise UserError(
+            f"{option} {out}: an existing file that this command did not write; move it or choose another {option}"
+        )
+
+
+def recognised_by(marker: bytes, within: int = 0) -> Callable[[Path], bool]:
+    """A recogniser for :func:`check_apart`'s ``ours``: the file holds ``marker`` in its first ``within`` bytes
+    past the marker's length (0: the file begins with it)."""
+
+    def check(path: Path) -> bool:
+        try:
+            with open(path, "rb") as file:
+                return marker in file.read(len(marker) + within)
+        except OSError:
+            return False
+
+    return check
+
+
+def _as_paths(paths: Any) -> list[Path]:
+    if paths is None:
+        return []
+    if isinstance(paths, (str, os.PathLike)):
+        return [Path(paths)]
+    return [Path(p) for p in paths if p is not None]
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether two existing paths are one file (a hard link or a symlink to it)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def _check_parent(path: Path, option: str) -> None:

@@ -29,14 +29,14 @@ def test_detections_are_local_maxima_one_per_blob_at_cell_centres() -> None:
 
 
 def test_a_lone_confident_false_patch_averages_under_a_half_and_a_two_patch_lesion_over() -> None:
-    heatmap = np.full((30, 30), 0.02, dtype=np.float32)
-    heatmap[3:6, 3:6] = 0.99  # one patch (3x3 cells of 32 px) the model is sure of, wrongly
-    heatmap[20:23, 10:16] = 0.99  # two patches side by side
+    heatmap = np.full((40, 40), 0.02, dtype=np.float32)
+    heatmap[3:7, 3:7] = 0.99  # one patch the model is sure of, wrongly: a blob of 16 cells of 32 px, as measured
+    heatmap[20:25, 10:18] = 0.99  # two patches of tumour side by side: the cells whose windows reach them
     heatmap[0, :] = np.nan  # glass counts as no tumour
-    smoothed = evidence(heatmap, cell_um=32 * 0.972)  # 5x5 cells: 156 um
-    assert smoothed[:10, :10].max() < 0.5 < smoothed[15:, :].max()
-    assert smoothed[4, 4] == pytest.approx((9 * 0.99 + 16 * 0.02) / 25)
-    assert np.array_equal(evidence(heatmap, cell_um=96 * 0.972), np.nan_to_num(heatmap))  # a cell that large: as is
+    smoothed = evidence(heatmap, cell_um=32 * 0.972)  # 7x7 cells: 218 um
+    assert smoothed[:12, :12].max() < 0.5 < smoothed[15:, :].max()
+    assert smoothed[5, 5] == pytest.approx((16 * 0.99 + 33 * 0.02) / 49)
+    assert np.array_equal(evidence(heatmap, cell_um=300), np.nan_to_num(heatmap))  # a cell that large: as it is
 
 
 def test_two_peaks_within_the_radius_make_one_detection_and_further_apart_two() -> None:

@@ -25,7 +25,7 @@ import logging
 import numpy as np
 from starlette.datastructures import FormData
 from starlette.formparsers import MultiPartException, MultiPartParser
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from histodetect.data.store import PATCH_SHAPE
@@ -77,6 +77,8 @@ class LimitsMiddleware:
             if started:
                 raise
             await _json(send, cut.status, str(cut), drain=receive if cut.status == 413 else None)
+        except ClientDisconnect:  # the client went away (or uvicorn dropped a malformed chunk): no one to answer
+            return
         except Exception:
             log.exception("unexpected error answering %s %s", scope["method"], scope["path"])
             if started:
@@ -160,10 +162,15 @@ def image_pixels(data: bytes) -> int:
 
         try:
             with tifffile.TiffFile(io.BytesIO(data)) as tif:
-                shape = tif.series[0].shape
+                series = tif.series
+                shape = series[0].shape
         except Exception as exc:  # tifffile raises many types for damaged headers
-            raise InferError(f"not a readable TIFF ({type(exc).__name__}: {exc})") from exc
-        height, width = (shape[1], shape[2]) if len(shape) == 3 and shape[0] in (3, 4) else shape[:2]
+            raise InferError(f"not a readable TIFF ({type(exc).__name__}: {str(exc)[:200]})") from None
+        planar = len(shape) == 3 and shape[0] in (3, 4) and shape[-1] not in (3, 4)
+        if len(series) > 1 or len(shape) > 3 or (len(shape) == 3 and not planar and shape[-1] not in (3, 4)):
+            # (3, 8000, 8000, 3) is three 64 MP pages, not 3 x 8000 pixels: only one image is read, so refuse
+            raise InferError(f"a multi-page TIFF ({len(series)} series, shape {shape}); send one image")
+        height, width = (shape[1], shape[2]) if planar else shape[:2]
         return int(height) * int(width)
     from PIL import Image
 

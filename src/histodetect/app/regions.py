@@ -16,7 +16,8 @@ import numpy as np
 from histodetect.app.batching import FairLock
 from histodetect.app.limits import image_pixels
 from histodetect.app.settings import Settings
-from histodetect.errors import InferError
+from histodetect.data.wsi import open_slide
+from histodetect.errors import InferError, UserError
 from histodetect.infer.engine import Predictor
 from histodetect.infer.slide import score_slide
 
@@ -62,15 +63,23 @@ def score_region(
     with tempfile.TemporaryDirectory(prefix="histodetect-region-") as folder:
         image = Path(folder) / f"region{suffix}"
         image.write_bytes(data)
-        summary = score_slide(
-            predictor,
-            image,
-            Path(folder) / "out",
-            min_tissue=settings.region_min_tissue,
-            threshold=settings.threshold,
-            workers=0,
-            progress=False,
-        )
+        try:
+            with open_slide(image) as reader:
+                width, height = reader.dimensions
+                if width * height > settings.max_region_pixels:  # as decoded: the header check saw one page
+                    raise InferError(f"{name}: {width}x{height} pixels decoded, over this server's limit")
+                summary = score_slide(
+                    predictor,
+                    reader,
+                    Path(folder) / "out",
+                    min_tissue=settings.region_min_tissue,
+                    threshold=settings.threshold,
+                    workers=0,
+                    progress=False,
+                )
+        except UserError as exc:  # the server's paths and command-line advice mean nothing to a web user
+            message = str(exc).replace(str(image), name).replace(image.name, name).replace(folder, "")
+            raise InferError(message.replace("pass --slide-mpp", "send the region at the model's scale")) from None
         heatmap = (Path(folder) / "out" / "heatmap.png").read_bytes()
     for key in HIDDEN_KEYS:
         summary.pop(key, None)

@@ -22,7 +22,8 @@ Problem kinds in the report (``{kind, severity, split, id, file, detail}``):
   ``--groups FILE`` in two groups, or with an empty or unprintable group);
 - warnings: ``duplicate_id`` (identical rows, kept once), ``id_not_sha1``, ``unlisted_image`` (a test image
   not in the sample submission), ``ignored_file``, ``missing_labels`` (a PCam split without ``_y.h5``),
-  ``csv_bom``, ``csv_blank_line``, ``csv_spaces`` (an id read without its surrounding spaces); and about slide
+  ``csv_bom``, ``csv_blank_line``, ``csv_spaces`` (an id read without its surrounding spaces), ``csv_extra_column``
+  (a column no one reads), ``label_format`` (a 0 or 1 spelled otherwise, e.g. ``1e0``); and about slide
   groups (see :mod:`histodetect.data.groups`): ``pcam_test_leak`` (test patches found among ``--pcam-meta``'s
   PCam patches: not used), ``group_not_recorded`` (unlabeled patches with a group), ``no_group`` (labeled
   patches without one), ``group_unknown_id`` (ids of ``--groups FILE`` not ingested).

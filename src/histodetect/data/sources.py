@@ -35,6 +35,7 @@ SPLIT_ORDER = ("train", "valid", "test")
 PCAM_X = re.compile(r"^camelyonpatch_level_2_split_(?P<split>[A-Za-z0-9]+)_x\.h5$")
 PCAM_META_SUFFIX = "_meta.csv"  # camelyonpatch_level_2_split_<split>_meta.csv: each patch's slide and position
 LABELS_CSV = "train_labels.csv"
+PLAIN_LABELS = frozenset({"0", "1", "0.0", "1.0"})  # other spellings of 0 and 1 (1e0, +1) are read with a warning
 SUBMISSION_CSV = "sample_submission.csv"
 DEFAULT_CLASS_DIRS = ("0", "1")
 
@@ -415,7 +416,7 @@ def _read_csv(
     ``unlabeled_image`` per image), an unsafe id or a bad label is an error for that id, and an id listed
     twice is kept once (warning) unless its rows disagree (error: the id is dropped with --skip-bad).
     """
-    table = csv_table(path, root, split, ("id", "label") if with_labels else ("id",), problems)
+    table = csv_table(path, root, split, ("id", "label") if with_labels else ("id",), problems, known=("id", "label"))
     if table is None:
         return None
     file, at, body = table
@@ -436,11 +437,18 @@ def _read_csv(
 
 
 def csv_table(
-    path: Path, root: Path, split: str | None, needed: tuple[str, ...], problems: Problems, expected: str | None = None
+    path: Path,
+    root: Path,
+    split: str | None,
+    needed: tuple[str, ...],
+    problems: Problems,
+    expected: str | None = None,
+    known: tuple[str, ...] | None = None,
 ) -> tuple[str, list[int], list[tuple[int, list[str]]]] | None:
     """A CSV's name for the report, the positions of its ``needed`` columns (named in its header, in any order,
     among others) and its body rows with their lines; None, with a fatal problem recorded, when it is unusable or
-    lacks a column (``expected`` names the header wanted, default the needed columns)."""
+    lacks a column (``expected`` names the header wanted, default the needed columns). With ``known``, a column
+    outside it is a warning (``csv_extra_column``): read by nothing, it is never dropped without a word."""
     file = relative(path, root)
     rows = csv_rows(path, file, split, problems)
     if rows is None:
@@ -456,6 +464,9 @@ def csv_table(
         )
         problems.error(kind, split, None, file, f"{what}; expected a header {expected or ','.join(needed)!r}")
         return None
+    if known is not None and (extra := [name for name in columns if name not in known]):
+        listed = ", ".join(shown(name) for name in extra[:5]) + (" ..." if len(extra) > 5 else "")
+        problems.warning("csv_extra_column", split, None, file, f"column(s) {listed} are not read; ignored")
     return file, [columns.index(name) for name in needed], body
 
 
@@ -528,6 +539,9 @@ def _settle_rows(
     label = _parse_label(raw)
     if label is None:
         problems.error("bad_label", split, id_, file, f"line {entries[0][0]}: label {raw!r} is not 0 or 1")
+    elif raw.strip() not in PLAIN_LABELS:
+        detail = f"line {entries[0][0]}: label {shown(raw.strip())} read as {label}"
+        problems.warning("label_format", split, id_, file, detail)
     return label
 
 

@@ -23,8 +23,8 @@ from scipy.ndimage import correlate1d
 from skimage.filters import threshold_otsu
 from skimage.morphology import remove_small_holes, remove_small_objects
 
-from histodetect.data.annotations import inside, read_polygons
-from histodetect.data.wsi import SlideReader
+from histodetect.data.annotations import check_fits, inside, read_polygons
+from histodetect.data.wsi import MAX_READ_PIXELS, SlideReader
 from histodetect.errors import InferError
 
 SATURATION_RANGE = (0.04, 0.08)  # bounds of the Otsu threshold on saturation
@@ -40,10 +40,13 @@ def tissue_fraction(reader: SlideReader, cell: float, grid: tuple[int, int]) -> 
     rows, cols = grid
     k = next((k for k in (4, 2) if rows * cols * k * k <= MASK_PIXELS), 1)
     saturation = np.zeros((rows * k, cols * k), dtype=np.uint8)
-    band = max(1, BAND_PIXELS // (cols * k * k))
+    level = reader.best_level(cell / k)
+    side = cell / reader.level_downsamples[level]  # a cell's side in pixels of the level read
+    # Bands of the view, each read within MAX_READ_PIXELS of the level (a slide without coarse levels reads more).
+    band = max(1, min(BAND_PIXELS // (cols * k * k), int(MAX_READ_PIXELS // 2 // ((cols * side + 3) * side))))
     for r0 in range(0, rows, band):
         r1 = min(rows, r0 + band)
-        view = reader.read_scaled((0, r0 * cell, cols * cell, r1 * cell), (cols * k, (r1 - r0) * k))
+        view = reader.read_scaled((0, r0 * cell, cols * cell, r1 * cell), (cols * k, (r1 - r0) * k), level=level)
         saturation[r0 * k : r1 * k] = _saturation(view)
     threshold = _otsu(saturation)
     tissue = saturation > round(threshold * 255)
@@ -87,13 +90,22 @@ def region_mask(path: str | os.PathLike[str], reader: SlideReader, cell: float, 
     x = (np.arange(cols) + 0.5) * cell
     y = (np.arange(rows) + 0.5) * cell
     if path.suffix.lower() != ".png":
+        area = read_polygons(path)
+        check_fits(area, path, reader.name, *reader.dimensions)
         xx, yy = np.meshgrid(x, y)
-        return inside(read_polygons(path), xx, yy)
+        return inside(area, xx, yy)
     try:
         with Image.open(path) as image:
+            if image.width * image.height > MAX_READ_PIXELS:  # checked on the header, before decoding
+                raise InferError(
+                    f"{path}: a {image.width}x{image.height} mask; at most {MAX_READ_PIXELS // 1_000_000} megapixels "
+                    "(a mask may be at any scale: save a smaller one)"
+                )
             mask = np.asarray(image.convert("L")) > 0
-    except (OSError, ValueError) as exc:
-        raise InferError(f"{path}: not a readable PNG mask ({exc})") from exc
+    except InferError:
+        raise
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise InferError(f"{path}: not a readable PNG mask ({str(exc)[:200]})") from None
     width, height = reader.dimensions
     ratio = (mask.shape[1] / mask.shape[0]) / (width / height)
     if abs(ratio - 1) > SHAPE_TOLERANCE:

@@ -25,6 +25,11 @@ from PIL import Image
 from histodetect.errors import InferError
 
 MAX_PIXELS = 250_000_000  # ~750 MB as RGB: the most a plain image (no pyramid, decoded whole) may have
+MAX_SIDE = 500_000  # pixels: the largest scanners make ~200,000; a header claiming more is not a slide
+MAX_READ_PIXELS = 64_000_000  # ~190 MB as RGBA: the most one read may ask of a level (checked before reading)
+# Formats only OpenSlide reads: a file with one of these suffixes that OpenSlide refuses is damaged, never a plain
+# image (Pillow would decode a truncated SVS's first strip at the model's scale, ignoring the slide's own).
+SLIDE_ONLY_SUFFIXES = frozenset({".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide", ".dcm"})
 TIFF_SUFFIXES = frozenset({".tif", ".tiff", ".btf"})
 CM_PER_MICRON = 1e-4
 WHITE = 255
@@ -91,6 +96,12 @@ class SlideReader(ABC):
         # One pixel of context beyond the rectangle for the resampling filter; PIL's box keeps sub-pixel offsets.
         ix0, iy0 = math.floor(lx0) - 1, math.floor(ly0) - 1
         ix1, iy1 = math.ceil(lx1) + 1, math.ceil(ly1) + 1
+        if (ix1 - ix0) * (iy1 - iy0) > MAX_READ_PIXELS:
+            raise InferError(
+                f"{self.name}: reading {ix1 - ix0}x{iy1 - iy0} pixels of level {level} for one view; over "
+                f"{MAX_READ_PIXELS // 1_000_000} megapixels: the slide lacks a coarse enough level, or its header "
+                "(dimensions, microns per pixel) is not credible"
+            )
         pixels = self.read_region((round(ix0 * d), round(iy0 * d)), level, (ix1 - ix0, iy1 - iy0))
         inner = (lx0 - ix0, ly0 - iy0, lx1 - ix0, ly1 - iy0)
         return np.asarray(Image.fromarray(pixels).resize((width, height), RESAMPLING, box=inner))
@@ -217,10 +228,14 @@ def open_slide(path: str | os.PathLike[str]) -> SlideReader:
     """A reader for ``path``: OpenSlide when it recognises the file, else a plain image decoded into memory. Refuses,
     naming the file, what is neither."""
     path = Path(path)
+    if path.is_symlink() and not path.exists():
+        raise InferError(f"{path}: a symbolic link that leads nowhere (a loop, or its target is gone)")
     if not path.exists():
         raise InferError(f"{path}: no such slide or image")
     if path.is_dir():
         raise InferError(f"{path}: a folder, not a slide file")
+    if not path.is_file():
+        raise InferError(f"{path}: not a regular file (a FIFO, socket or device); give a slide file")
     import openslide
 
     try:
@@ -228,9 +243,23 @@ def open_slide(path: str | os.PathLike[str]) -> SlideReader:
     except (openslide.OpenSlideError, OSError):
         vendor = None
     if vendor is not None:
-        return OpenSlideReader(path)
+        return _credible(OpenSlideReader(path))
+    if path.suffix.lower() in SLIDE_ONLY_SUFFIXES:
+        raise InferError(f"{path}: OpenSlide cannot read it as a {path.suffix} slide (truncated or damaged?)")
     pixels, mpp = _read_tiff(path) if path.suffix.lower() in TIFF_SUFFIXES else _read_pillow(path)
     return ArrayReader(pixels, path=path, mpp=mpp)
+
+
+def _credible(reader: OpenSlideReader) -> OpenSlideReader:
+    """Refuse a header that claims more than any scanner makes, before anything is read from it (a 480 KB file can
+    claim 10^6 x 10^6 pixels, and OpenSlide would rebuild every missing tile)."""
+    width, height = reader.dimensions
+    if not (0 < width <= MAX_SIDE and 0 < height <= MAX_SIDE):
+        reader.close()
+        raise InferError(
+            f"{reader.path}: the header claims {width}x{height} pixels; a slide has 1..{MAX_SIDE:,} a side"
+        )
+    return reader
 
 
 def _check_size(path: Path, height: int, width: int) -> None:

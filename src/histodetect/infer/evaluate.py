@@ -20,6 +20,7 @@ import numpy as np
 
 from histodetect.data.store import Store
 from histodetect.infer.engine import InferError, Predictor
+from histodetect.infer.predict import check_finite
 from histodetect.infer.sources import StoreRows
 from histodetect.io import atomic_write_json, check_output_dir
 from histodetect.report.evaluation import json_safe, write_evaluation_report
@@ -62,7 +63,7 @@ def evaluate(
     rows = _rows(run, data, split)
     patches = StoreRows(data, rows)
     predictor = Predictor([run], tta=tta, precision=precision)
-    p = predictor.predict(patches, label="evaluate")
+    p = check_finite(predictor.predict(patches, label="evaluate"), predictor.sources)
     y = data.labels[rows].astype(np.int64)
     metrics = {
         **binary_metrics(y, p, threshold=threshold),

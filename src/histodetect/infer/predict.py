@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -59,13 +60,25 @@ def predict(
     # Read in source order (sequential on a store's memory map), then put the rows in the output's order.
     rows = np.sort(order)
     predictor = Predictor(runs, tta=tta, batch_size=batch_size, precision=precision, engine=engine)
-    probabilities = predictor.predict(patch_set.take(rows).patches)
+    probabilities = check_finite(predictor.predict(patch_set.take(rows).patches), predictor.sources)
     p = probabilities[np.searchsorted(rows, order)]
     label = p if threshold is None else (p >= threshold).astype(np.int64)
     frame = pd.DataFrame({"id": ids, "label": label})
     with atomic_path(out) as tmp:
         frame.to_csv(tmp, index=False)
     return frame
+
+
+def check_finite(probabilities: np.ndarray, sources: Any) -> np.ndarray:
+    """``probabilities``, or a one-line error when the model gave NaN or infinity (weights that diverged): never a
+    submission of empty labels nor a metric computed on them."""
+    bad = int(np.count_nonzero(~np.isfinite(probabilities)))
+    if bad:
+        raise InferError(
+            f"{', '.join(map(str, sources))}: the model gives NaN for {bad:,} of {len(probabilities):,} patches; its "
+            "weights are not finite (a diverged run?)"
+        )
+    return probabilities
 
 
 def _match_sample(patch_set: PatchSet, sample: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -84,6 +97,14 @@ def _match_sample(patch_set: PatchSet, sample: Path) -> tuple[np.ndarray, np.nda
         raise InferError(f"{sample}: no 'id' column (header: {','.join(map(str, frame.columns))})")
     if frame.empty:
         raise InferError(f"{sample}: lists no ids (a header only); a submission needs at least one row")
+    others = [str(c) for c in frame.columns if c not in ("id", "label")]
+    if others:  # only the ids are read: other columns are not carried into the submission
+        Console(stderr=True).print(
+            f"note: column(s) {', '.join(map(shown, others[:5]))} of {sample.name} are not read; the submission "
+            "has id,label only",
+            highlight=False,
+            soft_wrap=True,
+        )
     ids = frame["id"].str.strip().to_numpy()
     repeated = pd.Index(ids)[pd.Index(ids).duplicated()].unique().tolist()
     if repeated:

@@ -32,6 +32,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -43,7 +44,7 @@ import shapely
 from scipy.ndimage import binary_dilation
 from torch.utils.data import DataLoader, Dataset
 
-from histodetect.data.annotations import inside, read_polygons
+from histodetect.data.annotations import check_fits, inside, read_polygons
 from histodetect.data.store import PATCH_SHAPE
 from histodetect.data.tissue import region_mask, tissue_fraction, window_share
 from histodetect.data.wsi import SlideReader, open_slide
@@ -51,6 +52,7 @@ from histodetect.errors import InferError, UserError
 from histodetect.infer import slide_outputs
 from histodetect.infer.engine import Predictor, progress_bar
 from histodetect.io import remove_dead_leftovers
+from histodetect.train.config import MAX_MPP, MIN_MPP
 
 WINDOW = PATCH_SHAPE[0]  # 96: what every model was trained on
 CELL = 32  # the labelled centre of a window: the default cell
@@ -119,13 +121,19 @@ def choose_scale(
 ) -> Scale:
     """The level to read and the resampling factor that bring ``reader`` to ``model_mpp``; cells of ``cell`` model
     pixels."""
-    if model_mpp <= 0:
-        raise InferError(f"the model's scale is {model_mpp} microns a pixel; it must be positive (train --mpp)")
+    if not MIN_MPP <= model_mpp <= MAX_MPP:  # NaN fails too
+        raise InferError(
+            f"the model's scale is {model_mpp} microns a pixel; it must be {MIN_MPP}..{MAX_MPP} (train --mpp)"
+        )
     if slide_mpp is not None:
-        if slide_mpp <= 0:
-            raise InferError(f"--slide-mpp {slide_mpp}: must be a positive number of microns a pixel")
+        check_slide_mpp(slide_mpp)
         source = "--slide-mpp"
     elif reader.mpp is not None:
+        if not MIN_MPP <= reader.mpp <= MAX_MPP:
+            raise InferError(
+                f"{reader.name}: the file records {reader.mpp:g} microns a pixel, outside {MIN_MPP}..{MAX_MPP}; "
+                "its header is not credible (give the real scale with --slide-mpp)"
+            )
         slide_mpp, source = reader.mpp, "file"
     elif reader.in_memory:
         slide_mpp, source = model_mpp, "assumed: a plain image at the model's scale"
@@ -151,6 +159,36 @@ def choose_scale(
     if round(factor) >= 1 and abs(factor - round(factor)) <= SCALE_TOLERANCE * factor:
         factor = float(round(factor))
     return Scale(slide_mpp, source, model_mpp, level, downsample, factor, cell)
+
+
+def check_slide_mpp(slide_mpp: float) -> None:
+    if not MIN_MPP <= slide_mpp <= MAX_MPP:  # NaN fails too
+        raise InferError(f"--slide-mpp {slide_mpp}: must be {MIN_MPP}..{MAX_MPP} microns a pixel")
+
+
+def check_options(
+    *,
+    min_tissue: float = 0.1,
+    threshold: float = 0.5,
+    top_k: int = TOP_K,
+    slide_mpp: float | None = None,
+    level: int | None = None,
+    workers: int | None = None,
+) -> None:
+    """Refuse bad slide options in one line, before a model is loaded or any folder made (the command checks them
+    first; ``score_slide`` again, for callers of the library)."""
+    if not 0.0 <= min_tissue <= 1.0:
+        raise InferError(f"--min-tissue {min_tissue}: must be within [0, 1]")
+    if not 0.0 <= threshold <= 1.0:
+        raise InferError(f"--threshold {threshold}: must be within [0, 1]")
+    if top_k < 1:
+        raise InferError(f"--top-k {top_k}: must be at least 1")
+    if slide_mpp is not None:
+        check_slide_mpp(slide_mpp)
+    if level is not None and level < 0:
+        raise InferError(f"--level {level}: must be 0 or more")
+    if workers is not None and not 0 <= workers <= 64:
+        raise InferError(f"--workers {workers}: must be 0..64 reader processes")
 
 
 class CellBlocks(Dataset[tuple[np.ndarray, np.ndarray | None, str | None]]):
@@ -195,6 +233,22 @@ def _as_is(item: Any) -> Any:
     return item
 
 
+def die_with_parent(_: int = 0) -> None:
+    """A reader worker's ``worker_init_fn``: on Linux, ask the kernel to end this process when its parent dies, so
+    that ``kill -9`` on ``slide`` leaves no orphaned reader holding hundreds of MB (PyTorch's own watchdog only
+    notices between items)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    parent = os.getppid()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(1)
+
+
 def default_workers() -> int:
     """Reader processes: one core is left to inference, at most 8."""
     return max(1, min(8, (os.cpu_count() or 2) - 1))
@@ -222,7 +276,12 @@ def score_cells(
     blocks = CellBlocks(reader, scale, cells)
     workers = 0 if reader.in_memory else (default_workers() if workers is None else workers)
     loader = DataLoader(
-        blocks, batch_size=None, num_workers=workers, collate_fn=_as_is, prefetch_factor=4 if workers else None
+        blocks,
+        batch_size=None,
+        num_workers=workers,
+        collate_fn=_as_is,
+        prefetch_factor=4 if workers else None,
+        worker_init_fn=die_with_parent if workers else None,
     )
     pending: list[tuple[np.ndarray, np.ndarray]] = []
     count = 0
@@ -342,12 +401,9 @@ def score_slide(
     ``tumour.geojson`` (and ``cells.geojson`` with ``cell_features``) and ``summary.json``. Returns the summary.
     ``cell``: the cells' side in model pixels (each scored by the 96 px window centred on it); ``cascade``: score
     at 96 px first and at ``cell`` only near windows at or above ``refine_above`` (:func:`cascade_cells`)."""
-    if not 0.0 <= min_tissue <= 1.0:
-        raise InferError(f"--min-tissue {min_tissue}: must be within [0, 1]")
-    if not 0.0 <= threshold <= 1.0:
-        raise InferError(f"--threshold {threshold}: must be within [0, 1]")
-    if top_k < 1:
-        raise InferError(f"--top-k {top_k}: must be at least 1")
+    check_options(
+        min_tissue=min_tissue, threshold=threshold, top_k=top_k, slide_mpp=slide_mpp, level=level, workers=workers
+    )
     check_cells(cell, cascade, refine_above)
     started = time.perf_counter()
     with contextlib.ExitStack() as stack:
@@ -365,7 +421,13 @@ def score_slide(
         truth_area = annotations if isinstance(annotations, shapely.Geometry) else None
         if annotations is not None and truth_area is None:
             truth_area = read_polygons(annotations)
+            check_fits(truth_area, annotations, reader.name, width, height)
         cells = np.argwhere(selected)
+        if not len(cells):  # an all-glass (or all-black) slide has no answer, not a negative one
+            where = f" inside --mask {mask}" if mask is not None else ""
+            raise InferError(
+                f"{reader.name}: no tissue found{where} (no cell's window is {min_tissue:.0%} tissue); nothing to score"
+            )
         with _folder(Path(out)) as folder:
             scoring = time.perf_counter()
             if cascade:

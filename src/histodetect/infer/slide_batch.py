@@ -65,17 +65,20 @@ def find_slides(inputs: Sequence[Path]) -> list[Path]:
     found: list[Path] = []
     for path in inputs:
         if path.is_dir():
+            # Not only regular files: a FIFO or a broken link named like a slide gets its error row, never skipped.
             found += [
                 p
                 for p in path.iterdir()
-                if p.is_file() and p.suffix.lower() in SLIDE_SUFFIXES and not p.name.startswith(".")
+                if not p.is_dir() and p.suffix.lower() in SLIDE_SUFFIXES and not p.name.startswith(".")
             ]
-        elif path.is_file():
-            found.append(path)
+        elif path.is_file() or path.is_symlink() or path.exists():
+            found.append(path)  # open_slide names what is wrong with a FIFO or a link that leads nowhere
         else:
             raise InferError(f"{path}: no such slide file or folder")
     by_name: dict[str, Path] = {}
     for path in found:
+        if path.stem == TABLE:
+            raise InferError(f"{path}: a slide named {TABLE} would take the place of the table; rename it")
         if path.stem in by_name and by_name[path.stem] != path:
             raise InferError(f"{path} and {by_name[path.stem]}: two slides named {path.stem!r} would share a folder")
         by_name[path.stem] = path
@@ -171,7 +174,12 @@ def write_table(out: Path, failed: Sequence[dict[str, Any]]) -> Path:
     """``out/slides.csv``: a row per finished slide folder under ``out`` and per slide in ``failed``."""
     finished = []
     for summary_file in sorted(out.glob("*/summary.json")):
-        summary = json.loads(summary_file.read_text(encoding="utf-8"))
+        try:
+            summary = json.loads(summary_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:  # another tool's folder, or a damaged one: listed, never fatal
+            summary = {"error": f"{summary_file}: not a slide's summary ({type(exc).__name__})"}
+        if not isinstance(summary, dict):
+            summary = {"error": f"{summary_file}: not a slide's summary (a JSON {type(summary).__name__})"}
         finished.append({"name": summary_file.parent.name, **summary})
     frame = pd.DataFrame([*finished, *failed]).reindex(columns=list(COLUMNS))
     with atomic_path(out / TABLE) as tmp:

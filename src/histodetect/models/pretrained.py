@@ -93,7 +93,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # any failure to parse untrusted bytes is the file's fault, whatever the library
-        raise ModelError(f"{path}: cannot read weights ({type(exc).__name__}: {exc})") from exc
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        raise ModelError(f"{path}: cannot read weights ({type(exc).__name__}: {first})") from exc
     return _tensors_only(_unwrap(state), path)
 
 

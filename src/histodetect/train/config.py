@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 import types
 import typing
@@ -25,6 +26,9 @@ from histodetect.errors import ConfigError
 from histodetect.io import atomic_write_text
 
 CONFIG_VERSION = 1
+MAX_CONFIG_BYTES = 1 << 20  # a config is a page of settings; anything larger is refused before it is parsed
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 32, 1024  # below 32 px a CNN pools to nothing; above 1024 a batch fills any GPU
+MIN_MPP, MAX_MPP = 0.05, 50.0  # microns a pixel: below any optical scanner, above a 0.2x thumbnail
 
 OPTIMIZERS = ("adam", "adamw", "rmsprop", "sgd")
 SCHEDULERS = ("cosine", "onecycle", "plateau", "none")
@@ -116,6 +120,10 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
+        for f in fields(self):  # NaN passes every comparison below, and inf trains NaN: no number may be either
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{f.name} must be a finite number, not {value}")
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"optimizer must be one of {OPTIMIZERS}, not {self.optimizer!r}")
         if self.scheduler not in SCHEDULERS:
@@ -133,12 +141,41 @@ class TrainConfig:
             )
         if self.folds < 1 or not 0 <= self.fold < max(self.folds, 1):
             raise ConfigError(f"fold must be in [0, folds), got fold={self.fold} folds={self.folds}")
-        if self.image_size != "auto" and not (isinstance(self.image_size, int) and self.image_size > 0):
-            raise ConfigError(f"image_size must be a positive number of pixels or auto, not {self.image_size!r}")
+        if self.image_size != "auto" and not (
+            isinstance(self.image_size, int) and MIN_IMAGE_SIZE <= self.image_size <= MAX_IMAGE_SIZE
+        ):
+            raise ConfigError(
+                f"image_size must be {MIN_IMAGE_SIZE}..{MAX_IMAGE_SIZE} pixels or auto, not {quoted(self.image_size)}"
+            )
+        if not MIN_MPP <= self.mpp <= MAX_MPP:
+            raise ConfigError(f"mpp must be {MIN_MPP}..{MAX_MPP} microns a pixel, not {self.mpp}")
+        for name in ("lr", "batch_size", "epochs", "pos_weight", "max_time"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, not {getattr(self, name)}")
+        for name in ("label_smoothing", "focal_alpha"):
+            if not 0.0 <= getattr(self, name) < 1.0 + (name == "focal_alpha"):
+                raise ConfigError(
+                    f"{name} must be in [0, 1{']' if name == 'focal_alpha' else ')'}, not {getattr(self, name)}"
+                )
         for name in ("lr", "batch_size", "epochs"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, not {getattr(self, name)}")
-        for name in ("weight_decay", "momentum", "label_smoothing", "mixup", "cutmix", "warmup_epochs"):
+        for name in (
+            "weight_decay",
+            "momentum",
+            "label_smoothing",
+            "mixup",
+            "cutmix",
+            "warmup_epochs",
+            "backbone_lr_scale",
+            "lr_warmup_epochs",
+            "focal_gamma",
+            "aug_hed",
+            "aug_brightness",
+            "aug_contrast",
+            "swa_epochs",
+            "patience",
+        ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative, not {getattr(self, name)}")
         for name in ("limit_train", "epoch_patches", "val_patches"):
@@ -173,9 +210,12 @@ class TrainConfig:
         """A config from a mapping; errors start with ``source`` (the file's path) unless it is None."""
         prefix = f"{source}: " if source else ""
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(map(str, set(data) - known))
         if unknown:
-            raise ConfigError(f"{prefix}unknown setting(s) {unknown}")
+            listed = ", ".join(quoted(k) for k in unknown[:10]) + (
+                f" and {len(unknown) - 10:,} more" if len(unknown) > 10 else ""
+            )
+            raise ConfigError(f"{prefix}unknown setting(s) {listed}")
         try:
             return cls(**data)
         except ConfigError as exc:
@@ -190,15 +230,51 @@ class TrainConfig:
 
 
 def read_settings(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The settings a YAML file sets, as written (not yet coerced): only these override a lower layer."""
+    """The settings a YAML file sets, as written (not yet coerced): only these override a lower layer.
+
+    Hostile files are bounded before parsing: at most ``MAX_CONFIG_BYTES``, UTF-8, and no YAML aliases (a config
+    never needs one, and an alias bomb expands a small file into billions of values)."""
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"{path}: cannot read configuration ({exc})") from exc
+    data = safe_yaml(path, "configuration") or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of settings")
     return data
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing anchors and aliases (the expansion of an alias bomb)."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent) or getattr(self.peek_event(), "anchor", None) is not None:
+            raise yaml.YAMLError(
+                f"YAML anchors and aliases are not allowed (line {self.peek_event().start_mark.line + 1})"
+            )
+        return super().compose_node(parent, index)
+
+
+def safe_yaml(path: Path, what: str) -> Any:
+    """A small YAML file parsed safely, or a one-line ConfigError naming ``path``: too large, not UTF-8, not YAML,
+    or using anchors/aliases."""
+    try:
+        size = path.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path}: {size:,} bytes; a {what} file is at most {MAX_CONFIG_BYTES:,}")
+        text = path.read_bytes().decode("utf-8")
+        return yaml.load(text, Loader=_NoAliasLoader)  # a SafeLoader subclass
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); cannot read {what}") from None
+    except (OSError, yaml.YAMLError, RecursionError) as exc:
+        raise ConfigError(
+            f"{path}: cannot read {what} ({quoted(str(exc).splitlines()[0] if str(exc) else exc)})"
+        ) from None
+
+
+def quoted(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters: an error message never quotes a whole hostile value."""
+    if isinstance(value, (dict, list, tuple, set)) and len(value) > limit:
+        return f"<{type(value).__name__} of {len(value):,} items>"
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 @functools.cache
@@ -224,7 +300,7 @@ def coerce(name: str, value: Any, hint: Any) -> Any:
         if converted is not _NO:
             return converted
     wanted = " or ".join(getattr(o, "__name__", str(o)) for o in options).replace("NoneType", "unset")
-    raise ConfigError(f"{name}: expected {wanted}, not {value!r}")
+    raise ConfigError(f"{name}: expected {wanted}, not {quoted(value)}")
 
 
 _NO = object()

@@ -18,6 +18,7 @@ from torchmetrics.functional.classification import binary_accuracy, binary_auroc
 
 from histodetect.data.augment import BatchAugment, mix_batch, to_float
 from histodetect.device import depthwise_in_fp32
+from histodetect.errors import ConfigError
 from histodetect.loss import build_loss
 from histodetect.models import Classifier
 from histodetect.train.config import TrainConfig
@@ -46,6 +47,7 @@ class LitClassifier(L.LightningModule):
         self.generator = torch.Generator()
         # (rows, logits, targets) of each batch of this validation pass, in this process
         self._val_outputs: list[tuple[torch.Tensor, ...]] = []
+        self._finite: torch.Tensor | None = None  # every training loss so far finite (a device flag: no sync a step)
         self.validated_rows = torch.empty(0, dtype=torch.int64)  # the store rows the last validation counted
 
     # ---- set-up and seeding (frozen BatchNorm stays in eval mode: Classifier.train sees to it)
@@ -69,11 +71,25 @@ class LitClassifier(L.LightningModule):
         x, targets = mix_batch(x, targets, self.config.mixup, self.config.cutmix, self.generator)
         logits = self.forward_fn(x)
         loss = self.loss_fn(logits.float(), targets)
+        finite = torch.isfinite(loss.detach())
+        self._finite = finite if self._finite is None else self._finite & finite
         self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(targets))
         return loss
 
     def on_validation_epoch_start(self) -> None:
+        self._check_finite()  # before the diverged weights are validated and checkpointed as the best
         self._val_outputs = []
+
+    def on_train_epoch_end(self) -> None:
+        self._check_finite()
+
+    def _check_finite(self) -> None:
+        """Stop, in one line, a run whose loss turned NaN or infinite: its weights are no longer a model."""
+        if self._finite is not None and not bool(self._finite):
+            raise ConfigError(
+                f"training diverged: the loss became NaN or infinite in epoch {self.current_epoch}; lower --lr, "
+                "check --pos-weight and the loss settings"
+            )
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         pixels, targets, rows = batch

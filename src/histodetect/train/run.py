@@ -75,7 +75,6 @@ def train(
         check_store(out, store)
     elif saved.exists() and rank_zero_only.rank == 0:  # other DDP ranks start after rank 0 wrote it
         raise ConfigError(f"{out}: already holds a run; pass --resume to continue it, or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
     L.seed_everything(config.seed, workers=True, verbose=False)
     hardware = hardware_for(config)
     parts = read_split(out, store) if resume and (out / SPLIT).is_file() else None
@@ -93,6 +92,7 @@ def train(
         module = LitClassifier(
             config, model, channels_last=hardware.channels_last, depthwise_fp32=hardware.depthwise_fp32
         )
+    out.mkdir(parents=True, exist_ok=True)  # only now: a refused model, split or group file leaves no empty --out
     _quiet_lightning()
     trainer = _trainer(config, hardware, out, has_val=len(datamodule.monitor_rows) > 0, extra=callbacks or [])
     if trainer.is_global_zero:

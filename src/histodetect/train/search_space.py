@@ -21,7 +21,6 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-import yaml
 from optuna.distributions import (
     BaseDistribution,
     CategoricalDistribution,
@@ -30,7 +29,7 @@ from optuna.distributions import (
 )
 
 from histodetect.errors import ConfigError
-from histodetect.train.config import TrainConfig
+from histodetect.train.config import TrainConfig, safe_yaml
 
 Space = dict[str, BaseDistribution]
 
@@ -65,10 +64,7 @@ def load_space(spec: str, base: TrainConfig) -> Space:
         path = Path(spec)
         if not path.is_file():
             raise ConfigError(f"--space {spec}: neither seed, default nor a YAML file")
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except (OSError, yaml.YAMLError) as exc:
-            raise ConfigError(f"{path}: cannot read the search space ({exc})") from exc
+        data = safe_yaml(path, "search space")
         if not isinstance(data, dict) or not data:
             raise ConfigError(f"{path}: expected a mapping of option: {{type: float|int|categorical, ...}}")
         source = str(path)

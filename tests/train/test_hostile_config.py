@@ -1,0 +1,139 @@
+"""Hostile settings for train and tune, grouped by the class of failure each caused before: SILENT ACCEPT (a NaN
+or out-of-range number trained a "finished" run), TRACEBACK (a config file that is not UTF-8, an alias bomb, an
+image size the network cannot pool) and LEFTOVERS (a refused run left an empty --out). Each is refused in one line
+(exit 2) before any folder is made."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from histodetect.cli import app
+from histodetect.data.store import Store
+from histodetect.errors import ConfigError
+from histodetect.train import module as module_module
+from histodetect.train.config import TrainConfig, build_config, read_settings
+from histodetect.train.run import train
+
+QUICK = dict(epochs=1, batch_size=8, limit_train=16, val_fraction=0.2, num_workers=0, patience=0)
+
+
+def refused(argv: list[str]) -> str:
+    result = CliRunner().invoke(app, argv)
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith("error:") and result.stderr.count("\n") == 1, result.stderr
+    return str(result.stderr)
+
+
+# ---------------------------------------------------------------------------------------------------- silent accepts
+@pytest.mark.parametrize(
+    ("flag", "value", "says"),
+    [
+        ("--lr", "nan", "lr must be a finite number"),
+        ("--lr", "inf", "lr must be a finite number"),
+        ("--pos-weight", "nan", "pos_weight must be a finite number"),
+        ("--max-time", "-1", "max_time must be positive"),
+        ("--mpp", "-1", "mpp must be"),
+        ("--mpp", "nan", "mpp must be a finite number"),
+        ("--weight-decay", "nan", "weight_decay must be a finite number"),
+        ("--image-size", "7", "image_size must be 32..1024"),
+        ("--label-smoothing", "1.5", "label_smoothing must be in [0, 1)"),
+        ("--folds", "1", "--folds 1: cross-validation needs at least 2"),
+    ],
+)
+def test_a_bad_number_is_refused_before_a_run_folder_is_made(
+    sample_store: Store, tmp_path: Path, flag: str, value: str, says: str
+) -> None:
+    out = tmp_path / "run"
+    assert says in refused(["train", str(sample_store.path), "--out", str(out), flag, value])
+    assert not out.exists()
+
+
+def test_nan_in_a_yaml_config_is_refused_naming_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("lr: .nan\n")
+    with pytest.raises(ConfigError, match=f"{path}: lr must be a finite number"):
+        build_config(config_file=path)
+
+
+@pytest.mark.parametrize(("args", "says"), [(["--timeout", "-5"], "--timeout -5"), (["--trials", "0"], "--trials 0")])
+def test_tune_refuses_a_budget_that_runs_nothing(
+    sample_store: Store, tmp_path: Path, args: list[str], says: str
+) -> None:
+    out = tmp_path / "tuning"
+    assert says in refused(["tune", str(sample_store.path), "--out", str(out), *args])
+    assert not out.exists()
+
+
+def test_a_run_whose_loss_turns_nan_stops_in_one_line(
+    sample_store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before, NaN weights were saved as a finished run with a best validation AUC."""
+    monkeypatch.setattr(module_module, "build_loss", lambda config: lambda logits, targets: logits.sum() * math.nan)
+    with pytest.raises(ConfigError, match="training diverged"):
+        train(sample_store, tmp_path / "run", TrainConfig(**QUICK))
+    assert not (tmp_path / "run" / "summary.json").exists()
+
+
+# ---------------------------------------------------------------------------------------------------- tracebacks
+def test_a_config_that_is_not_utf8_is_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_bytes(b"model: r\xe9snet\n")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        read_settings(path)
+
+
+def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path: Path) -> None:
+    """527 bytes that expand to 10^9 values: before, a MemoryError after 36 s formatting the value."""
+    lines = ['a: &a ["x","x","x","x","x","x","x","x","x"]']
+    lines += [f"{chr(98 + k)}: &{chr(98 + k)} [{', '.join(['*' + chr(97 + k)] * 9)}]" for k in range(8)]
+    path = tmp_path / "bomb.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ConfigError, match="anchors and aliases are not allowed"):
+        read_settings(path)
+
+
+def test_many_unknown_keys_give_a_short_error_and_a_huge_file_is_refused_unread(tmp_path: Path) -> None:
+    path = tmp_path / "keys.yaml"
+    path.write_text("".join(f"k{n}: 1\n" for n in range(20_000)))
+    with pytest.raises(ConfigError, match="and 19,990 more") as error:
+        build_config(config_file=path)
+    assert len(str(error.value)) < 400
+    path.write_text("".join(f"k{n}: 1\n" for n in range(200_000)))
+    with pytest.raises(ConfigError, match="bytes; a configuration file is at most"):
+        read_settings(path)
+
+
+def test_a_long_value_is_quoted_cut_short() -> None:
+    with pytest.raises(ConfigError) as error:
+        TrainConfig(lr=["x" * 10_000])  # type: ignore[arg-type]
+    assert len(str(error.value)) < 200
+
+
+# ---------------------------------------------------------------------------------------------------- leftovers
+def test_a_refused_pretrained_file_leaves_no_empty_out(sample_store: Store, tmp_path: Path) -> None:
+    weights = tmp_path / "weights.pth"
+    weights.write_text("not weights\n")
+    out = tmp_path / "run"
+    refused(["train", str(sample_store.path), "--out", str(out), "--pretrained", str(weights), "--epochs", "1"])
+    assert not out.exists()
+
+
+def test_nan_weights_are_refused_by_evaluate_in_one_line(
+    sample_store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = tmp_path / "run"
+    train(sample_store, run, TrainConfig(**QUICK))
+    from safetensors.torch import load_file, save_file
+
+    weights = {
+        k: torch.full_like(v, math.nan) if v.is_floating_point() else v
+        for k, v in load_file(run / "model.safetensors").items()
+    }
+    save_file(weights, run / "model.safetensors")
+    says = refused(["evaluate", str(run), str(sample_store.path), "--out", str(tmp_path / "eval"), "--split", "all"])
+    assert "weights are not finite" in says
