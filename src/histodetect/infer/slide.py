@@ -56,6 +56,7 @@ from histodetect.train.config import MAX_MPP, MIN_MPP
 
 WINDOW = PATCH_SHAPE[0]  # 96: what every model was trained on
 CELL = 32  # the labelled centre of a window: the default cell
+MARGIN = (WINDOW - CELL) // 2  # context on each side of a default cell (Scale.margin for every cell size)
 CELLS = (32, 48, 96)  # cell sizes (model pixels) a slide can be scored at; 96: one window per 96x96 area, no overlap
 BLOCK_PIXELS = 512  # model pixels of cells a side read as one region (16 cells of 32 px: margins cost ~27% extra)
 # Scale factors within 8% of a whole number are rounded to it: within 8% of 1, a level is read as it is (no
