@@ -22,7 +22,7 @@ fi
 timeout 150 "$PY" benchmarks/gpu_train_throughput.py --out /tmp/gb $BENCH_ARGS 2>"$OUT/bench.err" | tee "$OUT/bench.json"
 # 2. The CUDA paths of the suite: augmentation on the device, every model family training on CUDA in bf16,
 #    prediction. Failures here are findings, not noise: read them.
-timeout 120 "$PY" -m pytest -q -p no:cacheprovider --timeout 60 tests/data/test_augment.py \
+timeout 120 "$PY" -m pytest -q -p no:cacheprovider --timeout 60 tests/data/test_augment.py tests/data/test_stain.py \
     tests/train/test_train.py::test_every_family_trains_a_step tests/infer/test_predict.py 2>&1 \
     | tee "$OUT/pytest.log" | tail -25
 # 3. The same epoch with torch.compile, if time is left.

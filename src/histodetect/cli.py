@@ -50,6 +50,22 @@ Engine = Annotated[
     ),
 ]
 
+StainNorm = Annotated[
+    str | None,
+    typer.Option(help="Stain normalisation: none | macenko | reinhard (default: what the run was trained with)."),
+]
+StainReference = Annotated[
+    Path | None,
+    typer.Option(help="Normalise to this image of the target lab (or a stain.json); default: the run's own."),
+]
+StainFitPer = Annotated[
+    str,
+    typer.Option(
+        help="patch: each patch normalised by its own fit | set: one fit for the whole input (one lab's patches), "
+        "as slide fits each slide once."
+    ),
+]
+
 
 def friendly(fn: F) -> F:
     """Turn the library's user-facing errors into one red line and exit code 2."""
@@ -234,6 +250,17 @@ def train(
     aug_hed: Annotated[float | None, typer.Option(help="H&E colour jitter strength (0 = off).")] = None,
     aug_brightness: Annotated[float | None, typer.Option()] = None,
     aug_contrast: Annotated[float | None, typer.Option()] = None,
+    stain_aug: Annotated[
+        float | None,
+        typer.Option(help="Another lab's staining per patch: H/E amounts, hues, yellowing, white balance (0-0.9)."),
+    ] = None,
+    stain_norm: Annotated[
+        str | None, typer.Option(help="Stain normalisation before augmentation: none | macenko | reinhard.")
+    ] = None,
+    stain_reference: Annotated[
+        str | None,
+        typer.Option(help="Normalise to this image (or stain.json); default: the run's own training patches."),
+    ] = None,
     mixup: Annotated[float | None, typer.Option(help="MixUp alpha (0 = off).")] = None,
     cutmix: Annotated[float | None, typer.Option(help="CutMix alpha (0 = off).")] = None,
     val_fraction: Annotated[
@@ -441,17 +468,37 @@ def evaluate(
         str, typer.Option(help="fp32 (what export computes: the model you deploy) | auto (bf16 where fast) | bf16.")
     ] = "fp32",
     threshold: Annotated[float, typer.Option(help="Decision threshold for accuracy, sensitivity, specificity.")] = 0.5,
+    stain_norm: StainNorm = None,
+    stain_reference: StainReference = None,
+    stain_shifts: Annotated[
+        bool, typer.Option("--stain-shifts", help="Also score the patches re-stained as other labs' (ROC AUC each).")
+    ] = False,
+    stain_fit: StainFitPer = "patch",
 ) -> None:
     """Metrics with confidence intervals, ROC/PR/calibration plots and the worst mistakes, as HTML."""
     from histodetect.infer.evaluate import evaluate as run_evaluate
     from histodetect.train.runfolder import EVALUATION
 
     check_apart(out, {"RUN": run, "STORE": store}, folder=True, allowed=[run / EVALUATION])
-    metrics = run_evaluate(run, store, out, split=split, tta=tta, threshold=threshold, precision=precision)
+    metrics = run_evaluate(
+        run,
+        store,
+        out,
+        split=split,
+        tta=tta,
+        threshold=threshold,
+        precision=precision,
+        stain_norm=stain_norm,
+        stain_reference=stain_reference,
+        stain_shifts=stain_shifts,
+        stain_fit=stain_fit,
+    )
     console.print(
         f"{split}: ROC AUC {metrics['roc_auc']:.4f}  accuracy {metrics['accuracy']:.4f}  "
         f"({metrics['n']:,} patches, {metrics['numeric_precision']})  report: [bold]{out}[/]"
     )
+    for name, shift in (metrics.get("stain_shifts") or {}).items():
+        console.print(f"  {name}: ROC AUC {shift['roc_auc']:.4f} ({shift['delta']:+.4f})", highlight=False)
 
 
 @app.command()
@@ -490,6 +537,9 @@ def predict(
     split: Annotated[
         str | None, typer.Option(help="With a store: which split to predict (default: test, or all).")
     ] = None,
+    stain_norm: StainNorm = None,
+    stain_reference: StainReference = None,
+    stain_fit: StainFitPer = "patch",
 ) -> None:
     """Predict probabilities for a test folder, store or image; ensembles several runs; writes a submission."""
     from histodetect.infer.predict import predict as run_predict
@@ -508,6 +558,9 @@ def predict(
         split=split,
         precision=precision,
         engine=engine,
+        stain_norm=stain_norm,
+        stain_reference=stain_reference,
+        stain_fit=stain_fit,
     )
     console.print(f"{len(frame)} predictions: [bold]{out}[/]")
 
@@ -580,6 +633,8 @@ def slide(
     precision: Precision = "auto",
     engine: Engine = "auto",
     batch_size: BatchSize = None,
+    stain_norm: StainNorm = None,
+    stain_reference: StainReference = None,
 ) -> None:
     """Tumour heatmaps, QuPath GeoJSON and slide scores for whole slides, at the model's microns per pixel."""
     from histodetect.infer.engine import Predictor
@@ -600,7 +655,15 @@ def slide(
     runs, slides = split_runs_and_slides(inputs)
     read = {"RUN": runs, "SLIDE": slides, "--mask": mask, "--annotations": annotations, "--reference": reference}
     check_apart(out, read, folder=True)
-    predictor = Predictor(runs, tta=tta, batch_size=batch_size, precision=precision, engine=engine)
+    predictor = Predictor(
+        runs,
+        tta=tta,
+        batch_size=batch_size,
+        precision=precision,
+        engine=engine,
+        stain_norm=stain_norm,
+        stain_reference=stain_reference,
+    )
 
     def report(name: str, row: dict[str, Any]) -> None:
         if "error" in row:
@@ -742,6 +805,8 @@ def serve(
         str | None,
         typer.Option(help="Host header names to answer, comma list, or * (default: localhost names on loopback)."),
     ] = None,
+    stain_norm: StainNorm = None,
+    stain_reference: StainReference = None,
 ) -> None:
     """The web app: a page at /, POST /predict, /explain, /slide, GET /health, the API's docs at /docs."""
     from histodetect.app.server import serve as run_server
@@ -751,7 +816,15 @@ def serve(
         raise UserError("HISTODETECT_TOKEN is set but empty: an empty token would let anyone in; unset it or give one")
     hosts = tuple(h.strip() for h in allowed_hosts.split(",") if h.strip()) if allowed_hosts is not None else None
     settings = Settings(
-        tuple(runs), tta=tta, precision=precision, engine=engine, threshold=threshold, token=token, allowed_hosts=hosts
+        tuple(runs),
+        tta=tta,
+        precision=precision,
+        engine=engine,
+        threshold=threshold,
+        token=token,
+        allowed_hosts=hosts,
+        stain_norm=stain_norm,
+        stain_reference=stain_reference,
     )
     run_server(
         settings,
@@ -772,13 +845,17 @@ def explain(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the overlays and the grid.")],
     method: Annotated[str, typer.Option(help="gradcam | gradcam++.")] = "gradcam",
     limit: Annotated[int, typer.Option(help="At most this many patches from a store.")] = 16,
+    stain_norm: StainNorm = None,
+    stain_reference: StainReference = None,
 ) -> None:
     """Grad-CAM heatmaps over patches, with the predicted probability."""
     from histodetect.infer.explain import explain as run_explain
 
     check_apart(out, {"RUN": run, "IMAGES": images}, folder=True)
 
-    paths = run_explain(run, images, out, method=method, limit=limit)
+    paths = run_explain(
+        run, images, out, method=method, limit=limit, stain_norm=stain_norm, stain_reference=stain_reference
+    )
     console.print(f"{len(paths)} files in [bold]{out}[/]")
 
 

@@ -19,6 +19,7 @@ from PIL import Image
 
 from histodetect.app import Settings, create_app
 from histodetect.app.batching import Busy
+from histodetect.data.stain import StainFit
 from histodetect.data.store import Store
 from histodetect.infer.engine import Predictor
 from histodetect.infer.slide import score_slide
@@ -226,7 +227,7 @@ def test_a_patch_request_is_answered_between_the_batches_of_a_large_region(
     started, answered = threading.Event(), threading.Event()
     region_batch, patch_batch = service.predictor.predict_batch, service.batcher.predict_fn
 
-    def observed_region_batch(batch: np.ndarray) -> np.ndarray:
+    def observed_region_batch(batch: np.ndarray, stain: StainFit | None = None) -> np.ndarray:
         calls.append("region")
         if calls.count("region") == 1:  # hold the model until the patch request waits for it
             started.set()
@@ -235,7 +236,7 @@ def test_a_patch_request_is_answered_between_the_batches_of_a_large_region(
                 time.sleep(0.01)
         elif calls.count("region") == 2:
             answered.wait(30)
-        return region_batch(batch)
+        return region_batch(batch, stain)
 
     def observed_patch_batch(batch: np.ndarray) -> np.ndarray:
         calls.append("patch")

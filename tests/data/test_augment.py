@@ -13,12 +13,16 @@ from PIL import Image
 from histodetect.data.augment import (
     DIHEDRAL,
     RGB_FROM_HED,
+    STAIN_SHIFTS,
     BatchAugment,
+    StainShift,
     dihedral,
     dihedral_inverse,
     hed_jitter,
     mix_batch,
     random_dihedral,
+    restain,
+    stain_jitter,
     to_float,
 )
 
@@ -79,6 +83,7 @@ def test_random_dihedral_applies_one_symmetry_per_sample(x: torch.Tensor) -> Non
     [
         {"dihedral": True},
         {"dihedral": False, "hed": 0.05},
+        {"dihedral": False, "stain": 0.5},
         {"dihedral": False, "brightness": 0.2},
         {"dihedral": False, "contrast": 0.2},
         {"dihedral": True, "hed": 0.05, "brightness": 0.1, "contrast": 0.1},
@@ -119,9 +124,27 @@ def test_hed_jitter_acts_on_stains(x: torch.Tensor) -> None:
     assert (hed_jitter(haematoxylin, scale_h) < haematoxylin - 0.05).all()  # more stain: darker everywhere
 
 
+def test_stain_shifts_restain_as_documented(raw: torch.Tensor) -> None:
+    """No change is the identity (up to rounding to uint8); more of a stain darkens, a yellow cast takes blue."""
+    pixels = raw.numpy()
+    assert np.abs(StainShift()(pixels).astype(int) - pixels).max() <= 1
+    assert STAIN_SHIFTS["dark"](pixels).mean() < pixels.mean() < STAIN_SHIFTS["pale"](pixels).mean()
+    yellowed = StainShift(yellow=0.2)(pixels).reshape(-1, 3).mean(0) - pixels.reshape(-1, 3).mean(0)
+    assert yellowed[2] < yellowed[1] < yellowed[0] <= 0
+
+
+def test_stain_jitter_is_hed_jitter_in_general(x: torch.Tensor) -> None:
+    """hed_jitter is restain with a diagonal stain matrix and an offset along the stain vectors."""
+    params = torch.rand(8, 2, 3, generator=_gen(4)) * 0.1 - 0.05
+    expected = restain(x, torch.diag_embed(1 + params[:, 0]), params[:, 1] @ RGB_FROM_HED.float())
+    torch.testing.assert_close(hed_jitter(x, params), expected)
+    out = stain_jitter(x, 0.5, _gen(5))
+    assert out.shape == x.shape and torch.equal(out, stain_jitter(x, 0.5, _gen(5)))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_runs_on_the_batch_device_with_the_same_randomness(x: torch.Tensor) -> None:
-    augment = BatchAugment(dihedral=True, hed=0.05, brightness=0.1, contrast=0.1)
+    augment = BatchAugment(dihedral=True, hed=0.05, stain=0.5, brightness=0.1, contrast=0.1)
     on_gpu = augment(x.cuda(), _gen(3))
     assert on_gpu.device.type == "cuda"
     torch.testing.assert_close(on_gpu.cpu(), augment(x, _gen(3)), atol=1e-4, rtol=0)

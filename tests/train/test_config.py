@@ -36,6 +36,9 @@ def test_precedence_defaults_preset_file_flags(tmp_path: Path) -> None:
         {"image_size": 0},
         {"image_size": "large"},
         {"epoch_patches": 0},
+        {"stain_norm": "vahadane"},
+        {"stain_aug": 1.0},
+        {"freeze": "frozen", "cache_embeddings": True, "stain_norm": "macenko"},
     ],
 )
 def test_bad_values_are_refused(change: dict) -> None:
@@ -128,3 +131,12 @@ def test_each_layer_overrides_only_the_keys_it_sets(tmp_path: Path) -> None:
     flagged = build_config(preset="cpu", config_file=tmp_path / "small.yaml", epochs=5, lr=None)  # layer 3
     assert (flagged.epochs, flagged.lr, flagged.model) == (5, 3e-4, "tf_efficientnet_lite0")
     assert build_config(config_file=tmp_path / "small.yaml").model == default.model  # no preset: defaults
+
+
+def test_stain_settings_round_trip_and_an_older_file_loads_without_them(tmp_path: Path) -> None:
+    config = TrainConfig(stain_norm="reinhard", stain_reference="lab.png", stain_aug="0.4")
+    assert config.stain_aug == 0.4
+    config.save(tmp_path / "config.yaml")
+    assert TrainConfig.load(tmp_path / "config.yaml") == config
+    older = {k: v for k, v in TrainConfig().to_dict().items() if not k.startswith("stain_")}
+    assert TrainConfig.from_dict(older).stain_norm == "none"

@@ -34,6 +34,8 @@ class ModelService:
             device=settings.device,
             engine=settings.engine,
             progress=False,
+            stain_norm=settings.stain_norm,
+            stain_reference=settings.stain_reference,
         )
         self.batcher = MicroBatcher(
             self.predictor.predict,
@@ -74,8 +76,9 @@ class ModelService:
         return await self.batcher.run(self._grad_cam, patch)
 
     def _grad_cam(self, patch: np.ndarray) -> bytes:
-        heat, _ = cams(self._cam_model, np.array(patch[None]))  # decoded pixels may be read-only
-        return png(overlay(patch, heat[0]))
+        seen = self.predictor.normalise(np.array(patch[None]))  # as the model sees it; decoded pixels may be read-only
+        heat, _ = cams(self._cam_model, seen)
+        return png(overlay(seen[0], heat[0]))
 
     @functools.cached_property
     def _cam_model(self) -> Classifier:

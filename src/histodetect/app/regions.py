@@ -16,6 +16,7 @@ import numpy as np
 from histodetect.app.batching import FairLock
 from histodetect.app.limits import image_pixels
 from histodetect.app.settings import Settings
+from histodetect.data.stain import StainFit
 from histodetect.data.wsi import open_slide
 from histodetect.errors import InferError, UserError
 from histodetect.infer.engine import Predictor
@@ -47,9 +48,9 @@ class SharedPredictor:
         self.predictor = predictor
         self.lock = lock
 
-    def predict_batch(self, batch: np.ndarray) -> np.ndarray:
+    def predict_batch(self, batch: np.ndarray, stain: StainFit | None = None) -> np.ndarray:
         with self.lock:
-            return self.predictor.predict_batch(batch)
+            return self.predictor.predict_batch(batch, stain)
 
     def __getattr__(self, name: str) -> Any:  # batch_size, mpp, tta, precision, sources: the predictor's
         return getattr(self.predictor, name)

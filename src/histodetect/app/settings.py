@@ -49,6 +49,8 @@ class Settings:
     # of another site reaching a loopback server by a name that resolves to 127.0.0.1. ``serve`` sets the loopback
     # names for a loopback --host.
     allowed_hosts: tuple[str, ...] | None = None
+    stain_norm: str | None = None  # none | macenko | reinhard; None = what the runs were trained with
+    stain_reference: Path | None = None  # an image of the target lab or a stain.json; None = the runs' own
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "runs", tuple(Path(os.fspath(r)) for r in self.runs))

@@ -14,6 +14,7 @@ labels.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -25,6 +26,9 @@ _INVERSE = (0, 3, 2, 1, 4, 5, 6, 7)
 # Ruifrok & Johnston (2001) stain vectors, rows haematoxylin, eosin, DAB, as in skimage.color.rgb2hed.
 RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=torch.float64)
 HED_FROM_RGB = torch.linalg.inv(RGB_FROM_HED)
+# A cast that is neither stain: yellowing (an aged slide, old mounting medium) absorbs blue most. A unit vector in
+# RGB optical density.
+YELLOW = torch.tensor([0.10, 0.35, 0.93]) / torch.tensor([0.10, 0.35, 0.93]).norm()
 _EPS = 1e-6  # skimage's floor for intensities before the log; it also sets the unit of stain amounts
 
 # The label of a patch says whether its centre 32x32 pixels (the middle third of 96) contain tumour.
@@ -58,23 +62,32 @@ def dihedral_inverse(x: torch.Tensor, k: int) -> torch.Tensor:
 
 
 class BatchAugment:
-    """Random dihedral transform, H&E stain jitter, brightness and contrast, each per sample; 0/False = off.
+    """Random dihedral transform, H&E stain jitter, another lab's staining, brightness and contrast, each per
+    sample; 0/False = off.
 
     ``hed``: each stain amount is scaled by ``1 + U(-hed, hed)`` and shifted by ``U(-hed, hed)`` (Tellez et
     al. 2018), in natural-log optical density (the Ruifrok & Johnston stain basis).
+    ``stain``: the stronger, lab-like re-staining of :func:`stain_jitter` (``train --stain-aug``).
     ``brightness``: pixels times ``1 + U(-b, b)``. ``contrast``:
     distance from the patch's mean grey times ``1 + U(-c, c)``. Values are clamped to ``[0, 1]`` after each
     colour op.
     """
 
     def __init__(
-        self, *, dihedral: bool = True, hed: float = 0.0, brightness: float = 0.0, contrast: float = 0.0
+        self,
+        *,
+        dihedral: bool = True,
+        hed: float = 0.0,
+        stain: float = 0.0,
+        brightness: float = 0.0,
+        contrast: float = 0.0,
     ) -> None:
-        for name, value in (("hed", hed), ("brightness", brightness), ("contrast", contrast)):
+        for name, value in (("hed", hed), ("stain", stain), ("brightness", brightness), ("contrast", contrast)):
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"{name} strength must be in [0, 1), not {value}")
         self.dihedral = dihedral
         self.hed = hed
+        self.stain = stain
         self.brightness = brightness
         self.contrast = contrast
 
@@ -85,6 +98,8 @@ class BatchAugment:
             x = random_dihedral(x, generator)
         if self.hed:
             x = hed_jitter(x, _uniform(generator, (x.shape[0], 2, 3), self.hed, x.device))
+        if self.stain:
+            x = stain_jitter(x, self.stain, generator)
         if self.brightness:
             x = (x * (1 + _uniform(generator, (x.shape[0], 1, 1, 1), self.brightness, x.device))).clamp_(0, 1)
         if self.contrast:
@@ -114,16 +129,70 @@ def hed_jitter(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
     RGB -> optical density -> stains is linear after the log, so the whole perturbation is one per-sample 3x3
     matrix and offset on optical density: ``od' = R^T diag(1 + a) M^T od + R^T b`` (``M = R^-1``).
     """
+    return restain(
+        x, torch.diag_embed(1 + params[:, 0].float()), params[:, 1].float() @ RGB_FROM_HED.to(x.device).float()
+    )
+
+
+def restain(x: torch.Tensor, stains: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """Re-stain float ``(B, 3, H, W)`` patches in ``[0, 1]``: stain amounts (H, E, D: Ruifrok & Johnston) mixed by
+    the per-sample ``(B, 3, 3)`` matrix ``stains`` (diagonal: each stain scaled), then ``offset`` ``(B, 3)`` added to
+    each RGB channel's optical density (a cast no stain explains: yellowing, a scanner's white balance).
+
+    Linear after the log: ``od' = R^T S M^T od + offset`` (``M = R^-1``), in natural-log optical density.
+    """
     rgb_from_hed = RGB_FROM_HED.to(x.device, torch.float32)
     hed_from_rgb = HED_FROM_RGB.to(x.device, torch.float32)
-    scale, shift = 1 + params[:, 0].float(), params[:, 1].float()
-    matrix = rgb_from_hed.T @ (scale[:, :, None] * hed_from_rgb.T)  # (B, 3, 3)
-    offset = shift @ rgb_from_hed  # (B, 3), = R^T b per sample
+    matrix = rgb_from_hed.T @ stains.float() @ hed_from_rgb.T  # (B, 3, 3)
     # Natural-log optical density, the unit of Tellez et al.'s shifts; skimage >= 0.19 divides it by -log(1e-6),
     # which would make a shift of 0.05 a 2x change of intensity instead of a few percent.
     od = -torch.log(x.float().clamp(min=_EPS))  # (B, 3, H, W)
-    od = torch.einsum("bij,bjhw->bihw", matrix, od) + offset[:, :, None, None]
+    od = torch.einsum("bij,bjhw->bihw", matrix, od) + offset.float()[:, :, None, None]
     return torch.exp(-od).clamp_(0, 1).to(x.dtype)
+
+
+def stain_jitter(x: torch.Tensor, strength: float, generator: torch.Generator) -> torch.Tensor:
+    """Another lab's staining per sample (``stain_aug``): each stain's amount times ``exp(U(-s, s))`` (0.61-1.65x at
+    s = 0.5), up to ``s / 5`` of each of H and E bleeding into the other (other stain hues), a yellow cast of up to
+    ``s / 2`` optical density along :data:`YELLOW`, and a white balance of up to ``s / 4`` per RGB channel."""
+    b, device = x.shape[0], x.device
+    stains = torch.diag_embed(torch.exp(_uniform(generator, (b, 3), strength, device)))
+    bleed = _uniform(generator, (b, 2), strength / 5, device)
+    stains[:, 0, 1], stains[:, 1, 0] = bleed[:, 0], bleed[:, 1]
+    yellow = (torch.rand((b, 1), generator=generator) * strength / 2).to(device) * YELLOW.to(device)
+    offset = yellow + _uniform(generator, (b, 3), strength / 4, device)
+    return restain(x, stains, offset)
+
+
+@dataclass(frozen=True)
+class StainShift:
+    """One fixed re-staining, as another lab's slides might look: ``h``, ``e`` scale the stain amounts, ``yellow``
+    adds that much optical density along :data:`YELLOW`, ``white`` multiplies the R, G, B intensities."""
+
+    h: float = 1.0
+    e: float = 1.0
+    yellow: float = 0.0
+    white: tuple[float, float, float] = (1.0, 1.0, 1.0)
+
+    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        """The re-stained uint8 ``(N, H, W, 3)`` patches (rounded back to uint8, as a scanner writes them)."""
+        x = to_float(torch.from_numpy(np.ascontiguousarray(pixels)))
+        stains = torch.diag(torch.tensor([self.h, self.e, 1.0])).expand(len(x), 3, 3)
+        offset = self.yellow * YELLOW - torch.log(torch.tensor(self.white))
+        out = restain(x, stains, offset.expand(len(x), 3))
+        return (out * 255).round_().to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+
+
+# The re-stainings ``evaluate --stain-shifts`` scores: four labs' H&E (paler, darker, pinker, bluer) and two casts
+# outside H&E (an aged, yellowed slide; a scanner's cool white balance). Chosen by hand, not tuned on any result.
+STAIN_SHIFTS: dict[str, StainShift] = {
+    "pale": StainShift(h=0.60, e=0.75),
+    "dark": StainShift(h=1.40, e=1.35),
+    "eosin-heavy": StainShift(h=0.85, e=1.55),
+    "haematoxylin-heavy": StainShift(h=1.45, e=0.65),
+    "yellowed": StainShift(e=0.9, yellow=0.12),
+    "cool-white-balance": StainShift(white=(0.90, 0.97, 1.05)),
+}
 
 
 def adjust_contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:

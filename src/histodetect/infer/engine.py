@@ -32,6 +32,8 @@ from rich.progress import (
 from rich.text import Text
 
 from histodetect.data.augment import dihedral, to_float
+from histodetect.data.stain import METHODS as STAIN_METHODS
+from histodetect.data.stain import STAIN_FILE, StainFit, StainNormalizer, fit_stains, read_reference, spread
 from histodetect.device import cpu_has_bf16, resolve_accelerator
 from histodetect.errors import InferError
 from histodetect.models import Classifier
@@ -52,6 +54,7 @@ CPU_ENGINE = "onnx"
 # tf_efficientnet_lite0 at ~1,600 images/s and 256 at ~850 (resnet18: ~990 vs ~760). A GPU needs large batches.
 DEFAULT_BATCH = {"cpu": 64, "cuda": 1024}
 ONNX_SUFFIX = ".onnx"
+STAIN_FITS = ("patch", "set")  # --stain-fit: each patch its own fit, or one for the whole input
 
 
 class PatchReader(Protocol):
@@ -92,6 +95,13 @@ class Predictor:
     probabilities by less than 1e-6 and on a CPU is 1.2-2x as fast (lite0, resnet50, baseline-cnn at 96 px; lite0
     41 against 94 ms for 8 patches).
 
+    ``stain_norm``: ``none``, ``macenko`` or ``reinhard`` (:mod:`histodetect.data.stain`); None = what the runs were
+    trained with (their ``config.yaml``; ``.onnx`` files and ``Classifier`` objects: none). ``stain_reference``: an
+    image of the target lab, a ``stain.json`` or a :class:`StainFit`; None = the runs' own (``stain.json``, fitted
+    on their training patches). Every batch is normalised here, once, before any member sees it, so predict,
+    evaluate, slide, serve and explain agree with training. :meth:`fit_stain` fits one source (a slide's tissue)
+    to pass to :meth:`predict_batch`.
+
     ``mpp``: the microns per pixel the runs were trained at (their ``config.yaml``); members that do not record it
     (``.onnx`` files, ``Classifier`` objects) are taken to be at the PCam/Kaggle default, and runs that disagree are
     refused, since one slide is resampled to one scale.
@@ -107,6 +117,8 @@ class Predictor:
         device: str = "auto",
         engine: str = "auto",
         progress: bool = True,
+        stain_norm: str | None = None,
+        stain_reference: str | os.PathLike[str] | StainFit | None = None,
     ) -> None:
         if not runs:
             raise InferError("no run given: pass at least one run folder or .onnx file")
@@ -132,10 +144,12 @@ class Predictor:
         self.tta = tta
         self.sources = [str(run) for run in runs if not isinstance(run, Classifier)]
         self._mpps: set[float] = set()
+        self._stains: list[tuple[str, str, StainFit | None]] = []  # (run, its stain_norm, its reference)
         self.members: list[_Member] = [self._load(run) for run in runs]
         if len(self._mpps) > 1:
             raise InferError(f"the runs were trained at different scales ({sorted(self._mpps)} microns a pixel)")
         self.mpp = self._mpps.pop() if self._mpps else TrainConfig.mpp
+        self.stain = choose_stain(self._stains, stain_norm, stain_reference)
 
     @property
     def precision(self) -> str:
@@ -144,16 +158,19 @@ class Predictor:
 
     def _load(self, run: str | os.PathLike[str] | Classifier) -> _Member:
         if isinstance(run, Classifier):
+            self._stains.append((run.name, "none", None))
             return self._member(run)
         run = Path(run)
         if run.suffix.lower() == ONNX_SUFFIX:
             if not run.is_file():
                 raise FileNotFoundError(f"{run}: no such ONNX file")
+            self._stains.append((str(run), "none", None))
             return OpenVinoMember(run.read_bytes()) if self.engine == "openvino" else OnnxMember(run)
-        from histodetect.train.runfolder import load_model  # Lightning is imported only when a run folder is used
+        from histodetect.train.runfolder import load_model, run_stain  # Lightning only when a run folder is used
 
         model, config = load_model(run)
         self._mpps.add(config.mpp)
+        self._stains.append((str(run), config.stain_norm, run_stain(run)))
         return self._member(model)
 
     def _member(self, model: Classifier) -> _Member:
@@ -165,32 +182,91 @@ class Predictor:
         graph = cached_onnx(model.eval())
         return OpenVinoMember(graph) if self.engine == "openvino" else OnnxMember(graph)
 
-    def predict(self, patches: PatchReader, *, label: str = "predict") -> np.ndarray:
-        """float32 probabilities ``(N,)`` for uint8 ``(N, H, W, 3)`` patches, read one batch at a time."""
+    def predict(self, patches: PatchReader, *, label: str = "predict", stain: StainFit | None = None) -> np.ndarray:
+        """float32 probabilities ``(N,)`` for uint8 ``(N, H, W, 3)`` patches, read one batch at a time; ``stain``:
+        normalise every patch with this one source fit (:meth:`fit_stain`) instead of each patch's own."""
         n = len(patches)
         total = np.zeros(n, dtype=np.float64)
         with progress_bar(self.progress, n, label) as advance:
             for start in range(0, n, self.batch_size):
                 batch = np.asarray(patches[start : start + self.batch_size])
-                total[start : start + len(batch)] = self._sum(batch)
+                total[start : start + len(batch)] = self._sum(batch, stain)
                 advance(len(batch))
         return (total / (len(self.members) * len(self.transforms))).astype(np.float32)
 
-    def predict_batch(self, batch: np.ndarray) -> np.ndarray:
+    def predict_batch(self, batch: np.ndarray, stain: StainFit | None = None) -> np.ndarray:
         """float32 probabilities of one uint8 ``(N, H, W, 3)`` batch, without a progress bar (callers that stream
-        their own batches, such as the slide scorer, report progress themselves)."""
-        return (self._sum(batch) / (len(self.members) * len(self.transforms))).astype(np.float32)
+        their own batches, such as the slide scorer, report progress themselves); ``stain`` as in :meth:`predict`."""
+        return (self._sum(batch, stain) / (len(self.members) * len(self.transforms))).astype(np.float32)
 
-    def _sum(self, batch: np.ndarray) -> np.ndarray:
+    def fit_stain(self, pixels: np.ndarray) -> StainFit | None:
+        """The source fit of uint8 pixels that belong together (a slide's tissue windows), for :meth:`predict`'s
+        ``stain``; None without normalisation. Raises :class:`~histodetect.data.stain.StainError` when they hold
+        too little stain to fit."""
+        return fit_stains(pixels) if self.stain is not None else None
+
+    def fit_stain_set(self, patches: PatchReader, fit: str = "set") -> StainFit | None:
+        """``fit="set"``: one fit for patches that come from one lab (up to 256 spread over them), as a slide is
+        fitted once; ``"patch"`` (or no normalisation): None, each patch is fitted on its own."""
+        if fit not in STAIN_FITS:
+            raise InferError(f"--stain-fit {fit!r}: choose from {', '.join(STAIN_FITS)}")
+        if self.stain is None or fit == "patch" or not len(patches):
+            return None
+        return self.fit_stain(np.concatenate([np.asarray(patches[i : i + 1]) for i in spread(len(patches), 256)]))
+
+    def normalise(self, batch: np.ndarray, stain: StainFit | None = None) -> np.ndarray:
+        """The uint8 ``(N, H, W, 3)`` patches as the members see them: stain-normalised, or as they are."""
+        if self.stain is None:
+            return batch
+        _check_batch(batch)
+        with torch.inference_mode():
+            return self.stain(torch.from_numpy(np.array(batch)), stain).numpy()
+
+    def _sum(self, batch: np.ndarray, stain: StainFit | None = None) -> np.ndarray:
         """float64 sums of every member's probabilities over the TTA transforms."""
         _check_batch(batch)
         # Decoded images are often read-only views (PIL, the raw-TIFF fast path); torch wants its own.
         pixels = torch.from_numpy(batch.copy() if not batch.flags.writeable else np.ascontiguousarray(batch))
         total = np.zeros(len(batch), dtype=np.float64)
         with torch.inference_mode():
+            if self.stain is not None:
+                pixels = self.stain(pixels.to(self.device, non_blocking=True), stain)
             for member in self.members:
                 total += member(pixels, self.transforms).double().cpu().numpy()
         return total
+
+
+def choose_stain(
+    recorded: Sequence[tuple[str, str, StainFit | None]],
+    stain_norm: str | None,
+    stain_reference: str | os.PathLike[str] | StainFit | None,
+) -> StainNormalizer | None:
+    """The one normaliser for ``recorded`` (each run's name, ``stain_norm`` and reference), as
+    :class:`Predictor` documents; runs that disagree are refused unless the flags decide."""
+    if stain_norm is not None and stain_norm not in STAIN_METHODS:
+        raise InferError(f"--stain-norm {stain_norm!r}: choose from {', '.join(STAIN_METHODS)}")
+    methods = {method for _, method, _ in recorded}
+    if stain_norm is None and len(methods) > 1:
+        raise InferError(
+            f"the runs were trained with different --stain-norm ({', '.join(sorted(methods))}); pass --stain-norm"
+        )
+    method = stain_norm if stain_norm is not None else methods.pop()
+    if method == "none":
+        return None
+    if isinstance(stain_reference, StainFit):
+        return StainNormalizer(method, stain_reference, reference_source="given")
+    if stain_reference is not None:
+        return StainNormalizer(method, read_reference(stain_reference), reference_source=str(stain_reference))
+    missing = [name for name, _, fit in recorded if fit is None]
+    if missing:
+        raise InferError(
+            f"--stain-norm {method}: {missing[0]} records no stain reference (an .onnx file, or a run trained "
+            f"before runs recorded one); pass --stain-reference IMAGE"
+        )
+    references = {fit for _, _, fit in recorded}
+    if len(references) > 1:
+        raise InferError("the runs record different stain references; pass --stain-reference to choose one")
+    return StainNormalizer(method, references.pop(), reference_source=f"{recorded[0][0]}/{STAIN_FILE}")
 
 
 def _autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
@@ -260,7 +336,7 @@ class _ExportMember:
     def _run(self, batch: np.ndarray) -> np.ndarray: ...
 
     def __call__(self, pixels: torch.Tensor, ks: Sequence[int]) -> torch.Tensor:
-        nchw = pixels.permute(0, 3, 1, 2)  # dihedral acts on the last two axes
+        nchw = pixels.cpu().permute(0, 3, 1, 2)  # dihedral acts on the last two axes
         total = np.zeros(len(pixels), dtype=np.float32)
         for k in ks:
             total += self._run(dihedral(nchw, k).permute(0, 2, 3, 1).contiguous().numpy()).reshape(-1)

@@ -13,18 +13,20 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from histodetect.data.augment import STAIN_SHIFTS, StainShift
 from histodetect.data.store import Store
-from histodetect.infer.engine import InferError, Predictor
+from histodetect.infer.engine import InferError, PatchReader, Predictor
 from histodetect.infer.predict import check_finite
 from histodetect.infer.sources import StoreRows
 from histodetect.io import atomic_write_json, check_output_dir
 from histodetect.report.evaluation import json_safe, write_evaluation_report
-from histodetect.report.metrics import binary_metrics
+from histodetect.report.metrics import binary_metrics, roc_auc
 from histodetect.train.runfolder import EVALUATION, check_store, held_out_rows, load_config, store_fingerprint
 
 RUN_PARTS = ("val", "test")  # split names that mean the run's own held-out parts
@@ -47,12 +49,21 @@ def evaluate(
     tta: str = "none",
     threshold: float = 0.5,
     precision: str = "fp32",
+    stain_norm: str | None = None,
+    stain_reference: str | os.PathLike[str] | None = None,
+    stain_shifts: bool = False,
+    stain_fit: str = "patch",
 ) -> dict[str, Any]:
     """Score ``run`` on ``split`` of ``store`` and write the report into ``out``; returns the metrics.
 
     ``split``: ``val`` or ``test`` (the run's own held-out ids: the store must be the one it was trained on),
     ``all`` (every labeled patch) or a store split, ``NAME`` or ``store:NAME`` (all of whose patches must be
     labeled).
+
+    ``stain_shifts``: also score the same patches re-stained by each of
+    :data:`~histodetect.data.augment.STAIN_SHIFTS` (as other labs' slides might look); ``metrics["stain_shifts"]``
+    holds each one's ROC AUC beside the untouched one. ``stain_fit``: ``patch`` (each patch normalised by its own
+    fit) or ``set`` (one fit for the patches, and one for each re-staining: each is one lab's).
     """
     run, out = Path(run), Path(out)
     check_output_dir(out)
@@ -62,11 +73,16 @@ def evaluate(
     data = Store(store)
     rows = _rows(run, data, split)
     patches = StoreRows(data, rows)
-    predictor = Predictor([run], tta=tta, precision=precision)
-    p = check_finite(predictor.predict(patches, label="evaluate"), predictor.sources)
+    predictor = Predictor([run], tta=tta, precision=precision, stain_norm=stain_norm, stain_reference=stain_reference)
+    stain = predictor.fit_stain_set(patches, stain_fit)
+    p = check_finite(predictor.predict(patches, label="evaluate", stain=stain), predictor.sources)
     y = data.labels[rows].astype(np.int64)
+    metrics = binary_metrics(y, p, threshold=threshold)
+    stain = predictor.stain.describe() if predictor.stain is not None else None  # counts of the untouched patches
+    if stain_shifts:
+        metrics["stain_shifts"] = _stain_shifts(predictor, patches, y, metrics["roc_auc"], stain_fit)
     metrics = {
-        **binary_metrics(y, p, threshold=threshold),
+        **metrics,
         "run": str(run),
         "model": config.model,
         "store": str(data.path),
@@ -74,6 +90,7 @@ def evaluate(
         "split": split,
         "tta": tta,
         "numeric_precision": predictor.precision,  # not "precision": that is the PPV
+        "stain_norm": stain if stain is None else {**stain, "fit": stain_fit},
     }
     write_evaluation_report(
         out,
@@ -88,6 +105,32 @@ def evaluate(
     if copy.resolve() != (out / "metrics.json").resolve():
         atomic_write_json(copy, json_safe(metrics))
     return metrics
+
+
+class Restained:
+    """``patches`` re-stained by ``shift`` a slice at a time (a :class:`~histodetect.infer.engine.PatchReader`)."""
+
+    def __init__(self, patches: PatchReader, shift: StainShift) -> None:
+        self.patches = patches
+        self.shift = shift
+
+    def __len__(self) -> int:
+        return len(self.patches)
+
+    def __getitem__(self, index: slice) -> np.ndarray:
+        return self.shift(self.patches[index])
+
+
+def _stain_shifts(
+    predictor: Predictor, patches: StoreRows, y: np.ndarray, untouched: float, stain_fit: str
+) -> dict[str, Any]:
+    """ROC AUC of the patches under each of :data:`STAIN_SHIFTS`, and its difference from the untouched one."""
+    shifts: dict[str, Any] = {}
+    for name, shift in STAIN_SHIFTS.items():
+        shifted = Restained(patches, shift)
+        auc = roc_auc(y, predictor.predict(shifted, label=name, stain=predictor.fit_stain_set(shifted, stain_fit)))
+        shifts[name] = {**asdict(shift), "roc_auc": auc, "delta": auc - untouched}
+    return shifts
 
 
 def _described(split: str) -> str:

@@ -24,12 +24,12 @@ from torch import nn
 
 from histodetect.data.augment import to_float
 from histodetect.data.store import Store
-from histodetect.infer.engine import InferError
+from histodetect.infer.engine import InferError, choose_stain
 from histodetect.infer.sources import PatchSet, StoreRows, is_store, open_source, store_patches
 from histodetect.io import atomic_path
 from histodetect.models import Classifier
 from histodetect.report.figures import CLASS_COLORS, CLASS_NAMES, draw_centre_box, patch_grid, styled
-from histodetect.train.runfolder import load_model
+from histodetect.train.runfolder import load_model, run_stain
 
 METHODS = {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus}
 CAM_BATCH = 32  # patches per backward pass: bounds the activations kept for the gradients
@@ -55,12 +55,16 @@ def explain(
     *,
     method: str = "gradcam",
     limit: int = 16,
+    stain_norm: str | None = None,
+    stain_reference: str | os.PathLike[str] | None = None,
 ) -> list[Path]:
     """Write one overlay PNG per patch and ``grid.png`` of all of them into ``out``; returns the paths
     written.
 
     ``images``: image files (each one), folders of images (the first ``limit``) or stores (the first ``limit``
     labeled patches, half of each class where the store has enough, so both kinds of evidence are shown).
+    Patches are stain-normalised as the run's :class:`~histodetect.infer.engine.Predictor` would (``stain_norm``,
+    ``stain_reference``), and shown as the model saw them.
     """
     if method not in METHODS:
         raise InferError(f"--method {method!r}: choose from {', '.join(METHODS)}")
@@ -68,11 +72,14 @@ def explain(
         raise InferError(f"--limit {limit}: need at least 1")
     if not images:
         raise InferError("no images given: pass image files or a store")
-    model, _ = load_model(run)
+    model, config = load_model(run)
     selected = [_select(Path(path), limit) for path in images]
     ids = np.concatenate([s.ids for s in selected])
     labels = np.concatenate([s.labels for s in selected])
     pixels = np.concatenate([s.patches[:] for s in selected])
+    stain = choose_stain([(str(run), config.stain_norm, run_stain(Path(run)))], stain_norm, stain_reference)
+    if stain is not None:
+        pixels = stain(torch.from_numpy(pixels)).numpy()
     heat, probabilities = cams(model, pixels, method)
     overlays = np.stack([overlay(patch, cam) for patch, cam in zip(pixels, heat, strict=True)])
     out = Path(out)

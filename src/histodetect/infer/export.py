@@ -61,7 +61,12 @@ def export_onnx(
     run, out = Path(run), Path(out)
     if out.suffix.lower() != ONNX_SUFFIX:
         raise InferError(f"{out}: the export file must end in {ONNX_SUFFIX}")
-    model, _ = load_model(run)
+    model, config = load_model(run)
+    if config.stain_norm != "none":
+        raise InferError(
+            f"{run}: trained with --stain-norm {config.stain_norm}, which the ONNX graph does not carry (a per-patch "
+            "eigen-decomposition); score it with predict/serve on the run folder, or train with --stain-norm none"
+        )
     onnx_bytes = to_onnx(model)
     patches = _check_patches(check_store)
     with torch.inference_mode():

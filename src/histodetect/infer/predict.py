@@ -38,6 +38,9 @@ def predict(
     split: str | None = None,
     precision: str = "auto",
     engine: str = "auto",
+    stain_norm: str | None = None,
+    stain_reference: str | os.PathLike[str] | None = None,
+    stain_fit: str = "patch",
 ) -> pd.DataFrame:
     """Predict every patch of ``source`` with the mean of ``runs`` and write ``out`` atomically.
 
@@ -59,8 +62,18 @@ def predict(
         ids = patch_set.ids[order]
     # Read in source order (sequential on a store's memory map), then put the rows in the output's order.
     rows = np.sort(order)
-    predictor = Predictor(runs, tta=tta, batch_size=batch_size, precision=precision, engine=engine)
-    probabilities = check_finite(predictor.predict(patch_set.take(rows).patches), predictor.sources)
+    predictor = Predictor(
+        runs,
+        tta=tta,
+        batch_size=batch_size,
+        precision=precision,
+        engine=engine,
+        stain_norm=stain_norm,
+        stain_reference=stain_reference,
+    )
+    patches = patch_set.take(rows).patches
+    stain = predictor.fit_stain_set(patches, stain_fit)
+    probabilities = check_finite(predictor.predict(patches, stain=stain), predictor.sources)
     p = probabilities[np.searchsorted(rows, order)]
     label = p if threshold is None else (p >= threshold).astype(np.int64)
     frame = pd.DataFrame({"id": ids, "label": label})

@@ -45,6 +45,7 @@ from scipy.ndimage import binary_dilation
 from torch.utils.data import DataLoader, Dataset
 
 from histodetect.data.annotations import check_fits, inside, read_polygons
+from histodetect.data.stain import StainError, StainFit, spread
 from histodetect.data.store import PATCH_SHAPE
 from histodetect.data.tissue import region_mask, tissue_fraction, window_share
 from histodetect.data.wsi import SlideReader, open_slide
@@ -66,6 +67,7 @@ SCALE_TOLERANCE = 0.08
 REFINE_ABOVE = 0.25  # --cascade: the highest that kept >= 99% of the full pass's cells >= 0.5 (README, "Cascade")
 TOP_K = 10  # the slide score is the mean of the k most suspicious cells (and their max)
 PARTIAL = ".partial-"
+STAIN_WINDOWS = 256  # tissue windows a slide's stains are fitted on (torchstain's fit of 2.4 M pixels)
 
 
 @dataclass(frozen=True)
@@ -255,6 +257,30 @@ def default_workers() -> int:
     return max(1, min(8, (os.cpu_count() or 2) - 1))
 
 
+def fit_slide_stain(
+    predictor: Predictor, reader: SlideReader, scale: Scale, cells: np.ndarray
+) -> tuple[StainFit | None, dict[str, Any] | None]:
+    """The predictor's stain normalisation fitted once on the slide's tissue (up to ``STAIN_WINDOWS`` of the
+    ``cells`` windows, spread over it), so neighbouring windows are normalised alike, and what ``summary.json``
+    records of it. (None, None) without normalisation; (None, record) when the tissue holds too little stain to
+    fit, and each window is then fitted on its own."""
+    if predictor.stain is None:
+        return None, None
+    picked = cells[spread(len(cells), STAIN_WINDOWS)]
+    windows = [w for _, w, _ in CellBlocks(reader, scale, picked) if w is not None] if len(picked) else []
+    record: dict[str, Any] = {
+        "method": predictor.stain.method,
+        "reference": predictor.stain.reference_source,
+        "fitted_on_windows": sum(len(w) for w in windows),
+    }
+    try:
+        fit = predictor.fit_stain(np.concatenate(windows)) if windows else None
+    except StainError as exc:
+        fit, record["not_fitted"] = None, str(exc)
+    record["slide_stains"] = fit.to_dict() if fit is not None else None
+    return fit, record
+
+
 def score_cells(
     predictor: Predictor,
     reader: SlideReader,
@@ -264,10 +290,11 @@ def score_cells(
     workers: int | None = None,
     progress: bool = True,
     clock: dict[str, float] | None = None,
+    stain: StainFit | None = None,
 ) -> np.ndarray:
     """float32 probability of each ``(row, col)`` in ``cells``, by the window centred on it. ``clock`` gains the
     seconds spent waiting for windows (``reading``: reading and decoding not hidden behind the model) and in the
-    model (``model``)."""
+    model (``model``); ``stain``: the slide's fit (:func:`fit_slide_stain`), or None for each window's own."""
     clock = {} if clock is None else clock
     clock.setdefault("reading", 0.0)
     clock.setdefault("model", 0.0)
@@ -294,7 +321,7 @@ def score_cells(
                 pending = [(np.concatenate([p for p, _ in pending]), np.concatenate([w for _, w in pending]))]
             positions, windows = pending[0]
             started = time.perf_counter()
-            probabilities[positions[:n]] = predictor.predict_batch(windows[:n])
+            probabilities[positions[:n]] = predictor.predict_batch(windows[:n], stain)
             clock["model"] += time.perf_counter() - started
             pending = [(positions[n:], windows[n:])] if n < len(positions) else []
             count -= n
@@ -348,6 +375,7 @@ def cascade_cells(
     workers: int | None = None,
     progress: bool = True,
     clock: dict[str, float] | None = None,
+    stain: StainFit | None = None,
 ) -> tuple[np.ndarray, Cascade]:
     """Probabilities of the cells of ``selected`` (the fine grid, ``scale.cell_px`` 32 or 48), coarse first: every
     96 px cell that holds a selected cell is scored by its own window (no overlap), then only the fine cells whose
@@ -364,7 +392,7 @@ def cascade_cells(
     coarse = np.full(coarse_grid, np.nan, dtype=np.float32)
     coarse[coarse_cells[:, 0], coarse_cells[:, 1]] = score_cells(
         predictor, reader, replace(scale, cell_px=WINDOW), coarse_cells, workers=workers, progress=progress,
-        clock=clock,
+        clock=clock, stain=stain,
     )  # fmt: skip
     spread = np.repeat(np.repeat(coarse, ratio, axis=0), ratio, axis=1)[:rows, :cols]
     reach = binary_dilation(spread >= refine_above, structure=np.ones((3, 3), dtype=bool))  # NaN compares False
@@ -373,7 +401,7 @@ def cascade_cells(
     refined = reach[cells[:, 0], cells[:, 1]]
     todo = refined & ~(cells % ratio == ratio // 2).all(axis=1) if ratio % 2 else refined
     probabilities[todo] = score_cells(
-        predictor, reader, scale, cells[todo], workers=workers, progress=progress, clock=clock
+        predictor, reader, scale, cells[todo], workers=workers, progress=progress, clock=clock, stain=stain
     )
     return probabilities, Cascade(refined, refine_above, len(coarse_cells), int(todo.sum()))
 
@@ -431,14 +459,23 @@ def score_slide(
             )
         with _folder(Path(out)) as folder:
             scoring = time.perf_counter()
+            stain, stain_record = fit_slide_stain(predictor, reader, scale, cells)
             if cascade:
                 probabilities, cascaded = cascade_cells(
-                    predictor, reader, scale, selected, refine_above, workers=workers, progress=progress, clock=clock
+                    predictor,
+                    reader,
+                    scale,
+                    selected,
+                    refine_above,
+                    workers=workers,
+                    progress=progress,
+                    clock=clock,
+                    stain=stain,
                 )
                 windows = cascaded.coarse_windows + cascaded.fine_windows
             else:
                 probabilities = score_cells(predictor, reader, scale, cells, workers=workers, progress=progress,
-                                            clock=clock)  # fmt: skip
+                                            clock=clock, stain=stain)  # fmt: skip
                 cascaded, windows = None, len(cells)
             scoring = time.perf_counter() - scoring
             truth = None
@@ -490,6 +527,7 @@ def score_slide(
                 "tta": predictor.tta,
                 "precision": predictor.precision,
                 "engine": predictor.engine,
+                "stain_norm": stain_record,
                 "scoring_seconds": round(scoring, 2),
                 "cells_per_second": round(len(cells) / scoring, 1) if scoring > 0 and len(cells) else None,
                 "windows_scored": windows,

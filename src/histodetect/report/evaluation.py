@@ -74,6 +74,10 @@ def write_evaluation_report(
         metrics_table(metrics), numeric=["at threshold", "at Youden threshold"]
     )
     _ranking_section(page.section("Ranking", _RANKING_INTRO), y, p, metrics)
+    if metrics.get("stain_shifts"):
+        page.section("Other labs' staining", _STAIN_INTRO).table(
+            stain_shift_table(metrics), numeric=["H", "E", "yellow", "ROC AUC", "change"]
+        )
     decisions = page.section("Decisions at the threshold", _DECISIONS_INTRO)
     decisions.figure(
         confusion_figure(metrics),
@@ -106,6 +110,11 @@ _RANKING_INTRO = (
     "How well the scores order tumour above normal tissue, whatever the threshold. ROC AUC is the "
     "competition's metric; its 95% interval (stratified bootstrap) says how much of a difference between "
     "two models this set can resolve."
+)
+_STAIN_INTRO = (
+    "The same patches re-stained as other labs' slides might look (`evaluate --stain-shifts`: each stain's amount "
+    "scaled in the Ruifrok-Johnston H&E basis, a yellow cast, a scanner's white balance), scored again. A large "
+    "drop says the model needs stain normalisation (`--stain-norm`) or stain-robust training (`train --stain-aug`)."
 )
 _DECISIONS_INTRO = "What the model decides at the threshold and how its scores are spread per class."
 _CALIBRATION_INTRO = (
@@ -189,6 +198,25 @@ def metrics_table(metrics: dict[str, Any]) -> pd.DataFrame:
     for name in ("roc_auc", "average_precision", "log_loss", "brier"):
         rows.append((name, fmt(metrics.get(name)), ""))
     return pd.DataFrame(rows, columns=["metric", "at threshold", "at Youden threshold"])
+
+
+def stain_shift_table(metrics: dict[str, Any]) -> pd.DataFrame:
+    """One row per re-staining: its parameters, its ROC AUC and the change from the untouched patches."""
+    rows = [("untouched", "1", "1", "0", "1, 1, 1", fmt(metrics.get("roc_auc")), "")]
+    for name, shift in metrics["stain_shifts"].items():
+        white = ", ".join(f"{g:g}" for g in shift["white"])
+        rows.append(
+            (
+                name,
+                f"{shift['h']:g}",
+                f"{shift['e']:g}",
+                f"{shift['yellow']:g}",
+                white,
+                fmt(shift["roc_auc"]),
+                f"{shift['delta']:+.4f}",
+            )
+        )
+    return pd.DataFrame(rows, columns=["re-staining", "H", "E", "yellow", "white balance", "ROC AUC", "change"])
 
 
 def _ranking_section(section: Section, y: np.ndarray, p: np.ndarray, metrics: dict[str, Any]) -> None:

@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from histodetect.data.stain import METHODS as STAIN_METHODS
 from histodetect.errors import ConfigError
 from histodetect.io import atomic_write_text
 
@@ -72,8 +73,16 @@ class TrainConfig:
     aug_hed: float = 0.05  # strength of H&E colour perturbation (0 = off)
     aug_brightness: float = 0.1  # 0 = off
     aug_contrast: float = 0.1  # 0 = off
+    # Another lab's staining, per sample (data/augment.py stain_jitter): H and E amounts times exp(U(-s, s)), H/E
+    # bleeding into each other, a yellow cast and a white balance outside H&E; 0 = off, 0.5 = strong.
+    stain_aug: float = 0.0
     mixup: float = 0.0  # Beta(alpha, alpha); 0 = off
     cutmix: float = 0.0  # Beta(alpha, alpha); 0 = off
+    # stain normalisation (data/stain.py), before augmentation and in every command that scores this run
+    stain_norm: str = "none"  # none | macenko | reinhard
+    # The target's look: an image (a patch or region of the target lab) or a stain.json; None = the run's own
+    # training patches (recorded in the run folder's stain.json either way)
+    stain_reference: str | None = None
     # validation
     # An untouched test split, drawn first (stratified, by group with ``groups``) and held out of every fold: no
     # training, checkpoint choice, early stopping or tuning sees it; ``evaluate --split test`` scores it.
@@ -195,6 +204,12 @@ class TrainConfig:
             raise ConfigError(f"cache_embeddings needs freeze=frozen (a fixed backbone), not {self.freeze!r}")
         if self.cache_embeddings and (self.mixup or self.cutmix):
             raise ConfigError("cache_embeddings cannot mix patches (mixup/cutmix need the pixels): set them to 0")
+        if self.stain_norm not in STAIN_METHODS:
+            raise ConfigError(f"stain_norm must be one of {STAIN_METHODS}, not {self.stain_norm!r}")
+        if not 0.0 <= self.stain_aug < 1.0:
+            raise ConfigError(f"stain_aug must be in [0, 1), not {self.stain_aug}")
+        if self.cache_embeddings and self.stain_norm != "none":
+            raise ConfigError("cache_embeddings embeds the stored pixels: it cannot normalise stains (stain_norm none)")
         if self.version != CONFIG_VERSION:
             raise ConfigError(f"config version {self.version} is not supported (expected {CONFIG_VERSION})")
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torchmetrics.functional.classification import binary_accuracy, binary_auroc, binary_f1_score
 
 from histodetect.data.augment import BatchAugment, mix_batch, to_float
+from histodetect.data.stain import StainNormalizer
 from histodetect.device import depthwise_in_fp32
 from histodetect.errors import ConfigError
 from histodetect.loss import build_loss
@@ -27,7 +28,13 @@ from histodetect.train.datamodule import Batch
 
 class LitClassifier(L.LightningModule):
     def __init__(
-        self, config: TrainConfig, model: Classifier, *, channels_last: bool = False, depthwise_fp32: bool = False
+        self,
+        config: TrainConfig,
+        model: Classifier,
+        *,
+        channels_last: bool = False,
+        depthwise_fp32: bool = False,
+        stain: StainNormalizer | None = None,
     ):
         super().__init__()
         self.config = config
@@ -38,9 +45,13 @@ class LitClassifier(L.LightningModule):
         # Kept out of the module tree so the weights are saved once, under ``model.``.
         self.__dict__["forward_fn"] = torch.compile(model) if config.compile else model
         self.loss_fn = build_loss(config)
+        # Normalises every batch, training and validation, before augmentation: the same function, with the same
+        # reference (the run's stain.json), as every command that scores the run.
+        self.stain = stain
         self.augment = BatchAugment(
             dihedral=config.aug_dihedral,
             hed=config.aug_hed,
+            stain=config.stain_aug,
             brightness=config.aug_brightness,
             contrast=config.aug_contrast,
         )
@@ -63,11 +74,14 @@ class LitClassifier(L.LightningModule):
     # ---- steps
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """Logits for a uint8 (B, H, W, 3) batch."""
-        return self.forward_fn(to_float(pixels, channels_last=self.channels_last))
+        return self.forward_fn(to_float(self._normalised(pixels), channels_last=self.channels_last))
+
+    def _normalised(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.stain(pixels) if self.stain is not None else pixels
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         pixels, targets, _ = batch
-        x = self.augment(to_float(pixels, channels_last=self.channels_last), self.generator)
+        x = self.augment(to_float(self._normalised(pixels), channels_last=self.channels_last), self.generator)
         x, targets = mix_batch(x, targets, self.config.mixup, self.config.cutmix, self.generator)
         logits = self.forward_fn(x)
         loss = self.loss_fn(logits.float(), targets)

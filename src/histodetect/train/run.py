@@ -28,6 +28,7 @@ from rich.console import Console
 from safetensors.torch import save_file
 
 from histodetect import __version__
+from histodetect.data.stain import STAIN_FILE, StainNormalizer, read_reference
 from histodetect.data.store import Store
 from histodetect.device import Hardware, resolve_hardware
 from histodetect.io import atomic_path, atomic_write_json
@@ -47,6 +48,7 @@ from histodetect.train.runfolder import (
     WEIGHTS,
     check_store,
     read_split,
+    record_stain,
     record_store,
     store_fingerprint,
 )
@@ -75,6 +77,8 @@ def train(
         check_store(out, store)
     elif saved.exists() and rank_zero_only.rank == 0:  # other DDP ranks start after rank 0 wrote it
         raise ConfigError(f"{out}: already holds a run; pass --resume to continue it, or choose another --out")
+    if config.stain_reference is not None and not resume:
+        read_reference(config.stain_reference)  # a bad reference is refused before the run folder is made
     L.seed_everything(config.seed, workers=True, verbose=False)
     hardware = hardware_for(config)
     parts = read_split(out, store) if resume and (out / SPLIT).is_file() else None
@@ -93,6 +97,10 @@ def train(
             config, model, channels_last=hardware.channels_last, depthwise_fp32=hardware.depthwise_fp32
         )
     out.mkdir(parents=True, exist_ok=True)  # only now: a refused model, split or group file leaves no empty --out
+    # Every process fits the same reference from the same rows; the file is written atomically, so any may write it.
+    reference = record_stain(out, store, datamodule.train_rows, config)
+    if config.stain_norm != "none":
+        module.stain = StainNormalizer(config.stain_norm, reference, reference_source=STAIN_FILE)
     _quiet_lightning()
     trainer = _trainer(config, hardware, out, has_val=len(datamodule.monitor_rows) > 0, extra=callbacks or [])
     if trainer.is_global_zero:
@@ -300,6 +308,9 @@ def _summary(
         "precision": hardware.precision,
         "channels_last": hardware.channels_last,
         "world_size": trainer.world_size,
+        "stain_norm": config.stain_norm,
+        "stain_reference": STAIN_FILE,  # the reference any command normalises to without --stain-reference
+        "stain_aug": config.stain_aug,
         "store": str(datamodule.store.path),
         "store_fingerprint": store_fingerprint(datamodule.store),
         "finished": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),

@@ -15,6 +15,15 @@ import numpy as np
 import pandas as pd
 from safetensors.torch import load_file
 
+from histodetect.data.stain import (
+    STAIN_FILE,
+    StainFit,
+    fit_stains,
+    read_reference,
+    reference_patches,
+    spread,
+    write_reference,
+)
 from histodetect.data.store import INDEX, MANIFEST, Store
 from histodetect.errors import ConfigError, InferError, StoreError
 from histodetect.io import atomic_write_json
@@ -77,6 +86,30 @@ def store_fingerprint(store: Store) -> str:
 def record_store(run: Path, store: Store) -> Path:
     """Write ``store.json``: where the run's patches came from and their fingerprint (see :func:`check_store`)."""
     return atomic_write_json(run / STORE, {"path": str(store.path.resolve()), "fingerprint": store_fingerprint(store)})
+
+
+def record_stain(run: Path, store: Store, rows: np.ndarray, config: TrainConfig) -> StainFit:
+    """Write ``stain.json``: the stain reference the run normalises to, and its source. ``--stain-reference`` when
+    given; else fitted on up to 512 of the run's training patches (``rows``), so that any command can normalise to
+    this run's own training data without a flag, whichever ``--stain-norm`` it chooses. A resumed run keeps its
+    file."""
+    path = run / STAIN_FILE
+    if path.is_file():
+        return read_reference(path)
+    if config.stain_reference is not None:
+        reference, source = read_reference(config.stain_reference), str(config.stain_reference)
+    else:
+        patches = reference_patches(store.read(rows[spread(len(rows))]))
+        reference, source = fit_stains(patches), f"{len(patches)} training patches of {store.path}"
+    write_reference(path, reference, source=source)
+    return reference
+
+
+def run_stain(run: Path) -> StainFit | None:
+    """The stain reference ``run`` recorded (``stain.json``), or None for a run from before references were
+    recorded."""
+    path = Path(run) / STAIN_FILE
+    return read_reference(path) if path.is_file() else None
 
 
 def check_store(run: Path, store: Store, *, strict: bool = True) -> None:
