@@ -9,7 +9,7 @@ per session; treat it as read-only.
 from __future__ import annotations
 
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +24,15 @@ from histodetect.sample import sample_dir
 SAMPLE_DIR = sample_dir()
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_SUBSET = REPO_ROOT.parent / "shared/data/hcd-subset"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """``$HISTODETECT_CACHE`` in a folder of the session: the ONNX exports of its freshly trained runs (the CPU
+    engine's, ``infer.export.cached_onnx``) and embeddings never land in the user's cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HISTODETECT_CACHE", str(tmp_path_factory.mktemp("cache")))
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -42,6 +42,13 @@ BatchSize = Annotated[int | None, typer.Option(help="Patches per batch (default:
 Precision = Annotated[
     str, typer.Option(help="auto (bf16 where the hardware has it: fast, same AUC) | fp32 (exact) | bf16.")
 ]
+Engine = Annotated[
+    str,
+    typer.Option(
+        help="What runs the network: auto (onnxruntime fp32 on a CPU unless --precision bf16; PyTorch on a GPU) "
+        "| torch | onnx | openvino (needs pip install openvino)."
+    ),
+]
 
 StainNorm = Annotated[
     str | None,
@@ -524,6 +531,7 @@ def predict(
     sample_submission: Annotated[Path | None, typer.Option(help="Write exactly these ids, in this order.")] = None,
     tta: Tta = "none",
     precision: Precision = "auto",
+    engine: Engine = "auto",
     threshold: Annotated[float | None, typer.Option(help="Write 0/1 decisions instead of probabilities.")] = None,
     batch_size: BatchSize = None,
     split: Annotated[
@@ -549,6 +557,7 @@ def predict(
         batch_size=batch_size,
         split=split,
         precision=precision,
+        engine=engine,
         stain_norm=stain_norm,
         stain_reference=stain_reference,
         stain_fit=stain_fit,
@@ -594,6 +603,25 @@ def slide(
     top_k: Annotated[
         int, typer.Option(help="summary.json's top_k_mean: the mean of the top-k cells (the slide score reads areas).")
     ] = 10,
+    cell: Annotated[
+        int,
+        typer.Option(
+            help="Cell side in model pixels: 32 | 48 | 96, each scored by the 96 px window centred on it "
+            "(96: one window per 96x96 area, ~9x fewer than 32)."
+        ),
+    ] = 32,
+    cascade: Annotated[
+        bool,
+        typer.Option(
+            "--cascade",
+            help="Coarse-to-fine: score 96 px cells first, then --cell cells only near windows at or above "
+            "--refine-above (the rest keep the coarse probability; cells.csv: refined).",
+        ),
+    ] = False,
+    refine_above: Annotated[
+        float | None,
+        typer.Option(help="With --cascade: refine around 96 px windows at or above this probability (default 0.25)."),
+    ] = None,
     geojson: Annotated[
         str, typer.Option(help="regions: tumour.geojson only | cells: also every scored cell (cells.geojson).")
     ] = "regions",
@@ -603,13 +631,14 @@ def slide(
     workers: Annotated[int | None, typer.Option(help="Reader processes (default: cores - 1, at most 8).")] = None,
     tta: Tta = "none",
     precision: Precision = "auto",
+    engine: Engine = "auto",
     batch_size: BatchSize = None,
     stain_norm: StainNorm = None,
     stain_reference: StainReference = None,
 ) -> None:
     """Tumour heatmaps, QuPath GeoJSON and slide scores for whole slides, at the model's microns per pixel."""
     from histodetect.infer.engine import Predictor
-    from histodetect.infer.slide import check_options
+    from histodetect.infer.slide import REFINE_ABOVE, check_cells, check_options
     from histodetect.infer.slide_batch import parse_shard, score_slides, split_runs_and_slides
 
     if geojson not in ("regions", "cells"):
@@ -618,6 +647,8 @@ def slide(
         min_tissue=min_tissue, threshold=threshold, top_k=top_k, slide_mpp=slide_mpp, level=level, workers=workers
     )
     parse_shard(shard)
+    refine_above = REFINE_ABOVE if refine_above is None else refine_above
+    check_cells(cell, cascade, refine_above)
     for option, given in (("--mask", mask), ("--annotations", annotations)):
         if given is not None and not given.exists():  # before the model loads and OUT is made, not once per slide
             raise UserError(f"{option} {given}: no such file or folder")
@@ -629,6 +660,7 @@ def slide(
         tta=tta,
         batch_size=batch_size,
         precision=precision,
+        engine=engine,
         stain_norm=stain_norm,
         stain_reference=stain_reference,
     )
@@ -660,6 +692,9 @@ def slide(
         min_tissue=min_tissue,
         threshold=threshold,
         top_k=top_k,
+        cell=cell,
+        cascade=cascade,
+        refine_above=refine_above,
         cell_features=geojson == "cells",
         workers=workers,
     )
@@ -756,6 +791,7 @@ def serve(
     port: Annotated[int, typer.Option(help="Port (0 picks a free one).")] = 8000,
     tta: Tta = "none",
     precision: Annotated[str, typer.Option(help="fp32 (exact, the default here) | bf16 | auto.")] = "fp32",
+    engine: Engine = "auto",
     threshold: Annotated[float, typer.Option(help="Probability at which a patch's label is 1.")] = 0.5,
     token: Annotated[
         str | None,
@@ -783,6 +819,7 @@ def serve(
         tuple(runs),
         tta=tta,
         precision=precision,
+        engine=engine,
         threshold=threshold,
         token=token,
         allowed_hosts=hosts,

@@ -19,7 +19,7 @@ from histodetect.cli import app
 from histodetect.data.augment import dihedral
 from histodetect.data.store import Store
 from histodetect.infer import predict as predict_module
-from histodetect.infer.engine import InferError, Predictor
+from histodetect.infer.engine import CPU_ENGINE, InferError, Predictor, _choose_engine
 from histodetect.infer.predict import predict
 from histodetect.infer.sources import open_source
 
@@ -246,3 +246,37 @@ def test_predict_refuses_the_training_store_once_it_has_changed(sample_store: St
     with pytest.raises(StoreError, match="is not the store") as caught:
         predict([run], copy, tmp_path / "changed.csv")
     assert str(copy) in str(caught.value) and not (tmp_path / "changed.csv").exists()
+
+
+def test_the_engine_is_chosen_in_the_predictor_and_each_can_be_forced(
+    baseline_run: Path, test_images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HISTODETECT_CACHE", str(tmp_path / "cache"))
+    patches = open_source(test_images).patches[:]
+    expected = Predictor([baseline_run], precision="fp32", engine="torch", progress=False).predict(patches)
+    onnx = Predictor([baseline_run], engine="onnx", progress=False)
+    assert onnx.engine == "onnx" and onnx.precision == "fp32"
+    np.testing.assert_allclose(onnx.predict(patches), expected, atol=1e-5)
+    (cached,) = (tmp_path / "cache" / "onnx").glob("*.onnx")  # the export is kept: the next start skips it
+    stamp = cached.stat().st_mtime_ns
+    np.testing.assert_allclose(Predictor([baseline_run], engine="onnx").predict(patches), expected, atol=1e-5)
+    assert cached.stat().st_mtime_ns == stamp
+    out = tmp_path / "cli.csv"
+    result = CliRunner().invoke(app, ["predict", str(baseline_run), str(test_images), "--out", str(out), "--engine",
+                                      "onnx"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    np.testing.assert_allclose(pd.read_csv(out, dtype={"id": str}).sort_values("id")["label"], expected, atol=1e-5)
+    with pytest.raises(InferError, match="--engine 'tensorrt'"):
+        Predictor([baseline_run], engine="tensorrt")
+    with pytest.raises(InferError, match="--precision bf16 needs --engine torch"):
+        Predictor([baseline_run], engine="onnx", precision="bf16")
+
+
+def test_auto_runs_the_measured_engine_on_a_cpu_and_pytorch_where_bf16_is_asked_for() -> None:
+    cpu = torch.device("cpu")
+    assert _choose_engine("auto", cpu, "auto") == _choose_engine("auto", cpu, "fp32") == CPU_ENGINE != "torch"
+    assert _choose_engine("auto", cpu, "bf16") == "torch"
+    assert _choose_engine("auto", torch.device("cuda"), "auto") == "torch"
+    assert _choose_engine("torch", cpu, "auto") == "torch" and _choose_engine("onnx", cpu, "fp32") == "onnx"
+    with pytest.raises(InferError, match="runs on the CPU"):
+        _choose_engine("onnx", torch.device("cuda"), "auto")

@@ -30,6 +30,7 @@ class Settings:
     runs: tuple[Path, ...]
     tta: str = "none"
     precision: str = "fp32"
+    engine: str = "auto"  # infer.engine.ENGINES
     threshold: float = 0.5
     token: str | None = None
     device: str = "auto"

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from scipy.ndimage import uniform_filter
+from scipy.ndimage import correlate1d
 from skimage.filters import threshold_otsu
 from skimage.morphology import remove_small_holes, remove_small_objects
 
@@ -56,11 +56,15 @@ def tissue_fraction(reader: SlideReader, cell: float, grid: tuple[int, int]) -> 
     return tissue.reshape(rows, k, cols, k).mean(axis=(1, 3), dtype=np.float32), threshold
 
 
-def window_share(fraction: np.ndarray) -> np.ndarray:
-    """The tissue share of each cell's window (the cell and its 8 neighbours: the 96 px the model sees), glass beyond
-    the grid. Cells are selected by this rather than by their own share: a patch whose centre is fat but whose
-    window is tissue is a question the model was trained on, and the heatmap keeps no holes for it."""
-    return uniform_filter(fraction, size=3, mode="constant").astype(np.float32)
+def window_share(fraction: np.ndarray, cell: int = 32, window: int = 96) -> np.ndarray:
+    """The tissue share of each cell's ``window`` (model pixels) centred on it, for cells of ``cell`` pixels: the
+    cell and the parts of its 8 neighbours the window covers (all of them at 32 px, half at 48, none at 96), glass
+    beyond the grid. Cells are selected by this rather than by their own share: a patch whose centre is fat but
+    whose window is tissue is a question the model was trained on, and the heatmap keeps no holes for it."""
+    margin = (window - cell) / 2
+    weights = np.array([margin, cell, margin]) / window
+    share = correlate1d(fraction, weights, axis=0, mode="constant")
+    return correlate1d(share, weights, axis=1, mode="constant").astype(np.float32)
 
 
 def _saturation(rgb: np.ndarray) -> np.ndarray:

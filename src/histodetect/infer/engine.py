@@ -43,6 +43,13 @@ from histodetect.train.config import TrainConfig
 # flips = identity, left-right (4), top-bottom (6 = half turn + left-right), both (2 = half turn).
 TTA_TRANSFORMS: dict[str, tuple[int, ...]] = {"none": (0,), "flips": (0, 4, 6, 2), "d4": tuple(range(8))}
 PRECISIONS = ("auto", "fp32", "bf16")
+# What runs the network: PyTorch, onnxruntime on the project's export (infer.export), or OpenVINO on it. "auto" is
+# CPU_ENGINE on a CPU (unless bf16 is asked for) and PyTorch on accelerators.
+ENGINES = ("auto", "torch", "onnx", "openvino")
+# benchmarks/cpu_engines.py (README, "CPU engines"): onnxruntime fp32 ran Lite0 3.8-4.0x as fast as PyTorch eager fp32
+# and 2-3.7x PyTorch bf16 on the AVX-512/AMX machine, within 1.1e-6 of fp32; OpenVINO within 5% of it either way (and
+# a new dependency); int8 and bf16 moved probabilities by 0.09 and 0.03.
+CPU_ENGINE = "onnx"
 # On a CPU small batches stay in cache: on the project's 2-core AVX-512 machine (bf16, 96 px) 64 runs
 # tf_efficientnet_lite0 at ~1,600 images/s and 256 at ~850 (resnet18: ~990 vs ~760). A GPU needs large batches.
 DEFAULT_BATCH = {"cpu": 64, "cuda": 1024}
@@ -72,10 +79,17 @@ class Predictor:
     ``histodetect export``, or ``Classifier`` objects already in memory (benchmarks, notebooks; they are put in
     eval mode and moved to the device and memory layout in place).
 
-    ``precision``: ``auto`` is bf16 autocast with channels_last on CUDA and on CPUs with native bf16 (about 2.8x
-    fp32 for tf_efficientnet_lite0 at 96 px on the project's AVX-512 machines) and fp32 elsewhere; ``fp32`` forces
+    ``precision`` (PyTorch): ``auto`` is bf16 autocast with channels_last on CUDA and on CPUs with native bf16 and
+    fp32 elsewhere; ``fp32`` forces
     full precision (exact comparisons with an ONNX export). ONNX members always run in fp32 on onnxruntime's CPU
     provider.
+
+    ``engine``: what runs run folders and ``Classifier`` objects. ``torch``: PyTorch as above. ``onnx``: the
+    project's ONNX export (made in memory and cached, :func:`histodetect.infer.export.cached_onnx`) on onnxruntime,
+    fp32. ``openvino``: the same graph on OpenVINO, fp32. ``auto``: ``CPU_ENGINE`` on a CPU unless ``precision`` is
+    ``bf16`` (measured the fastest within 0.002 of PyTorch fp32, faster than PyTorch's bf16 too:
+    ``benchmarks/cpu_engines.py``), PyTorch on accelerators. ``.onnx`` files run on onnxruntime (OpenVINO with
+    ``openvino``) whatever the engine. ``precision`` applies to PyTorch: the ONNX engines compute fp32.
 
     The PyTorch members run channels_last, except on MPS: with autocast as always, and in fp32 too, where it moves
     probabilities by less than 1e-6 and on a CPU is 1.2-2x as fast (lite0, resnet50, baseline-cnn at 96 px; lite0
@@ -101,6 +115,7 @@ class Predictor:
         batch_size: int | None = None,
         precision: str = "auto",
         device: str = "auto",
+        engine: str = "auto",
         progress: bool = True,
         stain_norm: str | None = None,
         stain_reference: str | os.PathLike[str] | StainFit | None = None,
@@ -113,8 +128,15 @@ class Predictor:
             raise InferError(f"precision {precision!r}: choose from {', '.join(PRECISIONS)}")
         if batch_size is not None and batch_size < 1:
             raise InferError(f"--batch-size {batch_size}: need at least 1")
+        if engine not in ENGINES:
+            raise InferError(f"--engine {engine!r}: choose from {', '.join(ENGINES)}")
         self.device = torch.device(resolve_accelerator(device))
         self.autocast_dtype = _autocast_dtype(self.device, precision)
+        self.engine = _choose_engine(engine, self.device, precision)
+        if self.engine != "torch":
+            if precision == "bf16":
+                raise InferError(f"--engine {self.engine} computes fp32; --precision bf16 needs --engine torch")
+            self.autocast_dtype = None  # the export runs in fp32
         self.channels_last = self.device.type != "mps"
         self.transforms = TTA_TRANSFORMS[tta]
         self.batch_size = batch_size or DEFAULT_BATCH.get(self.device.type, DEFAULT_BATCH["cpu"])
@@ -137,19 +159,28 @@ class Predictor:
     def _load(self, run: str | os.PathLike[str] | Classifier) -> _Member:
         if isinstance(run, Classifier):
             self._stains.append((run.name, "none", None))
-            return _TorchMember(run, self.device, self.autocast_dtype, self.channels_last)
+            return self._member(run)
         run = Path(run)
         if run.suffix.lower() == ONNX_SUFFIX:
             if not run.is_file():
                 raise FileNotFoundError(f"{run}: no such ONNX file")
             self._stains.append((str(run), "none", None))
-            return OnnxMember(run)
+            return OpenVinoMember(run.read_bytes()) if self.engine == "openvino" else OnnxMember(run)
         from histodetect.train.runfolder import load_model, run_stain  # Lightning only when a run folder is used
 
         model, config = load_model(run)
         self._mpps.add(config.mpp)
         self._stains.append((str(run), config.stain_norm, run_stain(run)))
-        return _TorchMember(model, self.device, self.autocast_dtype, self.channels_last)
+        return self._member(model)
+
+    def _member(self, model: Classifier) -> _Member:
+        """``model`` on this predictor's engine: as it is, or exported to ONNX (cached: ``export.cached_onnx``)."""
+        if self.engine == "torch":
+            return _TorchMember(model, self.device, self.autocast_dtype, self.channels_last)
+        from histodetect.infer.export import cached_onnx  # export builds on this module
+
+        graph = cached_onnx(model.eval())
+        return OpenVinoMember(graph) if self.engine == "openvino" else OnnxMember(graph)
 
     def predict(self, patches: PatchReader, *, label: str = "predict", stain: StainFit | None = None) -> np.ndarray:
         """float32 probabilities ``(N,)`` for uint8 ``(N, H, W, 3)`` patches, read one batch at a time; ``stain``:
@@ -250,6 +281,16 @@ def _autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
     return None
 
 
+def _choose_engine(engine: str, device: torch.device, precision: str) -> str:
+    """``engine``, or for ``auto``: ``CPU_ENGINE`` on a CPU (with or without bf16: measured faster than PyTorch's
+    bf16 too, and exact), PyTorch when ``--precision bf16`` is asked for and on accelerators."""
+    if engine != "auto":
+        if engine != "torch" and device.type != "cpu":
+            raise InferError(f"--engine {engine} runs on the CPU; this predictor is on {device.type} (--engine torch)")
+        return engine
+    return CPU_ENGINE if device.type == "cpu" and precision != "bf16" else "torch"
+
+
 def _check_batch(batch: np.ndarray) -> None:
     if batch.dtype != np.uint8 or batch.ndim != 4 or batch.shape[-1] != 3:
         raise InferError(f"patches must be uint8 (N, H, W, 3) RGB, got {batch.dtype} {batch.shape}")
@@ -288,9 +329,23 @@ class _TorchMember:
         return view.contiguous(memory_format=torch.channels_last) if self.channels_last else view
 
 
-class OnnxMember:
-    """An exported model (uint8 NHWC in, probability out, see :mod:`histodetect.infer.export`) on onnxruntime;
-    ``model`` is an ``.onnx`` file or its bytes (export checks a graph before writing it)."""
+class _ExportMember:
+    """An exported graph (uint8 NHWC in, probability out, see :mod:`histodetect.infer.export`) on a runtime that
+    takes numpy arrays; TTA views are made here, since the graph has none."""
+
+    def _run(self, batch: np.ndarray) -> np.ndarray: ...
+
+    def __call__(self, pixels: torch.Tensor, ks: Sequence[int]) -> torch.Tensor:
+        nchw = pixels.cpu().permute(0, 3, 1, 2)  # dihedral acts on the last two axes
+        total = np.zeros(len(pixels), dtype=np.float32)
+        for k in ks:
+            total += self._run(dihedral(nchw, k).permute(0, 2, 3, 1).contiguous().numpy()).reshape(-1)
+        return torch.from_numpy(total)
+
+
+class OnnxMember(_ExportMember):
+    """An exported model on onnxruntime's CPU provider; ``model`` is an ``.onnx`` file or its bytes (export checks
+    a graph before writing it)."""
 
     def __init__(self, model: Path | bytes) -> None:
         import onnxruntime as ort
@@ -305,13 +360,24 @@ class OnnxMember:
             ) from exc
         self.input = self.session.get_inputs()[0].name
 
-    def __call__(self, pixels: torch.Tensor, ks: Sequence[int]) -> torch.Tensor:
-        nchw = pixels.cpu().permute(0, 3, 1, 2)  # dihedral acts on the last two axes
-        total = np.zeros(len(pixels), dtype=np.float32)
-        for k in ks:
-            batch = dihedral(nchw, k).permute(0, 2, 3, 1).contiguous().numpy()
-            total += self.session.run(None, {self.input: batch})[0].reshape(-1)
-        return torch.from_numpy(total)
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input: batch})[0]
+
+
+class OpenVinoMember(_ExportMember):
+    """An exported model (the ONNX graph's bytes) compiled by OpenVINO for the CPU in fp32 (its default on a CPU
+    with bf16 would be bf16)."""
+
+    def __init__(self, graph: bytes) -> None:
+        try:
+            import openvino as ov
+        except ImportError as exc:
+            raise InferError("--engine openvino needs the openvino package (pip install openvino)") from exc
+        core = ov.Core()
+        self.model = core.compile_model(core.read_model(graph, b""), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        return np.asarray(self.model(batch)[0])
 
 
 class _Rate(ProgressColumn):

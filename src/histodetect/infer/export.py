@@ -8,6 +8,8 @@ returns: a file that disagrees is an error, not a warning.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import io
 import os
 import warnings
@@ -18,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from histodetect import __version__
 from histodetect.data.augment import to_float
 from histodetect.data.store import PATCH_SHAPE, Store
 from histodetect.infer.engine import ONNX_SUFFIX, InferError, OnnxMember
@@ -25,6 +28,7 @@ from histodetect.infer.sources import ImageFiles, store_patches
 from histodetect.io import atomic_write_bytes
 from histodetect.models import Classifier
 from histodetect.sample import sample_dir
+from histodetect.train.embeddings import cache_root
 from histodetect.train.runfolder import load_model
 
 MAX_ABS_DIFF = 1e-4  # fp32 probabilities; real exports agree to ~1e-6
@@ -76,6 +80,25 @@ def export_onnx(
         )
     atomic_write_bytes(out, onnx_bytes)
     return {"max_abs_diff": diff, "n_checked": len(patches), "path": str(out), "opset": _opset(onnx_bytes)}
+
+
+def cached_onnx(model: Classifier) -> bytes:
+    """:func:`to_onnx` of ``model``, kept in ``cache_root(kind="onnx")`` under a hash of what the graph depends on
+    (architecture, image size, every tensor, torch's version): the dynamo export takes 6-16 s on a 2-core CPU, which
+    every ``slide``, ``predict`` and ``serve`` on an ONNX engine would pay at start; a cached one loads in well
+    under a second. Written atomically, so a killed process leaves no partial file under the final name."""
+    digest = hashlib.sha256(f"{model.name}|{model.image_size}|{torch.__version__}|{__version__}".encode())
+    for name, tensor in model.state_dict().items():
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    path = cache_root(kind="onnx") / f"{model.name}-{digest.hexdigest()[:32]}{ONNX_SUFFIX}"
+    if path.is_file():
+        return path.read_bytes()
+    graph = to_onnx(model)
+    with contextlib.suppress(OSError):  # a read-only home is no reason to fail: the graph is in memory
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, graph)
+    return graph
 
 
 def to_onnx(model: Classifier) -> bytes:

@@ -37,6 +37,7 @@ def predict(
     batch_size: int | None = None,
     split: str | None = None,
     precision: str = "auto",
+    engine: str = "auto",
     stain_norm: str | None = None,
     stain_reference: str | os.PathLike[str] | None = None,
     stain_fit: str = "patch",
@@ -66,6 +67,7 @@ def predict(
         tta=tta,
         batch_size=batch_size,
         precision=precision,
+        engine=engine,
         stain_norm=stain_norm,
         stain_reference=stain_reference,
     )

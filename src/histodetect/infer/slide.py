@@ -2,7 +2,9 @@
 
 A PCam/Kaggle label speaks for a patch's centre 32x32 pixels; the rest of the 96x96 patch is context. So the slide
 is cut into cells of 32 pixels *at the model's scale* and each cell is scored by the 96x96 window centred on it:
-every cell once, by the question the model was trained on.
+every cell once, by the question the model was trained on. ``cell`` 48 or 96 cuts coarser cells (still scored by
+the 96 px window centred on each; at 96, one window per 96x96 area), and the cascade (:func:`cascade_cells`) scores
+96 px cells first and the fine cells only near coarse windows that may hold tumour.
 
 Scale: a run records the microns per pixel it was trained at (``TrainConfig.mpp``). The slide's own resolution
 comes from the file (OpenSlide's ``openslide.mpp-x/y``) or ``slide_mpp``. The level read is the coarsest one at
@@ -33,12 +35,13 @@ import shutil
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import shapely
+from scipy.ndimage import binary_dilation
 from torch.utils.data import DataLoader, Dataset
 
 from histodetect.data.annotations import check_fits, inside, read_polygons
@@ -53,13 +56,15 @@ from histodetect.io import remove_dead_leftovers
 from histodetect.train.config import MAX_MPP, MIN_MPP
 
 WINDOW = PATCH_SHAPE[0]  # 96: what every model was trained on
-CELL = 32  # the labelled centre of a window
-MARGIN = (WINDOW - CELL) // 2  # context on each side of a cell
-BLOCK = 16  # cells a side read as one region: 576 px for 512 px of cells, so margins cost ~27% extra reading
+CELL = 32  # the labelled centre of a window: the default cell
+MARGIN = (WINDOW - CELL) // 2  # context on each side of a default cell (Scale.margin for every cell size)
+CELLS = (32, 48, 96)  # cell sizes (model pixels) a slide can be scored at; 96: one window per 96x96 area, no overlap
+BLOCK_PIXELS = 512  # model pixels of cells a side read as one region (16 cells of 32 px: margins cost ~27% extra)
 # Scale factors within 8% of a whole number are rounded to it: within 8% of 1, a level is read as it is (no
 # resampling). The training data already span that much: Camelyon16's two scanners work at 0.243 and 0.226 um/px,
 # so PCam's 0.972 um/px patches are really 0.90-0.97; and a slide's recorded mpp is rarely better than a few percent.
 SCALE_TOLERANCE = 0.08
+REFINE_ABOVE = 0.25  # --cascade: the highest that kept >= 99% of the full pass's cells >= 0.5 (README, "Cascade")
 TOP_K = 10  # the slide score is the mean of the k most suspicious cells (and their max)
 PARTIAL = ".partial-"
 STAIN_WINDOWS = 256  # tissue windows a slide's stains are fitted on (torchstain's fit of 2.4 M pixels)
@@ -75,6 +80,7 @@ class Scale:
     level: int
     downsample: float
     factor: float
+    cell_px: int = CELL  # a cell's side in model pixels (one of CELLS)
 
     @property
     def level0_per_pixel(self) -> float:
@@ -89,13 +95,35 @@ class Scale:
     @property
     def cell(self) -> float:
         """A cell's side in level-0 pixels."""
-        return CELL * self.level0_per_pixel
+        return self.cell_px * self.level0_per_pixel
+
+    @property
+    def margin(self) -> int:
+        """Model pixels of context on each side of a cell inside its window."""
+        return (WINDOW - self.cell_px) // 2
+
+
+def check_cells(cell: int, cascade: bool, refine_above: float) -> None:
+    """Refuses a cell size or cascade setting ``score_slide`` cannot use (the command checks before any slide)."""
+    if cell not in CELLS:
+        raise InferError(f"--cell {cell}: choose from {', '.join(map(str, CELLS))} (model pixels)")
+    if cascade and cell == WINDOW:
+        raise InferError(
+            f"--cascade refines 96 px cells to --cell 32 or 48; with --cell {cell} there is nothing to refine"
+        )
+    if not 0.0 <= refine_above <= 1.0:
+        raise InferError(f"--refine-above {refine_above}: must be within [0, 1]")
 
 
 def choose_scale(
-    reader: SlideReader, model_mpp: float, slide_mpp: float | None = None, level: int | None = None
+    reader: SlideReader,
+    model_mpp: float,
+    slide_mpp: float | None = None,
+    level: int | None = None,
+    cell: int = CELL,
 ) -> Scale:
-    """The level to read and the resampling factor that bring ``reader`` to ``model_mpp``."""
+    """The level to read and the resampling factor that bring ``reader`` to ``model_mpp``; cells of ``cell`` model
+    pixels."""
     if not MIN_MPP <= model_mpp <= MAX_MPP:  # NaN fails too
         raise InferError(
             f"the model's scale is {model_mpp} microns a pixel; it must be {MIN_MPP}..{MAX_MPP} (train --mpp)"
@@ -133,7 +161,7 @@ def choose_scale(
         )
     if round(factor) >= 1 and abs(factor - round(factor)) <= SCALE_TOLERANCE * factor:
         factor = float(round(factor))
-    return Scale(slide_mpp, source, model_mpp, level, downsample, factor)
+    return Scale(slide_mpp, source, model_mpp, level, downsample, factor, cell)
 
 
 def check_slide_mpp(slide_mpp: float) -> None:
@@ -175,7 +203,8 @@ class CellBlocks(Dataset[tuple[np.ndarray, np.ndarray | None, str | None]]):
         self.reader = reader
         self.scale = scale
         self.cells = cells
-        block_id = (cells[:, 0] // BLOCK) * (cells[:, 1].max(initial=0) // BLOCK + 1) + cells[:, 1] // BLOCK
+        block = max(1, BLOCK_PIXELS // scale.cell_px)
+        block_id = (cells[:, 0] // block) * (cells[:, 1].max(initial=0) // block + 1) + cells[:, 1] // block
         order = np.argsort(block_id, kind="stable")
         bounds = np.flatnonzero(np.diff(block_id[order])) + 1
         self.groups = np.split(order, bounds) if len(order) else []
@@ -187,9 +216,10 @@ class CellBlocks(Dataset[tuple[np.ndarray, np.ndarray | None, str | None]]):
         positions = self.groups[i]
         rows, cols = self.cells[positions, 0], self.cells[positions, 1]
         r0, c0 = rows.min(), cols.min()
-        height = (rows.max() - r0 + 1) * CELL + 2 * MARGIN
-        width = (cols.max() - c0 + 1) * CELL + 2 * MARGIN
-        x0, y0 = c0 * CELL - MARGIN, r0 * CELL - MARGIN  # model pixels
+        cell, margin = self.scale.cell_px, self.scale.margin
+        height = (rows.max() - r0 + 1) * cell + 2 * margin
+        width = (cols.max() - c0 + 1) * cell + 2 * margin
+        x0, y0 = c0 * cell - margin, r0 * cell - margin  # model pixels
         s = self.scale.level0_per_pixel
         try:
             region = self.reader.read_scaled(
@@ -197,7 +227,7 @@ class CellBlocks(Dataset[tuple[np.ndarray, np.ndarray | None, str | None]]):
             )
         except UserError as exc:
             return positions, None, str(exc)
-        views = np.lib.stride_tricks.sliding_window_view(region, (WINDOW, WINDOW, 3))[::CELL, ::CELL, 0]
+        views = np.lib.stride_tricks.sliding_window_view(region, (WINDOW, WINDOW, 3))[::cell, ::cell, 0]
         return positions, np.ascontiguousarray(views[rows - r0, cols - c0]), None
 
 
@@ -259,10 +289,15 @@ def score_cells(
     *,
     workers: int | None = None,
     progress: bool = True,
+    clock: dict[str, float] | None = None,
     stain: StainFit | None = None,
 ) -> np.ndarray:
-    """float32 probability of each ``(row, col)`` in ``cells``, by the window centred on it; ``stain``: the
-    slide's fit (:func:`fit_slide_stain`), or None for each window's own."""
+    """float32 probability of each ``(row, col)`` in ``cells``, by the window centred on it. ``clock`` gains the
+    seconds spent waiting for windows (``reading``: reading and decoding not hidden behind the model) and in the
+    model (``model``); ``stain``: the slide's fit (:func:`fit_slide_stain`), or None for each window's own."""
+    clock = {} if clock is None else clock
+    clock.setdefault("reading", 0.0)
+    clock.setdefault("model", 0.0)
     probabilities = np.full(len(cells), np.nan, dtype=np.float32)
     if not len(cells):
         return probabilities
@@ -285,12 +320,21 @@ def score_cells(
             if len(pending) > 1:  # one array; a block's windows are then batched as views, not copied again
                 pending = [(np.concatenate([p for p, _ in pending]), np.concatenate([w for _, w in pending]))]
             positions, windows = pending[0]
+            started = time.perf_counter()
             probabilities[positions[:n]] = predictor.predict_batch(windows[:n], stain)
+            clock["model"] += time.perf_counter() - started
             pending = [(positions[n:], windows[n:])] if n < len(positions) else []
             count -= n
             advance(n)
 
-        for positions, windows, error in loader:
+        blocks_read = iter(loader)
+        while True:
+            started = time.perf_counter()
+            item = next(blocks_read, None)
+            clock["reading"] += time.perf_counter() - started
+            if item is None:
+                break
+            positions, windows, error = item
             if error is not None:
                 raise InferError(error)
             pending.append((positions, windows))
@@ -300,6 +344,66 @@ def score_cells(
         if count:
             flush(count)
     return probabilities
+
+
+@dataclass
+class Cascade:
+    """What :func:`cascade_cells` did: the cells it refined (scored at the fine cell size) and its counts."""
+
+    refined: np.ndarray  # (n,) bool, per cell of the fine grid's selection
+    refine_above: float
+    coarse_windows: int
+    fine_windows: int
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "coarse_cell_px": WINDOW,
+            "refine_above": self.refine_above,
+            "coarse_windows": self.coarse_windows,
+            "cells_refined": int(self.refined.sum()),
+            "fine_windows": self.fine_windows,
+        }
+
+
+def cascade_cells(
+    predictor: Predictor,
+    reader: SlideReader,
+    scale: Scale,
+    selected: np.ndarray,
+    refine_above: float,
+    *,
+    workers: int | None = None,
+    progress: bool = True,
+    clock: dict[str, float] | None = None,
+    stain: StainFit | None = None,
+) -> tuple[np.ndarray, Cascade]:
+    """Probabilities of the cells of ``selected`` (the fine grid, ``scale.cell_px`` 32 or 48), coarse first: every
+    96 px cell that holds a selected cell is scored by its own window (no overlap), then only the fine cells whose
+    window overlaps a coarse window at or above ``refine_above`` (those of its area and one cell around it) are
+    scored by their own window; the others keep the probability of the coarse cell they lie in.
+    With 32 px cells a coarse window is exactly the window of the fine cell at its centre, which is not scored twice.
+    """
+    ratio = WINDOW // scale.cell_px
+    rows, cols = selected.shape
+    coarse_grid = (-(-rows // ratio), -(-cols // ratio))
+    padded = np.zeros((coarse_grid[0] * ratio, coarse_grid[1] * ratio), dtype=bool)
+    padded[:rows, :cols] = selected
+    coarse_cells = np.argwhere(padded.reshape(coarse_grid[0], ratio, coarse_grid[1], ratio).any(axis=(1, 3)))
+    coarse = np.full(coarse_grid, np.nan, dtype=np.float32)
+    coarse[coarse_cells[:, 0], coarse_cells[:, 1]] = score_cells(
+        predictor, reader, replace(scale, cell_px=WINDOW), coarse_cells, workers=workers, progress=progress,
+        clock=clock, stain=stain,
+    )  # fmt: skip
+    spread = np.repeat(np.repeat(coarse, ratio, axis=0), ratio, axis=1)[:rows, :cols]
+    reach = binary_dilation(spread >= refine_above, structure=np.ones((3, 3), dtype=bool))  # NaN compares False
+    cells = np.argwhere(selected)
+    probabilities = spread[cells[:, 0], cells[:, 1]]
+    refined = reach[cells[:, 0], cells[:, 1]]
+    todo = refined & ~(cells % ratio == ratio // 2).all(axis=1) if ratio % 2 else refined
+    probabilities[todo] = score_cells(
+        predictor, reader, scale, cells[todo], workers=workers, progress=progress, clock=clock, stain=stain
+    )
+    return probabilities, Cascade(refined, refine_above, len(coarse_cells), int(todo.sum()))
 
 
 def score_slide(
@@ -315,23 +419,31 @@ def score_slide(
     annotations: str | os.PathLike[str] | shapely.Geometry | None = None,
     cell_features: bool = False,
     top_k: int = TOP_K,
+    cell: int = CELL,
+    cascade: bool = False,
+    refine_above: float = REFINE_ABOVE,
     workers: int | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Score every tissue cell of ``slide`` (a path, or a reader already open) with ``predictor`` and write the
     slide's folder ``out`` (which must not exist, or be empty): ``cells.csv``, ``heatmap.npy``, ``heatmap.png``,
-    ``tumour.geojson`` (and ``cells.geojson`` with ``cell_features``) and ``summary.json``. Returns the summary."""
+    ``tumour.geojson`` (and ``cells.geojson`` with ``cell_features``) and ``summary.json``. Returns the summary.
+    ``cell``: the cells' side in model pixels (each scored by the 96 px window centred on it); ``cascade``: score
+    at 96 px first and at ``cell`` only near windows at or above ``refine_above`` (:func:`cascade_cells`)."""
     check_options(
         min_tissue=min_tissue, threshold=threshold, top_k=top_k, slide_mpp=slide_mpp, level=level, workers=workers
     )
+    check_cells(cell, cascade, refine_above)
     started = time.perf_counter()
     with contextlib.ExitStack() as stack:
         reader = slide if isinstance(slide, SlideReader) else stack.enter_context(open_slide(slide))
-        scale = choose_scale(reader, predictor.mpp, slide_mpp, level)
+        scale = choose_scale(reader, predictor.mpp, slide_mpp, level, cell)
         width, height = reader.dimensions
         grid = (math.ceil(height / scale.cell), math.ceil(width / scale.cell))
+        clock = {"tissue_mask": time.perf_counter()}
         fraction, saturation = tissue_fraction(reader, scale.cell, grid)
-        window = window_share(fraction)
+        window = window_share(fraction, scale.cell_px, WINDOW)
+        clock["tissue_mask"] = time.perf_counter() - clock["tissue_mask"]
         selected = window >= min_tissue if min_tissue > 0 else np.ones(grid, dtype=bool)
         if mask is not None:
             selected &= region_mask(mask, reader, scale.cell, grid)
@@ -348,15 +460,29 @@ def score_slide(
         with _folder(Path(out)) as folder:
             scoring = time.perf_counter()
             stain, stain_record = fit_slide_stain(predictor, reader, scale, cells)
-            probabilities = score_cells(
-                predictor, reader, scale, cells, workers=workers, progress=progress, stain=stain
-            )
+            if cascade:
+                probabilities, cascaded = cascade_cells(
+                    predictor,
+                    reader,
+                    scale,
+                    selected,
+                    refine_above,
+                    workers=workers,
+                    progress=progress,
+                    clock=clock,
+                    stain=stain,
+                )
+                windows = cascaded.coarse_windows + cascaded.fine_windows
+            else:
+                probabilities = score_cells(predictor, reader, scale, cells, workers=workers, progress=progress,
+                                            clock=clock, stain=stain)  # fmt: skip
+                cascaded, windows = None, len(cells)
             scoring = time.perf_counter() - scoring
             truth = None
             if truth_area is not None:
                 centres = (cells[:, ::-1] + 0.5) * scale.cell
                 truth = inside(truth_area, centres[:, 0], centres[:, 1])
-            cell_mm = CELL * scale.model_mpp_read / 1000
+            cell_mm = scale.cell_px * scale.model_mpp_read / 1000
             scored = slide_outputs.ScoredSlide(
                 reader,
                 scale.cell,
@@ -368,6 +494,7 @@ def score_slide(
                 truth,
                 scale.slide_mpp,
                 truth_area,
+                cascaded.refined if cascaded is not None else None,
             )
             scores = slide_outputs.summarise(scored, threshold=threshold, top_k=top_k)
             checked = {}
@@ -387,6 +514,8 @@ def score_slide(
                 "level_downsample": scale.downsample,
                 "scale_factor": scale.factor,
                 "cell_size": round(scale.cell, 4),
+                "cell_px": scale.cell_px,
+                "cascade": cascaded.summary() if cascaded is not None else None,
                 "grid": list(grid),
                 "min_tissue": min_tissue,
                 "saturation_threshold": round(saturation, 4),
@@ -397,9 +526,13 @@ def score_slide(
                 "runs": predictor.sources,
                 "tta": predictor.tta,
                 "precision": predictor.precision,
+                "engine": predictor.engine,
                 "stain_norm": stain_record,
                 "scoring_seconds": round(scoring, 2),
                 "cells_per_second": round(len(cells) / scoring, 1) if scoring > 0 and len(cells) else None,
+                "windows_scored": windows,
+                "windows_per_second": round(windows / scoring, 1) if scoring > 0 and windows else None,
+                "seconds_split": {key: round(value, 2) for key, value in clock.items()},
                 "seconds": round(time.perf_counter() - started, 2),
             }
             slide_outputs.write_all(folder, scored, summary, threshold=threshold, cell_features=cell_features)

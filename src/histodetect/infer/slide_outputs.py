@@ -52,6 +52,7 @@ class ScoredSlide:
     truth: np.ndarray | None  # (n,) bool: centre inside an annotated tumour
     mpp: float  # microns per level-0 pixel
     tumour_area: shapely.Geometry | None = None  # the annotated tumour (level-0 pixels), when annotations were given
+    refined: np.ndarray | None = None  # (n,) bool: scored by its own window in a cascade (else the coarse one's)
 
     @functools.cached_property
     def heatmap(self) -> np.ndarray:
@@ -153,6 +154,8 @@ def write_all(
     )
     if scored.truth is not None:
         frame["tumour"] = scored.truth.astype(np.int64)
+    if scored.refined is not None:
+        frame["refined"] = scored.refined.astype(np.int64)
     frame.to_csv(folder / "cells.csv", index=False)
     scored.detections.to_csv(folder / "detections.csv", index=False)
     if scored.lesion_match is not None:

@@ -50,16 +50,16 @@ ENV = "HISTODETECT_CACHE"
 PROGRESS_S = 60.0
 
 
-def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
-    """Where caches live: ``cache_dir``, else ``$HISTODETECT_CACHE/embeddings``, else
-    ``~/.cache/histodetect/embeddings`` (``$XDG_CACHE_HOME`` when set): beside no store, since a store may sit
-    on read-only or shared storage, and one cache serves every copy of the same store."""
+def cache_root(cache_dir: str | os.PathLike[str] | None = None, kind: str = "embeddings") -> Path:
+    """Where caches live: ``cache_dir``, else ``$HISTODETECT_CACHE/<kind>``, else ``~/.cache/histodetect/<kind>``
+    (``$XDG_CACHE_HOME`` when set): beside no store, since a store may sit on read-only or shared storage, and one
+    cache serves every copy of the same store. ``kind``: ``embeddings``, or ``onnx`` (``infer.export``)."""
     if cache_dir is not None:
         return Path(cache_dir).expanduser()
     if os.environ.get(ENV):
-        return Path(os.environ[ENV]).expanduser() / "embeddings"
+        return Path(os.environ[ENV]).expanduser() / kind
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "histodetect" / "embeddings"
+    return base / "histodetect" / kind
 
 
 def weights_fingerprint(model: Classifier) -> str:
