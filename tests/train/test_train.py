@@ -270,6 +270,7 @@ def test_ddp_two_cpu_processes_see_disjoint_data_and_save_once(
             "metrics.csv",
             "model.safetensors",
             "split.csv",
+            "stain.json",
             "store.json",
             "summary.json",
         ]
