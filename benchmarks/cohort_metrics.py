@@ -2,13 +2,15 @@
 lesion FROC, and time per slide.
 
     python benchmarks/cohort_metrics.py RUN STORE [--out DIR] [--tumour 12] [--normal 12] [--grid 12 16]
+                                          [--settings default cascade cell96]
 
 The run's ``split.csv`` names the patches no training saw (``test``, else ``val``); they are cut in two halves by
 id, and each half makes a cohort (:func:`histodetect.data.mosaic.build_cohort`: normal tissue of real normal patches
 with 1-3 lesions of real tumour patches on the tumour slides, ASAP XML outlines, a Camelyon16 reference CSV):
 ``tuning`` (to choose settings on) and ``held-out`` (to report). Each is scored by ``histodetect slide`` with
-``--annotations`` and ``--reference`` at default settings, and its ``cohort.json`` summarised. Prints one JSON
-object. Patches are reused across slides (with random dihedral turns), so slides of one cohort share pixels.
+``--annotations`` and ``--reference`` under each of ``--settings`` (``default``, ``cascade``: ``--cascade``,
+``cell96``: ``--cell 96``), and its ``cohort.json`` summarised. Prints one JSON object. Patches are reused across
+slides (with random dihedral turns), so slides of one cohort share pixels.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from histodetect.data.reference import read_reference
 from histodetect.data.store import Store
 from histodetect.infer.engine import Predictor
 from histodetect.infer.slide_batch import score_slides
+
+SETTINGS = {"default": {}, "cascade": {"cascade": True}, "cell96": {"cell": 96}}
 
 
 def held_out(run: Path, store: Store) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -48,6 +52,7 @@ def main() -> None:
     parser.add_argument("--grid", type=int, nargs=2, default=(12, 16))
     parser.add_argument("--cohorts", nargs="+", default=["tuning", "held-out"])
     parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("--settings", nargs="+", default=["default"], choices=sorted(SETTINGS))
     args = parser.parse_args()
 
     store = Store(args.store)
@@ -69,30 +74,31 @@ def main() -> None:
             grid=tuple(args.grid),
             seed=k,
         )
-        started = time.perf_counter()
-        score_slides(
-            predictor,
-            [s.path for s in slides],
-            folder / "scored",
-            annotations=folder / "data" / "annotations",
-            reference=folder / "data" / "reference.csv",
-            workers=args.workers,
-            progress=False,
-        )
-        cohort = json.loads((folder / "scored" / "cohort.json").read_text())
         truth = read_reference(folder / "data" / "reference.csv")
-        result["cohorts"][name] = {
-            "patches": int(chosen.sum()),
-            "slides": len(slides),
-            "lesions_built": sum(len(s.lesions) for s in slides),
-            "seconds_per_slide": round((time.perf_counter() - started) / len(slides), 1),
-            "slide": {
-                k: cohort["slide"][k] for k in ("roc_auc", "roc_auc_ci", "sensitivity", "specificity", "correct")
-            },
-            "decisions_right": cohort["slide"]["correct"] / max(cohort["slide"]["slides"], 1),
-            "lesion": {k: v for k, v in cohort["lesion"].items() if k != "curve"},
-            "tumour_slides": sum(truth.values()),
-        }
+        for setting in args.settings:
+            started = time.perf_counter()
+            score_slides(
+                predictor,
+                [s.path for s in slides],
+                folder / setting,
+                annotations=folder / "data" / "annotations",
+                reference=folder / "data" / "reference.csv",
+                workers=args.workers,
+                progress=False,
+                **SETTINGS[setting],
+            )
+            cohort = json.loads((folder / setting / "cohort.json").read_text())
+            keys = ("roc_auc", "roc_auc_ci", "sensitivity", "specificity")
+            result["cohorts"][f"{name}/{setting}"] = {
+                "patches": int(chosen.sum()),
+                "slides": len(slides),
+                "tumour_slides": sum(truth.values()),
+                "lesions_built": sum(len(s.lesions) for s in slides),
+                "seconds_per_slide": round((time.perf_counter() - started) / len(slides), 1),
+                "slide": {k: cohort["slide"].get(k) for k in keys},
+                "decisions_right": cohort["slide"]["correct"] / max(cohort["slide"]["slides"], 1),
+                "lesion": {k: v for k, v in cohort["lesion"].items() if k != "curve"},
+            }
     print(json.dumps(result, indent=1))
 
 
