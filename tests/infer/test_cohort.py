@@ -94,3 +94,12 @@ def test_a_tumour_slide_without_outlines_is_named_and_left_out_of_the_lesion_met
     results, problems = load_slides(tmp_path, {"tumor_1": True, "normal_1": False})
     assert problems == ["tumor_1: a tumour slide without outlines; left out of the lesion metrics"]
     assert [r.lesions is not None for r in results] == [True, False]  # normal_1 sorts first
+
+
+def test_a_foreign_folder_with_a_broken_summary_is_named_not_fatal(tmp_path: Path) -> None:
+    write_slide_folder(tmp_path, "tumor_1", 0.9, [(250, 250, 0.9)], shapely.box(0, 0, 500, 500))
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "summary.json").write_text("{not json")
+    metrics, results = write_cohort(tmp_path, None, threshold=0.5)
+    assert [r.name for r in results] == ["tumor_1"] and metrics["lesion"]["found"] == 1
+    assert len(metrics["problems"]) == 1 and metrics["problems"][0].startswith("notes: left out of the cohort metrics")

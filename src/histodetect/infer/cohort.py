@@ -28,13 +28,13 @@ import pandas as pd
 from shapely.geometry import shape
 
 from histodetect.infer.lesions import LESION_REGIONS, Lesion, match
+from histodetect.infer.slide_batch import read_summaries
 from histodetect.io import atomic_write_json
 from histodetect.report.cohort_page import write_cohort_page
 from histodetect.report.metrics import bootstrap_auc_ci, roc_auc, threshold_metrics
 
 FROC_POINTS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 COHORT = "cohort.json"
-SUMMARY = "summary.json"
 DETECTIONS = "detections.csv"
 LESIONS = "lesions.csv"
 
@@ -67,10 +67,11 @@ def load_slides(out: Path, reference: dict[str, bool] | None) -> tuple[list[Slid
     """Every finished slide folder under ``out`` with its truth; and the problems found, by slide name."""
     results: list[SlideResult] = []
     problems: list[str] = []
-    for summary_file in sorted(out.glob(f"*/{SUMMARY}")):
-        folder = summary_file.parent
-        summary = json.loads(summary_file.read_text(encoding="utf-8"))
-        name = folder.name
+    for name, summary in read_summaries(out):
+        folder = out / name
+        if "error" in summary:
+            problems.append(f"{name}: left out of the cohort metrics ({summary['error']})")
+            continue
         outlined = summary.get("annotations") is not None
         outlines_tumour = bool(summary.get("slide_tumour")) if outlined else False
         tumour: bool | None = outlines_tumour

@@ -170,17 +170,24 @@ def write_cohort_outputs(out: Path, truth: dict[str, bool] | None, *, threshold:
     write_report(out, metrics, results)
 
 
-def write_table(out: Path, failed: Sequence[dict[str, Any]]) -> Path:
-    """``out/slides.csv``: a row per finished slide folder under ``out`` and per slide in ``failed``."""
-    finished = []
+def read_summaries(out: Path) -> list[tuple[str, dict[str, Any]]]:
+    """(folder name, summary) of every finished slide folder under ``out``, sorted; one whose ``summary.json`` cannot
+    be read (another tool's folder, or a damaged one) comes back as ``{"error": ...}``: listed, never fatal."""
+    found = []
     for summary_file in sorted(out.glob("*/summary.json")):
         try:
             summary = json.loads(summary_file.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:  # another tool's folder, or a damaged one: listed, never fatal
+        except (OSError, ValueError) as exc:
             summary = {"error": f"{summary_file}: not a slide's summary ({type(exc).__name__})"}
         if not isinstance(summary, dict):
             summary = {"error": f"{summary_file}: not a slide's summary (a JSON {type(summary).__name__})"}
-        finished.append({"name": summary_file.parent.name, **summary})
+        found.append((summary_file.parent.name, summary))
+    return found
+
+
+def write_table(out: Path, failed: Sequence[dict[str, Any]]) -> Path:
+    """``out/slides.csv``: a row per finished slide folder under ``out`` and per slide in ``failed``."""
+    finished = [{"name": name, **summary} for name, summary in read_summaries(out)]
     frame = pd.DataFrame([*finished, *failed]).reindex(columns=list(COLUMNS))
     with atomic_path(out / TABLE) as tmp:
         frame.sort_values("name").to_csv(tmp, index=False)
