@@ -76,7 +76,12 @@ def test_a_run_whose_loss_turns_nan_stops_in_one_line(
     monkeypatch.setattr(module_module, "build_loss", lambda config: lambda logits, targets: logits.sum() * math.nan)
     with pytest.raises(ConfigError, match="training diverged"):
         train(sample_store, tmp_path / "run", TrainConfig(**QUICK))
-    assert not (tmp_path / "run" / "summary.json").exists()
+    assert not (tmp_path / "run").exists()  # what it made is gone: the same command is not told "already holds a run"
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("the user's")
+    with pytest.raises(ConfigError, match="training diverged"):
+        train(sample_store, tmp_path / "mine", TrainConfig(**QUICK))
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]  # only what the run made is removed
 
 
 # ---------------------------------------------------------------------------------------------------- tracebacks

@@ -26,6 +26,10 @@ from histodetect.train.config import TrainConfig
 from histodetect.train.datamodule import Batch
 
 
+class DivergedError(ConfigError):
+    """The loss turned NaN or infinite: the run's weights are no model (``train`` removes the folder it made)."""
+
+
 class LitClassifier(L.LightningModule):
     def __init__(
         self,
@@ -100,7 +104,7 @@ class LitClassifier(L.LightningModule):
     def _check_finite(self) -> None:
         """Stop, in one line, a run whose loss turned NaN or infinite: its weights are no longer a model."""
         if self._finite is not None and not bool(self._finite):
-            raise ConfigError(
+            raise DivergedError(
                 f"training diverged: the loss became NaN or infinite in epoch {self.current_epoch}; lower --lr, "
                 "check --pos-weight and the loss settings"
             )

@@ -12,8 +12,10 @@ import json
 import logging
 import os
 import platform
+import shutil
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +39,7 @@ from histodetect.train.averaging import weight_averaging
 from histodetect.train.callbacks import AtomicCheckpointIO, EpochLog, FreezeUnfreeze
 from histodetect.train.config import ConfigError, TrainConfig, freeze_top_k
 from histodetect.train.datamodule import StoreDataModule
-from histodetect.train.module import LitClassifier
+from histodetect.train.module import DivergedError, LitClassifier
 from histodetect.train.probe import linear_probe
 from histodetect.train.runfolder import (
     CHECKPOINTS,
@@ -96,6 +98,7 @@ def train(
         module = LitClassifier(
             config, model, channels_last=hardware.channels_last, depthwise_fp32=hardware.depthwise_fp32
         )
+    made = _entries_made_by(out)
     out.mkdir(parents=True, exist_ok=True)  # only now: a refused model, split or group file leaves no empty --out
     # Every process fits the same reference from the same rows; the file is written atomically, so any may write it.
     reference = record_stain(out, store, datamodule.train_rows, config)
@@ -118,7 +121,14 @@ def train(
         )
     last = out / CHECKPOINTS / "last.ckpt"
     started = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=last if resume and last.exists() else None, weights_only=True)
+    try:
+        trainer.fit(
+            module, datamodule=datamodule, ckpt_path=last if resume and last.exists() else None, weights_only=True
+        )
+    except DivergedError:
+        if not resume and trainer.is_global_zero:
+            made()  # a diverged run is no model and cannot be resumed into one: the same command may run again
+        raise
     wall = time.perf_counter() - started
     if not trainer.is_global_zero:
         return {}
@@ -155,6 +165,25 @@ def _test_note(datamodule: StoreDataModule) -> str:
 def hardware_for(config: TrainConfig) -> Hardware:
     """The hardware settings a run's config asks for, resolved on this machine."""
     return resolve_hardware(config.accelerator, config.precision, config.channels_last, config.num_workers)
+
+
+def _entries_made_by(out: Path) -> Callable[[], None]:
+    """A function that removes what appeared in ``out`` since now (``out`` itself, if it did not exist): nothing
+    that was there before is touched."""
+    existed = out.exists()
+    before = set(out.iterdir()) if existed else set()
+
+    def remove() -> None:
+        if not existed:
+            shutil.rmtree(out, ignore_errors=True)
+            return
+        for entry in set(out.iterdir()) - before:
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+
+    return remove
 
 
 def _trainer(
