@@ -638,17 +638,17 @@ def slide(
 ) -> None:
     """Tumour heatmaps, QuPath GeoJSON and slide scores for whole slides, at the model's microns per pixel."""
     from histodetect.infer.engine import Predictor
-    from histodetect.infer.slide import REFINE_ABOVE, check_cells, check_options
+    from histodetect.infer.slide import REFINE_ABOVE, check_options
     from histodetect.infer.slide_batch import parse_shard, score_slides, split_runs_and_slides
 
     if geojson not in ("regions", "cells"):
         raise UserError(f"--geojson {geojson!r}: choose regions or cells")
-    check_options(
-        min_tissue=min_tissue, threshold=threshold, top_k=top_k, slide_mpp=slide_mpp, level=level, workers=workers
-    )
-    parse_shard(shard)
     refine_above = REFINE_ABOVE if refine_above is None else refine_above
-    check_cells(cell, cascade, refine_above)
+    check_options(
+        min_tissue=min_tissue, threshold=threshold, top_k=top_k, slide_mpp=slide_mpp, level=level, workers=workers,
+        cell=cell, cascade=cascade, refine_above=refine_above,
+    )  # fmt: skip
+    parse_shard(shard)
     for option, given in (("--mask", mask), ("--annotations", annotations)):
         if given is not None and not given.exists():  # before the model loads and OUT is made, not once per slide
             raise UserError(f"{option} {given}: no such file or folder")

@@ -9,12 +9,12 @@ annotations, and which detection found which lesion.
   reached 0.997, with up to 72 cells >= 0.5) and 0.58 or more on 11 of its 12 tumour slides (lesions of 2-12 patches;
   the twelfth, a lesion of two patches the model saw only part of, 0.32); 5x5 cells left 7 normal slides above one
   half, 9x9 let a tumour slide fall under it. A held-out cohort then gave 0.47 and 0.71.
-- **Detections** are the local maxima of that map: cells are taken in order of probability, from the highest down to
+- **Detections** are the local maxima of that map: cells are taken in order of evidence, from the highest down to
   ``DETECTION_FLOOR``, and one is kept when no kept detection lies within ``NMS_RADIUS_UM`` of it (non-maximum
-  suppression on the cell grid). Each is reported at its cell's centre in level-0 pixels with its probability, the
-  ``x,y,probability`` Camelyon16 asked of participants. The radius is about two patches: one detection per blob of
-  a few patches (a lesion found twice is still one lesion, but a false blob found twice is two false positives),
-  while lesions further apart than that get one each.
+  suppression on the cell grid). Each is reported at its cell's centre in level-0 pixels with its evidence as its
+  probability, the ``x,y,probability`` Camelyon16 asked of participants. The radius is about two patches: one
+  detection per blob of a few patches (a lesion found twice is still one lesion, but a false blob found twice is two
+  false positives), while lesions further apart than that get one each.
 - **Lesions** are the connected regions of the annotated tumour after a ``LESION_MARGIN_UM`` dilation (holes filled;
   Camelyon16's own evaluation mask), computed on the polygons with shapely rather than on a raster, so they do not
   depend on a mask's resolution. A lesion whose longest axis is under ``ITC_AXIS_UM`` is an isolated tumour cell

@@ -103,18 +103,6 @@ class Scale:
         return (WINDOW - self.cell_px) // 2
 
 
-def check_cells(cell: int, cascade: bool, refine_above: float) -> None:
-    """Refuses a cell size or cascade setting ``score_slide`` cannot use (the command checks before any slide)."""
-    if cell not in CELLS:
-        raise InferError(f"--cell {cell}: choose from {', '.join(map(str, CELLS))} (model pixels)")
-    if cascade and cell == WINDOW:
-        raise InferError(
-            f"--cascade refines 96 px cells to --cell 32 or 48; with --cell {cell} there is nothing to refine"
-        )
-    if not 0.0 <= refine_above <= 1.0:
-        raise InferError(f"--refine-above {refine_above}: must be within [0, 1]")
-
-
 def choose_scale(
     reader: SlideReader,
     model_mpp: float,
@@ -177,6 +165,9 @@ def check_options(
     slide_mpp: float | None = None,
     level: int | None = None,
     workers: int | None = None,
+    cell: int = CELL,
+    cascade: bool = False,
+    refine_above: float = REFINE_ABOVE,
 ) -> None:
     """Refuse bad slide options in one line, before a model is loaded or any folder made (the command checks them
     first; ``score_slide`` again, for callers of the library)."""
@@ -192,6 +183,14 @@ def check_options(
         raise InferError(f"--level {level}: must be 0 or more")
     if workers is not None and not 0 <= workers <= 64:
         raise InferError(f"--workers {workers}: must be 0..64 reader processes")
+    if cell not in CELLS:
+        raise InferError(f"--cell {cell}: choose from {', '.join(map(str, CELLS))} (model pixels)")
+    if cascade and cell == WINDOW:
+        raise InferError(
+            f"--cascade refines 96 px cells to --cell 32 or 48; with --cell {cell} there is nothing to refine"
+        )
+    if not 0.0 <= refine_above <= 1.0:
+        raise InferError(f"--refine-above {refine_above}: must be within [0, 1]")
 
 
 class CellBlocks(Dataset[tuple[np.ndarray, np.ndarray | None, str | None]]):
@@ -431,9 +430,9 @@ def score_slide(
     ``cell``: the cells' side in model pixels (each scored by the 96 px window centred on it); ``cascade``: score
     at 96 px first and at ``cell`` only near windows at or above ``refine_above`` (:func:`cascade_cells`)."""
     check_options(
-        min_tissue=min_tissue, threshold=threshold, top_k=top_k, slide_mpp=slide_mpp, level=level, workers=workers
-    )
-    check_cells(cell, cascade, refine_above)
+        min_tissue=min_tissue, threshold=threshold, top_k=top_k, slide_mpp=slide_mpp, level=level, workers=workers,
+        cell=cell, cascade=cascade, refine_above=refine_above,
+    )  # fmt: skip
     started = time.perf_counter()
     with contextlib.ExitStack() as stack:
         reader = slide if isinstance(slide, SlideReader) else stack.enter_context(open_slide(slide))

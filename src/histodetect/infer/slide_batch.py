@@ -8,7 +8,7 @@ it) plus the slides that failed in this command, with their error: one bad file 
 never dropped silently.
 
 With ``--annotations`` (or a ``--reference`` CSV), the cohort is judged as Camelyon16 judged one: ``DIR/cohort.json``
-(slide ROC AUC, lesion FROC: :mod:`histodetect.report.cohort`) and ``DIR/report.html`` are rewritten after each
+(slide ROC AUC, lesion FROC: :mod:`histodetect.infer.cohort`) and ``DIR/report.html`` are rewritten after each
 slide from every finished folder too. A slide without an outline file in an ``--annotations`` folder is a normal
 slide: its detections are judged (all false positives).
 

@@ -9,7 +9,7 @@ the coordinate system slide viewers use.
 - ``tumour.geojson``: a FeatureCollection QuPath imports by drag-and-drop: each connected region of cells at or
   above the threshold as one polygon (the union of its cells, shapely), classified ``Tumor``, with its mean and max
   probability, cell count and area as measurements. ``cells.geojson`` (optional): every scored cell as a tile.
-- ``detections.csv``: ``x,y,probability`` of the heatmap's local maxima (:mod:`histodetect.infer.lesions`), the
+- ``detections.csv``: ``x,y,probability`` of the evidence map's local maxima (:mod:`histodetect.infer.lesions`), the
   columns Camelyon16 asked of participants, most probable first.
 - ``lesions.csv`` and ``lesions.geojson`` (with annotations): the lesions of the outlines (Camelyon16's protocol),
   whether a detection found each and at what probability; the regions, for cohort metrics and QuPath.
