@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -140,10 +139,9 @@ def test_out_onto_a_summary_file_says_what_is_wrong(tmp_path: Path, region: Path
 
 READER = """
 import os, sys, time
-from torch.utils.data import DataLoader, Dataset
-from histodetect.infer.slide import die_with_parent
+from histodetect.infer.slide import read_ahead
 
-class Slow(Dataset):
+class Slow:
     def __len__(self):
         return 4
 
@@ -153,35 +151,30 @@ class Slow(Dataset):
         time.sleep(120)
         return i
 
-for _ in DataLoader(Slow(), num_workers=1, batch_size=None, worker_init_fn=die_with_parent):
+for _ in read_ahead(Slow(), 1):
     pass
 """
 
 
-def running(pid: int) -> bool:
-    """Whether ``pid`` exists and is not a zombie (dead, waiting for whoever adopted it to reap it)."""
-    try:
-        return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return False
+def children(pid: int) -> list[int]:
+    """The processes ``pid`` has started (any of its threads), from /proc."""
+    return [int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
-def test_a_reader_worker_dies_with_its_killed_parent(tmp_path: Path) -> None:
-    """Before, kill -9 on slide left its reader worker running (parent gone, ~620 MB resident, minutes later)."""
-    pid_file = tmp_path / "worker.pid"
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_killed_slide_leaves_no_reader_behind(tmp_path: Path) -> None:
+    """Before, kill -9 on slide left its reader worker process running (parent gone, ~620 MB resident, minutes
+    later). Readers are now threads of the slide process: while one is reading, slide has no child process, so
+    killing it ends every reader."""
+    pid_file = tmp_path / "reader.pid"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     parent = subprocess.Popen([sys.executable, "-c", READER, str(pid_file)], env=env)
-    deadline = time.monotonic() + 120
-    while not (pid_file.is_file() and pid_file.read_text()) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    worker = int(pid_file.read_text())
-    parent.kill()
-    parent.wait()
-    deadline = time.monotonic() + 10
-    while running(worker) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    alive = running(worker)
-    if alive:
-        os.kill(worker, signal.SIGKILL)
-    assert not alive, "the reader outlived its parent"
+    try:
+        deadline = time.monotonic() + 120
+        while not (pid_file.is_file() and pid_file.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert int(pid_file.read_text()) == parent.pid, "the block was read in another process"
+        assert children(parent.pid) == [], "slide started a process that could outlive it"
+    finally:
+        parent.kill()
+        parent.wait()

@@ -18,7 +18,7 @@ a region exported from a viewer) without one is taken to be at the model's scale
 
 Streaming: the tissue mask comes from a low-resolution view (:mod:`histodetect.data.tissue`); then blocks of
 ``BLOCK`` x ``BLOCK`` cells that hold tissue are read, one region each with the 32 px margin the windows need, by
-``DataLoader`` worker processes, so decoding overlaps inference; batches go through :class:`Predictor` (its TTA,
+reader threads (:func:`read_ahead`), so decoding overlaps inference; batches go through :class:`Predictor` (its TTA,
 precision and ensemble). Memory holds the cell grid and a few blocks, whatever the slide's size.
 
 Outputs go into a hidden folder renamed to ``out`` at the end (:mod:`histodetect.infer.slide_outputs` writes
@@ -28,13 +28,15 @@ them), so a failed or killed slide leaves nothing that looks finished.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import os
 import re
 import shutil
-import sys
 import time
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -42,7 +44,6 @@ from typing import Any
 import numpy as np
 import shapely
 from scipy.ndimage import binary_dilation
-from torch.utils.data import DataLoader, Dataset
 
 from histodetect.data.annotations import check_fits, inside, read_polygons
 from histodetect.data.stain import StainError, StainFit, spread
@@ -67,6 +68,7 @@ SCALE_TOLERANCE = 0.08
 REFINE_ABOVE = 0.25  # --cascade: the highest that kept >= 99% of the full pass's cells >= 0.5 (README, "Cascade")
 TOP_K = 10  # the slide score is the mean of the k most suspicious cells (and their max)
 PARTIAL = ".partial-"
+AHEAD = 4  # blocks each reader thread may have read before the model asks for them
 STAIN_WINDOWS = 256  # tissue windows a slide's stains are fitted on (torchstain's fit of 2.4 M pixels)
 
 
@@ -182,7 +184,7 @@ def check_options(
     if level is not None and level < 0:
         raise InferError(f"--level {level}: must be 0 or more")
     if workers is not None and not 0 <= workers <= 64:
-        raise InferError(f"--workers {workers}: must be 0..64 reader processes")
+        raise InferError(f"--workers {workers}: must be 0..64 reader threads")
     if cell not in CELLS:
         raise InferError(f"--cell {cell}: choose from {', '.join(map(str, CELLS))} (model pixels)")
     if cascade and cell == WINDOW:
@@ -193,7 +195,7 @@ def check_options(
         raise InferError(f"--refine-above {refine_above}: must be within [0, 1]")
 
 
-class CellBlocks(Dataset[tuple[np.ndarray, np.ndarray | None, str | None]]):
+class CellBlocks:
     """The windows of the listed cells, a block of cells at a time: item ``i`` is (positions of its cells in
     ``cells``, their uint8 ``(n, 96, 96, 3)`` windows, None) or (positions, None, the error) when the slide cannot
     be read there (a worker's exception would reach the user as a traceback)."""
@@ -230,29 +232,29 @@ class CellBlocks(Dataset[tuple[np.ndarray, np.ndarray | None, str | None]]):
         return positions, np.ascontiguousarray(views[rows - r0, cols - c0]), None
 
 
-def _as_is(item: Any) -> Any:
-    """No collation: blocks arrive as the numpy arrays the worker made."""
-    return item
-
-
-def die_with_parent(_: int = 0) -> None:
-    """A reader worker's ``worker_init_fn``: on Linux, ask the kernel to end this process when its parent dies, so
-    that ``kill -9`` on ``slide`` leaves no orphaned reader holding hundreds of MB (PyTorch's own watchdog only
-    notices between items)."""
-    if not sys.platform.startswith("linux"):
+def read_ahead(blocks: CellBlocks, threads: int) -> Iterator[tuple[np.ndarray, np.ndarray | None, str | None]]:
+    """The items of ``blocks`` in order, ``threads`` reader threads reading up to ``AHEAD`` blocks each ahead of the
+    model (0: read in this thread, one at a time). Threads, not processes: OpenSlide decodes with the GIL released
+    (a ctypes call), and so does onnxruntime, so reading still overlaps inference, without a forked copy of the
+    interpreter (measured ~80 MB of PSS on the 2-core machine) and with nothing that can outlive a killed ``slide``."""
+    if not threads:
+        yield from (blocks[i] for i in range(len(blocks)))
         return
-    import ctypes
-    import signal
-
-    parent = os.getppid()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
-    if os.getppid() != parent:  # the parent died before the request took effect
-        os._exit(1)
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="slide-reader")
+    try:
+        order = iter(range(len(blocks)))
+        queued = deque(pool.submit(blocks.__getitem__, i) for i in itertools.islice(order, AHEAD * threads))
+        while queued:
+            item = queued.popleft().result()
+            for i in itertools.islice(order, 1):
+                queued.append(pool.submit(blocks.__getitem__, i))
+            yield item
+    finally:  # a failed or abandoned pass (an unreadable block, an error in the model) reads nothing more
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def default_workers() -> int:
-    """Reader processes: one core is left to inference, at most 8."""
+    """Reader threads: one core is left to inference, at most 8."""
     return max(1, min(8, (os.cpu_count() or 2) - 1))
 
 
@@ -302,14 +304,6 @@ def score_cells(
         return probabilities
     blocks = CellBlocks(reader, scale, cells)
     workers = 0 if reader.in_memory else (default_workers() if workers is None else workers)
-    loader = DataLoader(
-        blocks,
-        batch_size=None,
-        num_workers=workers,
-        collate_fn=_as_is,
-        prefetch_factor=4 if workers else None,
-        worker_init_fn=die_with_parent if workers else None,
-    )
     pending: list[tuple[np.ndarray, np.ndarray]] = []
     count = 0
     with progress_bar(progress, len(cells), reader.name, unit="cells") as advance:
@@ -326,7 +320,7 @@ def score_cells(
             count -= n
             advance(n)
 
-        blocks_read = iter(loader)
+        blocks_read = read_ahead(blocks, workers)
         while True:
             started = time.perf_counter()
             item = next(blocks_read, None)

@@ -12,10 +12,8 @@ import fnmatch
 from collections.abc import Sequence
 from typing import Any
 
-import timm
 import torch
 import torch.nn.functional as F
-from timm.data import resolve_model_data_config
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -142,6 +140,9 @@ def create_model(
 
 def list_models(pattern: str = "*") -> list[str]:
     """Model names matching a shell-style pattern: ``baseline-cnn`` first, then timm's architectures."""
+    import timm  # here, not at the top: timm pulls in torchvision and torch._dynamo (~1 s, ~100 MB), which a
+    # command running a cached ONNX export never needs
+
     own = [BASELINE] if fnmatch.fnmatch(BASELINE, pattern) else []
     return own + timm.list_models(pattern)
 
@@ -163,6 +164,9 @@ def _build_baseline(dropout: float, image_size: int | str) -> Classifier:
 
 
 def _build_timm(name: str, dropout: float, image_size: int | str) -> Classifier:
+    import timm  # see list_models
+    from timm.data import resolve_model_data_config
+
     if name.startswith(HF_HUB):
         with hub_errors(name):  # the architecture and its settings come from the hub's config.json (or its cache)
             backbone = timm.create_model(name, pretrained=False, num_classes=0)
