@@ -628,7 +628,7 @@ def slide(
     shard: Annotated[str, typer.Option(help="I/N: score every N-th slide from the I-th (0-based), for array jobs.")] = (
         "0/1"
     ),
-    workers: Annotated[int | None, typer.Option(help="Reader processes (default: cores - 1, at most 8).")] = None,
+    workers: Annotated[int | None, typer.Option(help="Reader threads (default: cores - 1, at most 8).")] = None,
     tta: Tta = "none",
     precision: Precision = "auto",
     engine: Engine = "auto",
@@ -739,7 +739,7 @@ def extract(
     hard_count: Annotated[int, typer.Option(help="Hard negatives per slide.")] = 100,
     overwrite: Annotated[bool, typer.Option(help="Replace --out when it is a store.")] = False,
     workers: Annotated[
-        int | None, typer.Option(help="Reader processes for scoring (default: cores - 1, at most 8).")
+        int | None, typer.Option(help="Reader threads for scoring (default: cores - 1, at most 8).")
     ] = None,
 ) -> None:
     """Labelled 96x96 patches from annotated slides (PCam's rule), optionally with a run's hard negatives: a store."""

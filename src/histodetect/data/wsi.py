@@ -7,7 +7,7 @@ so :class:`ArrayReader` holds them, up to ``MAX_PIXELS``. Both expose what the s
 downsamples, the microns per pixel when the file records it, and ``read_region`` in OpenSlide's convention
 (location in level-0 pixels, size in pixels of the level), uint8 RGB with white beyond the image, as glass.
 
-An :class:`OpenSlideReader` pickles as its path and reopens itself in a new process, so reader workers (forked or
+An :class:`OpenSlideReader` pickles as its path and reopens itself in a new process, so worker processes (forked or
 spawned) never share the parent's file handle.
 """
 
@@ -46,7 +46,7 @@ class SlideReader(ABC):
     level_dimensions: tuple[tuple[int, int], ...]  # (width, height) of each level, finest first
     level_downsamples: tuple[float, ...]
     mpp: float | None  # microns per level-0 pixel, when the file records it
-    in_memory: bool  # True when reading a region costs no decoding (no reader processes needed)
+    in_memory: bool  # True when reading a region costs no decoding (no reader threads needed)
 
     @property
     def dimensions(self) -> tuple[int, int]:
