@@ -18,8 +18,9 @@
    on a CPU without bf16 it is what ``auto`` gives). Default reader threads.
 Each command's wall time (process start to exit: imports, model loading, tissue detection, reading, inference and
 outputs), its windows (WSInfer: rows of its CSV; histodetect: ``windows_scored``), windows per second over that wall
-time, and the peak proportional set size of its process tree (sampled every 0.1 s: loader workers included, pages
-shared by forks counted once). Agreement: the largest |p - p_wsinfer| where the windows coincide (WSInfer's tile at
+time, its CPU seconds (user + system of the process tree: on a shared machine, windows per CPU second are the
+steadier comparison) and the peak proportional set size of its process tree (sampled every 0.1 s: loader workers
+included, pages shared by forks counted once). Agreement: the largest |p - p_wsinfer| where the windows coincide (WSInfer's tile at
 (x, y) is the window of the 96 px cell at (x, y) and of the 32 px cell at (x + 32, y + 32)). Targets (issue 17):
 ``--cell 96`` >= 3x WSInfer's windows/s at no more peak memory; the cascade's 32 px answer in <= 1.5x WSInfer's
 wall time; probabilities within 0.002. Prints one JSON object.
@@ -31,6 +32,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 import threading
@@ -94,8 +96,10 @@ def ensure_venv(venv: Path) -> Path:
 
 
 def measure(command: list[str], env: dict[str, str], log: Path) -> dict[str, Any]:
-    """Wall time and the peak PSS of the process tree of ``command``."""
+    """Wall time, CPU time (user + system of the process tree: what a loaded machine distorts least) and the peak
+    PSS of the process tree of ``command``."""
     peak = [0.0]
+    cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     with log.open("w") as out:
         process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -113,7 +117,9 @@ def measure(command: list[str], env: dict[str, str], log: Path) -> dict[str, Any
         sampler.join()
     if code:
         raise RuntimeError(f"{command[:3]} exited {code}; see {log}")
-    return {"wall_s": round(wall, 2), "peak_tree_pss_mb": round(peak[0], 1)}
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu_s = after.ru_utime + after.ru_stime - cpu.ru_utime - cpu.ru_stime
+    return {"wall_s": round(wall, 2), "cpu_s": round(cpu_s, 2), "peak_tree_pss_mb": round(peak[0], 1)}
 
 
 def main() -> None:
@@ -211,6 +217,9 @@ def ratios(results: dict[str, Any]) -> dict[str, float]:
     base, out = results["wsinfer"], {}
     if "cell96" in results:
         out["cell96_windows_per_s_ratio"] = round(results["cell96"]["windows_per_s"] / base["windows_per_s"], 2)
+        out["cell96_windows_per_cpu_s_ratio"] = round(
+            (results["cell96"]["windows"] / results["cell96"]["cpu_s"]) / (base["windows"] / base["cpu_s"]), 2
+        )
         out["cell96_peak_memory_ratio"] = round(results["cell96"]["peak_tree_pss_mb"] / base["peak_tree_pss_mb"], 2)
     for name in ("cascade", "cell32"):
         if name in results:
