@@ -179,8 +179,9 @@ def info(
     """Show what a store holds (patches per split, label balance, problems at ingest), or how a run did."""
     from histodetect.data.ingest import describe_store
     from histodetect.data.store import Store
+    from histodetect.runs.layout import CONFIG
 
-    if (path / "config.yaml").is_file():  # a run folder
+    if (path / CONFIG).is_file():  # a run folder
         from histodetect.report.compare import read_run, terminal_table
 
         if as_json:
@@ -325,7 +326,7 @@ def train(
     """Train one model on a store; writes a run folder (config, checkpoints, metrics, summary)."""
     flags = dict(locals())  # first statement: every option, before any other name is bound
     from histodetect.data.store import Store
-    from histodetect.train.config import build_config
+    from histodetect.runs import build_config
     from histodetect.train.run import train as run_train
 
     read = {"STORE": store, "--config": config, "--pretrained": _existing(pretrained), "--groups": _existing(groups)}
@@ -406,7 +407,7 @@ def tune(
     """Search training settings with Optuna; resumable, and shared by any number of workers on one --storage."""
     from histodetect.data.store import Store
     from histodetect.report.tuning import write_tuning_report
-    from histodetect.train.config import build_config
+    from histodetect.runs import build_config
     from histodetect.train.search_space import load_space
     from histodetect.train.tune import Heartbeat
     from histodetect.train.tune import tune as run_tune
@@ -477,7 +478,7 @@ def evaluate(
 ) -> None:
     """Metrics with confidence intervals, ROC/PR/calibration plots and the worst mistakes, as HTML."""
     from histodetect.infer.evaluate import evaluate as run_evaluate
-    from histodetect.train.runfolder import EVALUATION
+    from histodetect.runs.layout import EVALUATION
 
     check_apart(out, {"RUN": run, "STORE": store}, folder=True, allowed=[run / EVALUATION])
     metrics = run_evaluate(

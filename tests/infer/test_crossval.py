@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from histodetect.cli import app
 from histodetect.data.store import Store
 from histodetect.infer.crossval import cross_validate
-from histodetect.train.config import ConfigError, TrainConfig
+from histodetect.runs.config import ConfigError, TrainConfig
 
 QUICK = dict(model="baseline-cnn", epochs=1, batch_size=8, limit_train=24, patience=0, num_workers=0)
 

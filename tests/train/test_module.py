@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from histodetect.models import create_model
-from histodetect.train.config import TrainConfig
+from histodetect.runs.config import TrainConfig
 from histodetect.train.module import LitClassifier
 
 

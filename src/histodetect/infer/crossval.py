@@ -29,9 +29,9 @@ from histodetect.data.store import Store
 from histodetect.infer.engine import Predictor
 from histodetect.infer.sources import StoreRows
 from histodetect.io import atomic_path, atomic_write_json
-from histodetect.train.config import ConfigError, TrainConfig
+from histodetect.runs.config import ConfigError, TrainConfig
+from histodetect.runs.layout import CONFIG, SUMMARY, held_out_rows, read_split
 from histodetect.train.run import train
-from histodetect.train.runfolder import CONFIG, SUMMARY, held_out_rows, read_split
 
 OOF = "oof.csv"
 CV_SUMMARY = "cv.json"

@@ -37,7 +37,7 @@ from histodetect.data.stain import STAIN_FILE, StainFit, StainNormalizer, fit_st
 from histodetect.device import cpu_has_bf16, resolve_accelerator
 from histodetect.errors import InferError
 from histodetect.models import Classifier
-from histodetect.train.config import TrainConfig
+from histodetect.runs.config import TrainConfig
 
 # Indices into histodetect.data.augment.dihedral: k % 4 quarter turns, then a left-right flip when k >= 4.
 # flips = identity, left-right (4), top-bottom (6 = half turn + left-right), both (2 = half turn).
@@ -166,7 +166,8 @@ class Predictor:
                 raise FileNotFoundError(f"{run}: no such ONNX file")
             self._stains.append((str(run), "none", None))
             return OpenVinoMember(run.read_bytes()) if self.engine == "openvino" else OnnxMember(run)
-        from histodetect.train.runfolder import load_model, run_stain  # Lightning only when a run folder is used
+        from histodetect.runs import load_model
+        from histodetect.runs.layout import run_stain
 
         model, config = load_model(run)
         self._mpps.add(config.mpp)

@@ -12,7 +12,6 @@ fp32 by default, the arithmetic of the exported model one deploys.
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -27,17 +26,10 @@ from histodetect.infer.sources import StoreRows
 from histodetect.io import atomic_write_json, check_output_dir
 from histodetect.report.evaluation import json_safe, write_evaluation_report
 from histodetect.report.metrics import binary_metrics, roc_auc
-from histodetect.train.runfolder import EVALUATION, check_store, held_out_rows, load_config, store_fingerprint
+from histodetect.runs import load_config
+from histodetect.runs.layout import STORE_SPLIT, check_store, evaluation_file, held_out_rows, store_fingerprint
 
 RUN_PARTS = ("val", "test")  # split names that mean the run's own held-out parts
-STORE_SPLIT = "store:"  # prefix naming a store split, for a store whose split is called val or test
-
-
-def run_evaluation(run: Path, split: str) -> Path:
-    """Where evaluate keeps its metrics for ``split`` inside the run folder: ``evaluation/<split>/metrics.json``
-    (a store split ``store:NAME`` as ``store-NAME``, any character outside ``[A-Za-z0-9_.-]`` as ``_``)."""
-    folder = re.sub(r"[^A-Za-z0-9_.-]", "_", split.replace(STORE_SPLIT, "store-", 1))
-    return run / EVALUATION / folder / "metrics.json"
 
 
 def evaluate(
@@ -101,7 +93,7 @@ def evaluate(
         ids=data.ids[rows].tolist(),
         title=f"{run.name}: {config.model} on {_described(split)} ({data.path.name})",
     )
-    copy = run_evaluation(run, split)
+    copy = evaluation_file(run, split)
     if copy.resolve() != (out / "metrics.json").resolve():
         atomic_write_json(copy, json_safe(metrics))
     return metrics

@@ -40,7 +40,7 @@ from histodetect.data.store import Store
 from histodetect.device import Hardware
 from histodetect.errors import ConfigError
 from histodetect.models import Classifier
-from histodetect.train.runfolder import store_fingerprint
+from histodetect.runs.layout import store_fingerprint
 
 CACHE_VERSION = 1
 EMBEDDINGS = "embeddings.f32"

@@ -22,7 +22,7 @@ from histodetect.device import depthwise_in_fp32
 from histodetect.errors import ConfigError
 from histodetect.loss import build_loss
 from histodetect.models import Classifier
-from histodetect.train.config import TrainConfig
+from histodetect.runs.config import TrainConfig
 from histodetect.train.datamodule import Batch
 
 

@@ -35,13 +35,8 @@ from histodetect.data.store import Store
 from histodetect.device import Hardware, resolve_hardware
 from histodetect.io import atomic_path, atomic_write_json
 from histodetect.models import create_model
-from histodetect.train.averaging import weight_averaging
-from histodetect.train.callbacks import AtomicCheckpointIO, EpochLog, FreezeUnfreeze
-from histodetect.train.config import ConfigError, TrainConfig, freeze_top_k
-from histodetect.train.datamodule import StoreDataModule
-from histodetect.train.module import DivergedError, LitClassifier
-from histodetect.train.probe import linear_probe
-from histodetect.train.runfolder import (
+from histodetect.runs.config import ConfigError, TrainConfig, freeze_top_k
+from histodetect.runs.layout import (
     CHECKPOINTS,
     CONFIG,
     METRICS,
@@ -54,6 +49,11 @@ from histodetect.train.runfolder import (
     record_store,
     store_fingerprint,
 )
+from histodetect.train.averaging import weight_averaging
+from histodetect.train.callbacks import AtomicCheckpointIO, EpochLog, FreezeUnfreeze
+from histodetect.train.datamodule import StoreDataModule
+from histodetect.train.module import DivergedError, LitClassifier
+from histodetect.train.probe import linear_probe
 
 
 def train(
