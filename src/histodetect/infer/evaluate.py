@@ -27,7 +27,7 @@ from histodetect.io import atomic_write_json, check_output_dir
 from histodetect.report.evaluation import json_safe, write_evaluation_report
 from histodetect.report.metrics import binary_metrics, roc_auc
 from histodetect.runs import load_config
-from histodetect.runs.layout import STORE_SPLIT, check_store, evaluation_file, held_out_rows, store_fingerprint
+from histodetect.runs.layout import STORE_SPLIT, check_store, evaluation_file, held_out_rows
 
 RUN_PARTS = ("val", "test")  # split names that mean the run's own held-out parts
 
@@ -78,7 +78,7 @@ def evaluate(
         "run": str(run),
         "model": config.model,
         "store": str(data.path),
-        "store_fingerprint": store_fingerprint(data),
+        "store_fingerprint": data.fingerprint,
         "split": split,
         "tta": tta,
         "numeric_precision": predictor.precision,  # not "precision": that is the PPV

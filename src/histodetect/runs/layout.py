@@ -7,7 +7,6 @@ cross-validation) finds its files through these names. Loading the network is :m
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from pathlib import Path
@@ -25,7 +24,7 @@ from histodetect.data.stain import (
     spread,
     write_reference,
 )
-from histodetect.data.store import INDEX, MANIFEST, Store
+from histodetect.data.store import Store
 from histodetect.errors import InferError, StoreError
 from histodetect.io import atomic_write_json
 from histodetect.runs.config import TrainConfig
@@ -45,19 +44,9 @@ PARTS = ("train", "val", "test")  # the parts of split.csv
 SHOWN_IDS = 5  # ids quoted in an error message
 
 
-def store_fingerprint(store: Store) -> str:
-    """What a store holds, in one string: the SHA-256 of its ``manifest.json`` and ``index.csv`` (ids, labels,
-    splits and each patch's SHA-1), so a re-ingested or edited store at the same path is told apart."""
-    digest = hashlib.sha256()
-    for name in (MANIFEST, INDEX):
-        digest.update((store.path / name).read_bytes())
-        digest.update(b"\0")
-    return "sha256:" + digest.hexdigest()
-
-
 def record_store(run: Path, store: Store) -> Path:
     """Write ``store.json``: where the run's patches came from and their fingerprint (see :func:`check_store`)."""
-    return atomic_write_json(run / STORE, {"path": str(store.path.resolve()), "fingerprint": store_fingerprint(store)})
+    return atomic_write_json(run / STORE, {"path": str(store.path.resolve()), "fingerprint": store.fingerprint})
 
 
 def record_stain(run: Path, store: Store, rows: np.ndarray, config: TrainConfig) -> StainFit:
@@ -95,7 +84,7 @@ def check_store(run: Path, store: Store, *, strict: bool = True) -> None:
     if not path.is_file():
         return
     recorded = json.loads(path.read_text(encoding="utf-8"))
-    now = store_fingerprint(store)
+    now = store.fingerprint
     if now == recorded.get("fingerprint"):
         return
     if not strict and Path(recorded.get("path", "")) != store.path.resolve():

@@ -47,7 +47,6 @@ from histodetect.runs.layout import (
     read_split,
     record_stain,
     record_store,
-    store_fingerprint,
 )
 from histodetect.train.averaging import weight_averaging
 from histodetect.train.callbacks import AtomicCheckpointIO, EpochLog, FreezeUnfreeze
@@ -341,7 +340,7 @@ def _summary(
         "stain_reference": STAIN_FILE,  # the reference any command normalises to without --stain-reference
         "stain_aug": config.stain_aug,
         "store": str(datamodule.store.path),
-        "store_fingerprint": store_fingerprint(datamodule.store),
+        "store_fingerprint": datamodule.store.fingerprint,
         "finished": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "versions": {
             "histodetect": __version__,
