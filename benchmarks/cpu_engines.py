@@ -35,7 +35,7 @@ from histodetect.data.store import Store
 from histodetect.device import cpu_has_bf16
 from histodetect.infer.engine import OnnxMember, Predictor
 from histodetect.infer.export import to_onnx
-from histodetect.report.metrics import roc_auc
+from histodetect.metrics import roc_auc
 from histodetect.runs import load_model
 from histodetect.runs.layout import read_split
 

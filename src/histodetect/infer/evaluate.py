@@ -24,8 +24,9 @@ from histodetect.infer.engine import InferError, PatchReader, Predictor
 from histodetect.infer.predict import check_finite
 from histodetect.infer.sources import StoreRows
 from histodetect.io import atomic_write_json, check_output_dir
+from histodetect.metrics import roc_auc
 from histodetect.report.evaluation import json_safe, write_evaluation_report
-from histodetect.report.metrics import binary_metrics, roc_auc
+from histodetect.report.metrics import binary_metrics
 from histodetect.runs import load_config
 from histodetect.runs.layout import STORE_SPLIT, check_store, evaluation_file, held_out_rows
 
