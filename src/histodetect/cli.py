@@ -337,10 +337,11 @@ def train(
     overrides = {k: v for k, v in flags.items() if k not in commands}
     cfg = build_config(preset=preset, config_file=config, **overrides)
     if all_folds:  # re-running continues by itself: finished folds are kept, an interrupted one resumes
-        from histodetect.infer.crossval import cross_validate
+        from histodetect.infer.evaluate import score_rows
         from histodetect.report.compare import terminal_table
+        from histodetect.train.crossval import cross_validate
 
-        result = cross_validate(Store(store), out, cfg, restart=restart)
+        result = cross_validate(Store(store), out, cfg, score=score_rows, restart=restart)
         if not result:  # a DDP process other than rank zero
             return
         runs = [Path(fold["run"]) for fold in result["folds"]]

@@ -100,6 +100,13 @@ def evaluate(
     return metrics
 
 
+def score_rows(runs: list[Path], store: Store, rows: np.ndarray, *, label: str, precision: str) -> np.ndarray:
+    """The mean probability of ``runs`` on ``rows`` of ``store``, through the one :class:`Predictor`: how
+    ``train --all-folds`` scores its out-of-fold and test patches (the CLI hands this to
+    :func:`histodetect.train.crossval.cross_validate`, since the train layer may not import this one)."""
+    return Predictor(runs, precision=precision).predict(StoreRows(store, rows), label=label)
+
+
 class Restained:
     """``patches`` re-stained by ``shift`` a slice at a time (a :class:`~histodetect.infer.engine.PatchReader`)."""
 
