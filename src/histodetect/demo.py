@@ -38,7 +38,8 @@ def run_demo(out: str | Path, *, quick: bool = False) -> dict[str, Path]:
     from histodetect.infer.predict import predict
     from histodetect.report.compare import compare, terminal_table
     from histodetect.report.eda import write_eda
-    from histodetect.train.config import TrainConfig
+    from histodetect.runs import TrainConfig
+    from histodetect.runs.layout import evaluation_file
     from histodetect.train.run import train
 
     console = Console(stderr=True)
@@ -87,7 +88,7 @@ def run_demo(out: str | Path, *, quick: bool = False) -> dict[str, Path]:
 
     step("4/7 evaluate on each run's held-out patches (d4 test-time augmentation)")
     for run in runs:
-        evaluate(run, store.path, run / "evaluation" / "val", split="val", tta="d4")
+        evaluate(run, store.path, evaluation_file(run, "val").parent, split="val", tta="d4")
     outputs["comparison"] = out / "results.md"
     compare(runs, outputs["comparison"])
     console.print(terminal_table(runs))

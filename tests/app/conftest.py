@@ -24,7 +24,7 @@ from histodetect.app import Settings, create_app
 from histodetect.app.server import bind, uvicorn_server
 from histodetect.data.store import Store
 from histodetect.infer.engine import Predictor
-from histodetect.train.config import TrainConfig
+from histodetect.runs.config import TrainConfig
 from histodetect.train.run import train
 
 TINY = dict(epochs=1, batch_size=8, limit_train=16, val_fraction=0.2, patience=0, num_workers=0)

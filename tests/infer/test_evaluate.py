@@ -16,7 +16,7 @@ from histodetect.data.store import Store
 from histodetect.errors import StoreError
 from histodetect.infer.engine import InferError
 from histodetect.infer.evaluate import evaluate
-from histodetect.train.config import TrainConfig
+from histodetect.runs.config import TrainConfig
 from histodetect.train.run import train
 
 

@@ -21,7 +21,7 @@ from histodetect.data.store import Store
 from histodetect.errors import InferError
 from histodetect.infer.engine import Predictor
 from histodetect.infer.extract import HARD_NEGATIVE, SAMPLED, Settings, extract
-from histodetect.train.config import TrainConfig
+from histodetect.runs.config import TrainConfig
 from histodetect.train.run import train
 
 MakeSlide = Callable[..., Path]

@@ -22,7 +22,7 @@ from histodetect.errors import InferError
 from histodetect.infer.engine import Predictor
 from histodetect.infer.lesions import evidence
 from histodetect.infer.slide import score_slide
-from histodetect.report.metrics import roc_auc
+from histodetect.metrics import roc_auc
 
 MakeSlide = Callable[..., Path]
 MODEL_MPP = 0.972

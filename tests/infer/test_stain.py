@@ -22,9 +22,9 @@ from histodetect.errors import InferError
 from histodetect.infer.engine import Predictor
 from histodetect.infer.export import export_onnx
 from histodetect.infer.slide import score_slide
-from histodetect.train.config import TrainConfig
+from histodetect.runs.config import TrainConfig
+from histodetect.runs.layout import run_stain
 from histodetect.train.run import train
-from histodetect.train.runfolder import run_stain
 
 from .conftest import QUICK, Export
 

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from histodetect.cli import app
 from histodetect.report.compare import augment_summary, compare, duration, loss_summary
-from histodetect.train.config import ConfigError, TrainConfig
+from histodetect.runs.config import ConfigError, TrainConfig
 
 
 def _run(

@@ -15,8 +15,8 @@ from typer.testing import CliRunner
 from histodetect.cli import app
 from histodetect.data.store import Store
 from histodetect.errors import ConfigError
+from histodetect.runs.config import TrainConfig, build_config, read_settings
 from histodetect.train import module as module_module
-from histodetect.train.config import TrainConfig, build_config, read_settings
 from histodetect.train.run import train
 
 QUICK = dict(epochs=1, batch_size=8, limit_train=16, val_fraction=0.2, num_workers=0, patience=0)

@@ -6,7 +6,7 @@ import pytest
 
 from histodetect.data.split import groups_of, read_groups, split_rows, stratified_subset
 from histodetect.data.store import Place, Store, StoreWriter
-from histodetect.train.config import ConfigError
+from histodetect.runs.config import ConfigError
 
 LABELS = np.array([0] * 60 + [1] * 40)
 

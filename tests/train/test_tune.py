@@ -19,7 +19,7 @@ import pytest
 
 from histodetect.data.store import Store
 from histodetect.errors import ConfigError
-from histodetect.train.config import TrainConfig
+from histodetect.runs.config import TrainConfig
 from histodetect.train.search_space import SEED_SPACE
 from histodetect.train.tune import Heartbeat, make_sampler, storage_url, tune
 

@@ -29,10 +29,9 @@ from histodetect.errors import ConfigError
 from histodetect.io import atomic_write_text
 from histodetect.report.figures import INK, styled
 from histodetect.report.html import Page
+from histodetect.runs.layout import CONFIG, EVALUATED, EVALUATION, SUMMARY, evaluation_file
 
 PARTS = ("val", "test")  # the run's held-out parts: the only evaluations that stand for it
-# Where `evaluate` leaves metrics, in preference; the older single files count only when they name the part.
-EVALUATION_FILES = ("evaluation/{part}/metrics.json", "evaluation/metrics.json", "metrics.json")
 BEST_MARK = "★"
 BEST_COLOR = "#009E73"  # Okabe–Ito bluish green, as the report's "good" accent
 COLUMNS = [
@@ -139,16 +138,17 @@ def read_run(run: Path) -> RunRecord:
     """Read a run folder; ``summary.json`` may be missing (a run still training), ``config.yaml`` may not."""
     if not run.is_dir():
         raise FileNotFoundError(f"{run}: no such run folder")
-    config_path = run / "config.yaml"
+    config_path = run / CONFIG
     if not config_path.is_file():
-        raise FileNotFoundError(f"{run}: not a run folder (no config.yaml)")
+        raise FileNotFoundError(f"{run}: not a run folder (no {CONFIG})")
     config = _read_mapping(config_path, yaml.safe_load)
-    summary_path = run / "summary.json"
+    summary_path = run / SUMMARY
     summary = _read_mapping(summary_path, json.loads) if summary_path.is_file() else {}
     evaluations = {}
     for part in PARTS:
-        for name in (template.format(part=part) for template in EVALUATION_FILES):
-            if (run / name).is_file() and (found := _read_mapping(run / name, json.loads)).get("split") == part:
+        # where `evaluate` leaves metrics, in preference; the older single files count only when they name the part
+        for path in (evaluation_file(run, part), run / EVALUATION / EVALUATED, run / EVALUATED):
+            if path.is_file() and (found := _read_mapping(path, json.loads)).get("split") == part:
                 evaluations[part] = found
                 break
     return RunRecord(run, config, summary, evaluations)
@@ -265,7 +265,7 @@ def notes(r: RunRecord) -> str:
     s = r.summary
     parts = []
     if not s:
-        parts.append("no summary.json (unfinished?)")
+        parts.append(f"no {SUMMARY} (unfinished?)")
     if s.get("device"):
         parts.append(str(s["device"]) + (f", {s['precision']}" if s.get("precision") else ""))
     if s.get("weights") == "last_epoch":

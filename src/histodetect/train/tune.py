@@ -42,7 +42,7 @@ from rich.console import Console
 
 from histodetect.data.store import Store
 from histodetect.errors import ConfigError
-from histodetect.train.config import TrainConfig
+from histodetect.runs.config import TrainConfig
 from histodetect.train.run import train
 from histodetect.train.search_space import Space, describe, grid, grid_size
 from histodetect.train.tune_results import DONE, RECORD, progress_line, write_results
