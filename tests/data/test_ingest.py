@@ -640,6 +640,17 @@ def test_describe_store_shows_counts_balance_and_problems(sample_copy: Path, tmp
         assert expected in text
 
 
+def test_describe_store_fits_80_columns_whole(sample_store: Store, tmp_path: Path) -> None:
+    deep = tmp_path / ("a-folder-with-a-long-name-" * 3) / "and-another-below-it"
+    deep.mkdir(parents=True)
+    (deep / "store").symlink_to(sample_store.path)
+    console = Console(record=True, width=80)
+    console.print(describe_store(Store(deep / "store")))
+    text = console.export_text()
+    assert "…" not in text and f"{len(sample_store):,} patches" in text
+    assert str(deep / "store") in "".join(line.strip(" │") for line in text.splitlines())  # folded, whole
+
+
 def test_info_command_prints_the_panel(sample_store: Store) -> None:
     result = CliRunner().invoke(app, ["info", str(sample_store.path)])
     assert result.exit_code == 0 and "240" in result.stderr and "problems" in result.stderr

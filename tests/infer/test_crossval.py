@@ -15,6 +15,8 @@ from histodetect.data.store import Store
 from histodetect.infer.crossval import cross_validate
 from histodetect.train.config import ConfigError, TrainConfig
 
+pytestmark = pytest.mark.slow  # every test trains a run or scores a slide with one (seconds each on 2 cores)
+
 QUICK = dict(model="baseline-cnn", epochs=1, batch_size=8, limit_train=24, patience=0, num_workers=0)
 
 

@@ -16,6 +16,8 @@ from histodetect.train.embeddings import META, cache_root, open_or_build
 from histodetect.train.run import hardware_for, train
 from histodetect.train.runfolder import load_model
 
+pytestmark = pytest.mark.slow  # every test trains a run or scores a slide with one (seconds each on 2 cores)
+
 PROBE = dict(
     freeze="frozen",
     cache_embeddings=True,
