@@ -579,7 +579,9 @@ def break_five(root: Path) -> list[str]:
     ]
 
 
-@pytest.mark.parametrize("source", ["sample_dir", pytest.param("shared_subset", marks=pytest.mark.shared)])
+@pytest.mark.parametrize(
+    "source", ["sample_dir", pytest.param("shared_subset", marks=[pytest.mark.shared, pytest.mark.slow])]
+)
 def test_done_criterion(source: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
     root = copy_source(request.getfixturevalue(source), tmp_path / "source")
     n_train = len(labels_of(root))
@@ -604,6 +606,7 @@ def test_done_criterion(source: str, request: pytest.FixtureRequest, tmp_path: P
 
 
 @pytest.mark.shared
+@pytest.mark.slow
 def test_shared_subset_ingests_cleanly(shared_subset: Path, tmp_path: Path) -> None:
     result = run(shared_subset, tmp_path)
     assert result.exit_code == 0 and result.store is not None
