@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from histodetect.data.store import Store
 
 MARKER = ".histodetect-demo"
-SLIDE_GRID = (10, 12)  # patch places of the demo's slide: about 80 tissue patches, a few seconds to score
+SLIDE_GRID = (10, 12)  # patch places of the demo's slide: about 70 of tissue, seconds to score
 
 
 def _prepare(out: Path) -> None:
