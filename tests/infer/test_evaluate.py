@@ -19,6 +19,8 @@ from histodetect.infer.evaluate import evaluate
 from histodetect.runs.config import TrainConfig
 from histodetect.train.run import train
 
+pytestmark = pytest.mark.slow  # every test trains a run or scores a slide with one (seconds each on 2 cores)
+
 
 def test_held_out_patches_give_metrics_with_a_ci_and_a_report(
     baseline_run: Path, sample_store: Store, tmp_path: Path

@@ -17,6 +17,8 @@ from histodetect.infer.explain import cams, explain
 from histodetect.infer.sources import open_source
 from histodetect.runs import load_model
 
+pytestmark = pytest.mark.slow  # every test trains a run or scores a slide with one (seconds each on 2 cores)
+
 
 def test_store_patches_balanced_between_classes(baseline_run: Path, sample_store: Store, tmp_path: Path) -> None:
     paths = explain(baseline_run, [sample_store.path], tmp_path / "cam", limit=6)

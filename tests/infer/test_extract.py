@@ -24,6 +24,8 @@ from histodetect.infer.extract import HARD_NEGATIVE, SAMPLED, Settings, extract
 from histodetect.runs.config import TrainConfig
 from histodetect.train.run import train
 
+pytestmark = pytest.mark.slow  # most tests extract hard negatives with a trained run
+
 MakeSlide = Callable[..., Path]
 MODEL_MPP = 0.972
 ALL = 10_000  # more windows than a test slide has: every candidate is taken

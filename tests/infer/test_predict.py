@@ -23,6 +23,8 @@ from histodetect.infer.engine import CPU_ENGINE, InferError, Predictor, _choose_
 from histodetect.infer.predict import predict
 from histodetect.infer.sources import open_source
 
+pytestmark = pytest.mark.slow  # every test trains a run or scores a slide with one (seconds each on 2 cores)
+
 MakeRun = Callable[[str], Path]
 
 

@@ -28,6 +28,8 @@ from histodetect.train.run import train
 
 from .conftest import QUICK, Export
 
+pytestmark = pytest.mark.slow  # every test trains a run or scores a slide with one (seconds each on 2 cores)
+
 
 @pytest.fixture(scope="module")
 def stain_run(tmp_path_factory: pytest.TempPathFactory, sample_store: Store) -> Path:

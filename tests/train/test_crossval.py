@@ -16,6 +16,8 @@ from histodetect.infer.evaluate import score_rows
 from histodetect.runs.config import ConfigError, TrainConfig
 from histodetect.train.crossval import cross_validate
 
+pytestmark = pytest.mark.slow  # every test trains a run or scores a slide with one (seconds each on 2 cores)
+
 QUICK = dict(model="baseline-cnn", epochs=1, batch_size=8, limit_train=24, patience=0, num_workers=0)
 
 

@@ -16,6 +16,8 @@ from histodetect.runs.config import ConfigError, TrainConfig
 from histodetect.train.embeddings import META, cache_root, open_or_build
 from histodetect.train.run import hardware_for, train
 
+pytestmark = pytest.mark.slow  # every test trains a run or scores a slide with one (seconds each on 2 cores)
+
 PROBE = dict(
     freeze="frozen",
     cache_embeddings=True,

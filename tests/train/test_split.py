@@ -82,6 +82,7 @@ def slide_store(sample_store: Store, path: Path, *, slides: int = 8, unplaced: i
         return writer.commit(source="test")
 
 
+@pytest.mark.slow
 def test_train_groups_auto_keeps_every_slide_on_one_side(sample_store: Store, tmp_path: Path) -> None:
     from typer.testing import CliRunner
 

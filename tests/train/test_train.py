@@ -19,6 +19,8 @@ from histodetect.runs import load_model
 from histodetect.runs.config import ConfigError, TrainConfig
 from histodetect.train.run import train
 
+pytestmark = pytest.mark.slow  # every test trains a run or scores a slide with one (seconds each on 2 cores)
+
 QUICK = dict(epochs=1, batch_size=8, limit_train=16, val_fraction=0.2, image_size=96, num_workers=0, patience=0)
 
 

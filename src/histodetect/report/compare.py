@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,8 @@ import pandas as pd
 import yaml
 from matplotlib.figure import Figure
 from rich import box
+from rich.console import Console, ConsoleOptions, RenderResult
+from rich.measure import Measurement
 from rich.table import Table
 
 from histodetect.errors import ConfigError
@@ -113,18 +115,54 @@ def read_runs(runs: list[Path]) -> list[RunRecord]:
 
 
 TERMINAL_COLUMNS = ["run", "freeze", "val AUC", "test AUC", "val acc", "wall time", "images/s"]
+# Left out in this order when the terminal is too narrow for every cell whole; run and val AUC always stay.
+DROPPED_FIRST = ["images/s", "wall time", "freeze", "val acc", "test AUC"]
+UNBOUNDED = 10_000  # columns: wider than any table here
 
 
-def terminal_table(runs: list[Path], title: str = "Run comparison (best validation ROC AUC first)") -> Table:
-    """The key columns of the comparison for a terminal; the Markdown and HTML files hold all of them."""
-    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD)
-    for column in TERMINAL_COLUMNS:
-        table.add_column(
-            column, justify="right" if column in NUMERIC else "left", no_wrap=column in ("run", "val AUC", "test AUC")
-        )
-    for row in results_table(read_runs(runs))[TERMINAL_COLUMNS].itertuples(index=False):
-        table.add_row(*(str(v) for v in row))
-    return table
+def terminal_table(runs: list[Path], title: str = "Run comparison (best validation ROC AUC first)") -> FittedTable:
+    """The key columns of the comparison for a terminal; the Markdown and HTML files hold all of them. It keeps to
+    the console's width (80 columns in a plain terminal or a CI log) by moving the intervals under their AUC and
+    then leaving columns out, never by cutting a cell."""
+    return FittedTable(results_table(read_runs(runs))[TERMINAL_COLUMNS], title)
+
+
+class FittedTable:
+    """A rich renderable of ``frame`` that fits the width it is drawn at: every cell whole, on one line if it can,
+    else with a cell's bracketed interval on its own line, else without the columns of ``DROPPED_FIRST``, one by
+    one (a caption names them). rich itself would shorten cells to ``f…`` instead."""
+
+    def __init__(self, frame: pd.DataFrame, title: str) -> None:
+        self.frame, self.title = frame, title
+
+    def _table(self, columns: list[str], folded: bool) -> Table:
+        table = Table(title=self.title, title_justify="left", box=box.SIMPLE_HEAD, caption_justify="left")
+        for column in columns:
+            # Only a run's name may fold, in the narrowest rendering, when even that is too wide for it whole.
+            justify = "right" if column in NUMERIC else "left"
+            table.add_column(column, justify=justify, no_wrap=column != "run", overflow="fold")
+        for row in self.frame[columns].itertuples(index=False):
+            table.add_row(*(str(v).replace(" [", "\n[") if folded else str(v) for v in row))
+        left_out = [c for c in self.frame.columns if c not in columns]
+        if left_out:
+            table.caption = f"left out at this width: {', '.join(left_out)}"
+        return table
+
+    def candidates(self) -> Iterator[Table]:
+        """The renderings, widest first."""
+        columns = list(self.frame.columns)
+        yield self._table(columns, folded=False)
+        for drop in [None, *DROPPED_FIRST]:
+            columns = [c for c in columns if c != drop]
+            yield self._table(columns, folded=True)
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        unbounded = options.update(max_width=UNBOUNDED)  # the width each rendering wants, not what it would get
+        table = None
+        for table in self.candidates():
+            if Measurement.get(console, unbounded, table).maximum <= options.max_width:
+                break
+        yield table
 
 
 _FOOTNOTE = (
