@@ -20,10 +20,10 @@ Each command's wall time (process start to exit: imports, model loading, tissue 
 outputs), its windows (WSInfer: rows of its CSV; histodetect: ``windows_scored``), windows per second over that wall
 time, its CPU seconds (user + system of the process tree: on a shared machine, windows per CPU second are the
 steadier comparison) and the peak proportional set size of its process tree (sampled every 0.1 s: loader workers
-included, pages shared by forks counted once). Agreement: the largest |p - p_wsinfer| where the windows coincide (WSInfer's tile at
-(x, y) is the window of the 96 px cell at (x, y) and of the 32 px cell at (x + 32, y + 32)). Targets (issue 17):
-``--cell 96`` >= 3x WSInfer's windows/s at no more peak memory; the cascade's 32 px answer in <= 1.5x WSInfer's
-wall time; probabilities within 0.002. Prints one JSON object.
+included, pages shared by forks counted once). Agreement: the largest |p - p_wsinfer| where the windows coincide
+(WSInfer's tile at (x, y) is the window of the 96 px cell at (x, y) and of the 32 px cell at (x + 32, y + 32)).
+Targets (issue 17): ``--cell 96`` >= 3x WSInfer's windows/s at no more peak memory; the cascade's 32 px answer in
+<= 1.5x WSInfer's wall time; probabilities within 0.002. Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ from torch import nn
 
 from histodetect.infer.engine import Predictor
 from histodetect.models import Classifier
-from histodetect.train.runfolder import load_model
+from histodetect.runs import load_model
 from real_slides import MPP, PATCH, held_out, make_slide
 from slide_throughput import tree_pss_mb
 

@@ -30,10 +30,10 @@ from histodetect.infer.engine import ONNX_SUFFIX, InferError, OnnxMember
 from histodetect.infer.sources import ImageFiles, store_patches
 from histodetect.io import atomic_write_bytes
 from histodetect.models import Classifier
+from histodetect.runs import TrainConfig, load_config, load_model
+from histodetect.runs.layout import WEIGHTS
 from histodetect.sample import sample_dir
-from histodetect.train.config import TrainConfig
 from histodetect.train.embeddings import cache_root
-from histodetect.train.runfolder import WEIGHTS, load_config, load_model
 
 MAX_ABS_DIFF = 1e-4  # fp32 probabilities; real exports agree to ~1e-6
 CHECK_PATCHES = 64

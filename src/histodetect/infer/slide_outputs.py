@@ -32,6 +32,7 @@ from skimage.measure import label, regionprops
 from histodetect.data.wsi import SlideReader
 from histodetect.infer import lesions
 from histodetect.io import atomic_write_json
+from histodetect.metrics import roc_auc
 
 THUMBNAIL = 1600  # longest side of heatmap.png's slide image, in pixels
 TUMOUR_CLASS = {"name": "Tumor", "color": [200, 0, 0]}  # QuPath's own class name for tumour
@@ -108,8 +109,6 @@ def summarise(scored: ScoredSlide, *, threshold: float, top_k: int) -> dict[str,
 def agreement(scored: ScoredSlide, slide_tumour: bool, slide_positive: bool) -> dict[str, Any]:
     """How the cells and the slide's decision agree with the annotations: cell-level ROC AUC (None when the scored
     cells are all of one class) and whether the decision is right."""
-    from histodetect.report.metrics import roc_auc  # scikit-learn: only a slide with annotations needs it
-
     assert scored.truth is not None
     y = scored.truth.astype(np.int64)
     return {
