@@ -41,7 +41,7 @@ from histodetect.runs.layout import held_out_rows, read_summary
 from histodetect.runs.loading import load_config
 
 CHROMIUM = "/usr/bin/chromium"
-SLIDE_SEED = 3  # a draw whose slide holds three lesions of different sizes
+SLIDE_SEED = 10  # a draw whose slide holds three lesions
 
 
 def histodetect(*args: str | Path) -> str:
@@ -65,7 +65,7 @@ def report_picture(run: Path, store: Path, work: Path, target: Path, browser: An
     """The evaluation report of the run's held-out test patches, as a browser shows its top."""
     out = work / "evaluation"
     histodetect("evaluate", run, store, "--split", "test", "--tta", "d4", "--out", out)
-    page = browser.new_page(viewport={"width": 1100, "height": 1300})
+    page = browser.new_page(viewport={"width": 1100, "height": 1500})
     page.goto((out / "report.html").as_uri())
     size = save_small(page.screenshot(), target)
     metrics = json.loads((out / "metrics.json").read_text())
@@ -81,7 +81,7 @@ def slide_picture(run: Path, store: Store, work: Path, target: Path) -> dict[str
     from matplotlib.patches import Polygon
 
     rows = held_out_rows(run, store, "test")
-    slides = build_cohort(
+    slides = build_cohort(  # the lesions' tumour patches and the normal tissue around them: all held out
         work / "cohort", store.read(rows), store.labels[rows], tumour_slides=1, normal_slides=0,
         grid=(14, 20), lesion_patches=(6, 14), seed=SLIDE_SEED,
     )  # fmt: skip
@@ -121,10 +121,13 @@ def _rings(geometry: dict[str, Any]) -> list[np.ndarray]:
 
 
 def webapp_picture(run: Path, store: Store, work: Path, target: Path, browser: Any) -> dict[str, Any]:
-    """The page after two tumour and one normal held-out patch, a text file and a 2x2 region were dropped on it."""
+    """The page after two tumour and one normal held-out patch (drawn at random, seed 0), a text file and a 2x2
+    region were dropped on it."""
     rows = held_out_rows(run, store, "test")
     labels = store.labels[rows]
-    chosen = [rows[labels == 1][0], rows[labels == 0][0], rows[labels == 1][1]]
+    rng = np.random.default_rng(0)
+    tumour, normal = rng.choice(rows[labels == 1], 2, replace=False), rng.choice(rows[labels == 0])
+    chosen = [tumour[0], normal, tumour[1]]
     files = []
     for k, row in enumerate(chosen):
         files.append(work / f"patch-{k + 1}.png")
@@ -154,6 +157,7 @@ def webapp_picture(run: Path, store: Store, work: Path, target: Path, browser: A
                 break
             except Exception:  # noqa: BLE001 - not listening yet
                 time.sleep(0.5)
+        names = [f.name for f in files]
         page.locator("#patches").set_input_files([str(f) for f in files])
         for path in files:
             card = page.locator(".card", has_text=path.name)
@@ -162,13 +166,13 @@ def webapp_picture(run: Path, store: Store, work: Path, target: Path, browser: A
         page.locator(".card", has_text="notes.png").locator(".error").wait_for(timeout=30_000)
         page.locator("#region").set_input_files(str(region))
         page.locator("#region-result img").wait_for(timeout=60_000)
-        shown = page.locator(".card .probability").all_inner_texts()
+        shown = {name: page.locator(".card", has_text=name).locator(".probability").inner_text() for name in names}
         size = save_small(page.screenshot(full_page=True), target)
     finally:
         server.terminate()
         server.wait(timeout=20)
     truth = [int(store.labels[r]) for r in chosen]
-    return {"file": target.name, "bytes": size, "patches": [f.name for f in files], "labels": truth, "shown": shown}
+    return {"file": target.name, "bytes": size, "labels": dict(zip(names, truth, strict=True)), "shown": shown}
 
 
 def main() -> None:
