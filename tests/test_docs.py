@@ -12,6 +12,7 @@ a GPU or a network are simply not marked.
 
 from __future__ import annotations
 
+import glob
 import os
 import re
 import shlex
@@ -73,6 +74,11 @@ def commands(text: str) -> list[list[str]]:
         if words[:1] == ["histodetect"]:
             found.append([os.path.expanduser(w) if w.startswith("~") else w for w in words[1:]])
     return found
+
+
+def globbed(args: list[str]) -> list[str]:
+    """``args`` with each pattern replaced by what it matches now, in the current folder, as a shell does."""
+    return [match for arg in args for match in (sorted(glob.glob(arg)) or [arg] if "*" in arg else [arg])]
 
 
 BLOCKS = marked_blocks()
@@ -152,7 +158,7 @@ def test_a_marked_example_runs_on_the_sample(block: Block, workspace: Path, prov
 
     lines = commands(block.text)
     assert lines, f"{block}: a marked block with no histodetect command"
-    for args in lines:
+    for args in map(globbed, lines):
         if args[:1] == ["train"]:
             args = [*args, *QUICK_TRAIN]
         result = CliRunner().invoke(app, args)
