@@ -11,7 +11,11 @@ RUN should be a CPU-preset run with a held-out test part, e.g.
   of real tumour patches, outlined in ASAP XML) scored by ``slide --annotations``: ``heatmap.png`` beside the slide
   with the regions of ``tumour.geojson`` (and the true outlines);
 - ``webapp.png``: the page of ``serve RUN`` in Chromium (Playwright, ``/usr/bin/chromium``: nothing is downloaded)
-  after three held-out patches, a file that is not an image and a region were dropped on it.
+  after three held-out patches, a file that is not an image and a region were dropped on it;
+- ``cohort-report.png``: the top of the ``report.html`` that ``slide --annotations --reference`` writes for a cohort
+  of 12 tumour and 12 normal slides built from those patches.
+
+``--pictures report slide`` remakes only those.
 
 It prints JSON naming the run (model, preset, seed, epochs, the store) and what each picture shows. Pictures are
 saved with 256 colours, small enough for a repository.
@@ -61,10 +65,10 @@ def save_small(png: bytes | Image.Image, target: Path) -> int:
     return target.stat().st_size
 
 
-def report_picture(run: Path, store: Path, work: Path, target: Path, browser: Any) -> dict[str, Any]:
+def report_picture(run: Path, store: Store, work: Path, target: Path, browser: Any) -> dict[str, Any]:
     """The evaluation report of the run's held-out test patches, as a browser shows its top."""
     out = work / "evaluation"
-    histodetect("evaluate", run, store, "--split", "test", "--tta", "d4", "--out", out)
+    histodetect("evaluate", run, store.path, "--split", "test", "--tta", "d4", "--out", out)
     page = browser.new_page(viewport={"width": 1100, "height": 1500})
     page.goto((out / "report.html").as_uri())
     size = save_small(page.screenshot(), target)
@@ -72,7 +76,7 @@ def report_picture(run: Path, store: Path, work: Path, target: Path, browser: An
     return {"file": target.name, "bytes": size, "split": "test", "tta": "d4", "roc_auc": metrics.get("roc_auc")}
 
 
-def slide_picture(run: Path, store: Store, work: Path, target: Path) -> dict[str, Any]:
+def slide_picture(run: Path, store: Store, work: Path, target: Path, browser: Any) -> dict[str, Any]:
     """One slide of real held-out patches with three lesions, scored; the heatmap beside the outlines."""
     import matplotlib
 
@@ -123,6 +127,8 @@ def _rings(geometry: dict[str, Any]) -> list[np.ndarray]:
 def webapp_picture(run: Path, store: Store, work: Path, target: Path, browser: Any) -> dict[str, Any]:
     """The page after two tumour and one normal held-out patch (drawn at random, seed 0), a text file and a 2x2
     region were dropped on it."""
+    from playwright.sync_api import Error as PlaywrightError
+
     rows = held_out_rows(run, store, "test")
     labels = store.labels[rows]
     rng = np.random.default_rng(0)
@@ -155,7 +161,7 @@ def webapp_picture(run: Path, store: Store, work: Path, target: Path, browser: A
             try:
                 page.goto(address.group())
                 break
-            except Exception:  # noqa: BLE001 - not listening yet
+            except PlaywrightError:  # not listening yet
                 time.sleep(0.5)
         names = [f.name for f in files]
         page.locator("#patches").set_input_files([str(f) for f in files])
@@ -175,12 +181,35 @@ def webapp_picture(run: Path, store: Store, work: Path, target: Path, browser: A
     return {"file": target.name, "bytes": size, "labels": dict(zip(names, truth, strict=True)), "shown": shown}
 
 
+def cohort_picture(run: Path, store: Store, work: Path, target: Path, browser: Any) -> dict[str, Any]:
+    """A Camelyon16-style cohort of held-out patches judged by ``slide``; the top of its report page."""
+    rows = held_out_rows(run, store, "test")
+    cohort = work / "cohort24"
+    build_cohort(cohort, store.read(rows), store.labels[rows], tumour_slides=12, normal_slides=12, grid=(12, 16))
+    out = work / "judged"
+    histodetect("slide", run, cohort / "slides", "--out", out, "--annotations", cohort / "annotations",
+                "--reference", cohort / "reference.csv")  # fmt: skip
+    page = browser.new_page(viewport={"width": 1000, "height": 1500})
+    page.goto((out / "report.html").as_uri())
+    size = save_small(page.screenshot(), target)
+    judged = json.loads((out / "cohort.json").read_text())
+    slide, lesion = judged["slide"], judged["lesion"]
+    keys = ("roc_auc", "correct", "slides")
+    return {"file": target.name, "bytes": size, **{k: slide.get(k) for k in keys}, "froc": lesion.get("froc")}
+
+
+# Each takes (run, store, work folder, target file, browser) and returns what its picture shows.
+PICTURES = {"report": report_picture, "slide": slide_picture, "webapp": webapp_picture, "cohort": cohort_picture}
+FILES = {"report": "report.png", "slide": "slide-heatmap.png", "webapp": "webapp.png", "cohort": "cohort-report.png"}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run", type=Path)
     parser.add_argument("store", type=Path)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent)
     parser.add_argument("--work", type=Path, default=None, help="keep the intermediate outputs here")
+    parser.add_argument("--pictures", nargs="+", choices=sorted(PICTURES), default=list(PICTURES))
     args = parser.parse_args()
     from playwright.sync_api import sync_playwright
 
@@ -201,9 +230,8 @@ def main() -> None:
         work.mkdir(parents=True, exist_ok=True)
         browser = playwright.chromium.launch(executable_path=CHROMIUM)
         try:
-            made["report"] = report_picture(args.run, args.store, work, args.out / "report.png", browser)
-            made["slide"] = slide_picture(args.run, store, work, args.out / "slide-heatmap.png")
-            made["webapp"] = webapp_picture(args.run, store, work, args.out / "webapp.png", browser)
+            for name in args.pictures:
+                made[name] = PICTURES[name](args.run, store, work, args.out / FILES[name], browser)
         finally:
             browser.close()
     print(json.dumps(made, indent=2))
