@@ -313,31 +313,6 @@ def test_pool_and_in_process_decoding_write_the_same_store(
     np.testing.assert_array_equal(store.patches, sample_store.patches)
 
 
-TIFF_VARIANTS = {
-    # name: (writer, whether the raw fast path may take it); every variant must decode to the same pixels
-    "pil-uncompressed": (lambda path, a: Image.fromarray(a).save(path, format="TIFF"), True),
-    "multi-strip": (lambda path, a: tifffile.imwrite(path, a, photometric="rgb", rowsperstrip=10), True),
-    "big-endian": (lambda path, a: tifffile.imwrite(path, a, photometric="rgb", byteorder=">"), True),
-    "lzw": (lambda path, a: Image.fromarray(a).save(path, format="TIFF", compression="tiff_lzw"), False),
-    "deflate": (lambda path, a: tifffile.imwrite(path, a, photometric="rgb", compression="zlib"), False),
-    "png": (lambda path, a: Image.fromarray(a).save(path, format="PNG"), False),
-}
-
-
-@pytest.mark.parametrize("variant", TIFF_VARIANTS)
-def test_every_encoding_decodes_to_the_same_pixels(sample_dir: Path, tmp_path: Path, variant: str) -> None:
-    """The raw TIFF fast path takes only what it can read exactly; everything else goes to PIL."""
-    write, fast = TIFF_VARIANTS[variant]
-    original = next((sample_dir / "train").glob("*.tif"))
-    expected = pixels_of(original)
-    write(tmp_path / "patch.tif", expected)
-    pixels, digest, found = ingest_module.decode_patch(str(tmp_path / "patch.tif"))
-    assert found == [] and digest == original.stem
-    np.testing.assert_array_equal(pixels, expected)
-    assert (ingest_module.raw_tiff_rgb((tmp_path / "patch.tif").read_bytes()) is not None) == fast
-    assert ingest_module.raw_tiff_rgb(original.read_bytes()) is not None  # the competition's own files
-
-
 def test_bare_folder_is_train_with_labels_and_test_without(sample_dir: Path, tmp_path: Path) -> None:
     folder = copy_source(sample_dir / "train", tmp_path / "images")
     labeled = run(folder, tmp_path / "a", labels=sample_dir / "train_labels.csv").store

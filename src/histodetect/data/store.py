@@ -38,6 +38,7 @@ STORE_FORMAT = "histodetect-store"
 STORE_VERSION = 2
 READABLE_VERSIONS = (1, STORE_VERSION)
 PATCH_SHAPE = (96, 96, 3)
+PATCH_BYTES = PATCH_SHAPE[0] * PATCH_SHAPE[1] * PATCH_SHAPE[2]  # one patch, packed
 UNLABELED = -1
 NO_COORD = -1  # coord_x / coord_y of a patch whose position on its slide is unknown
 
