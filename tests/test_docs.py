@@ -109,6 +109,15 @@ def test_the_readmes_links_and_pictures_exist() -> None:
     assert targets and not missing, missing
 
 
+def test_the_list_of_problem_kinds_is_the_table_ingest_reads() -> None:
+    from histodetect.data.problems import markdown_table
+
+    text = (REPO_ROOT / "docs/data.md").read_text(encoding="utf-8")
+    listed = re.search(r"<!-- problem-kinds:[^>]*-->\n(.*?)\n<!-- /problem-kinds -->", text, re.S)
+    assert listed, "docs/data.md: the problem-kinds markers are gone"
+    assert listed.group(1) == markdown_table(), "docs/data.md: paste histodetect.data.problems.markdown_table()"
+
+
 @pytest.fixture(scope="module")
 def provided(tmp_path_factory: pytest.TempPathFactory, sample_store: Store, mosaic, make_slide) -> dict[str, Path]:
     """What a block may read without making it, by the name the docs use: the run is trained by the CLI itself."""
