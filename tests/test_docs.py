@@ -121,15 +121,24 @@ def test_the_list_of_problem_kinds_is_the_table_ingest_reads() -> None:
 
 
 @pytest.fixture(scope="module")
-def provided(tmp_path_factory: pytest.TempPathFactory, sample_store: Store, mosaic, make_slide) -> dict[str, Path]:
-    """What a block may read without making it, by the name the docs use: the run is trained by the CLI itself."""
+def provided(
+    tmp_path_factory: pytest.TempPathFactory, sample_store: Store, sample_dir: Path, mosaic, make_slide
+) -> dict[str, Path]:
+    """What a block may read without making it, by the name the docs use; the run is trained by the CLI itself,
+    with the flags a ``train`` line gets."""
     from histodetect.cli import app
 
     root = tmp_path_factory.mktemp("docs-inputs")
     result = CliRunner().invoke(app, ["train", str(sample_store.path), "--out", str(root / "lite0"), *QUICK_TRAIN])
     assert result.exit_code == 0, result.output
     make_slide(root / "tumor_001.tif", mosaic.image, 0.972)
-    return {"stores/hcd": sample_store.path, "runs/lite0": root / "lite0", "tumor_001.tif": root / "tumor_001.tif"}
+    return {
+        "stores/hcd": sample_store.path,
+        "runs/lite0": root / "lite0",
+        "runs/cnn": root / "lite0",  # the tiny run is a baseline CNN: a second run to ensemble with
+        "tumor_001.tif": root / "tumor_001.tif",
+        "some_patch.tif": sorted((sample_dir / "test").glob("*.tif"))[0],
+    }
 
 
 @pytest.fixture
@@ -149,6 +158,8 @@ def fill(here: Path, block: Block, provided: dict[str, Path]) -> None:
     """Puts into ``here`` what ``block`` reads and does not make (its ``--out``)."""
     for name, source in provided.items():
         if name not in block.text or re.search(rf"--out\s+{re.escape(name)}(\s|$)", block.text):
+            continue
+        if block.language == "python" and name.startswith("runs/"):  # the library example trains its own
             continue
         (here / name).parent.mkdir(parents=True, exist_ok=True)
         if name.startswith("runs/"):  # commands may write into a run (evaluate --out RUN/evaluation)
