@@ -179,8 +179,9 @@ def info(
     """Show what a store holds (patches per split, label balance, problems at ingest), or how a run did."""
     from histodetect.data.ingest import describe_store
     from histodetect.data.store import Store
+    from histodetect.runs.layout import CONFIG
 
-    if (path / "config.yaml").is_file():  # a run folder
+    if (path / CONFIG).is_file():  # a run folder
         from histodetect.report.compare import read_run, terminal_table
 
         if as_json:
@@ -325,7 +326,7 @@ def train(
     """Train one model on a store; writes a run folder (config, checkpoints, metrics, summary)."""
     flags = dict(locals())  # first statement: every option, before any other name is bound
     from histodetect.data.store import Store
-    from histodetect.train.config import build_config
+    from histodetect.runs import build_config
     from histodetect.train.run import train as run_train
 
     read = {"STORE": store, "--config": config, "--pretrained": _existing(pretrained), "--groups": _existing(groups)}
@@ -336,10 +337,11 @@ def train(
     overrides = {k: v for k, v in flags.items() if k not in commands}
     cfg = build_config(preset=preset, config_file=config, **overrides)
     if all_folds:  # re-running continues by itself: finished folds are kept, an interrupted one resumes
-        from histodetect.infer.crossval import cross_validate
+        from histodetect.infer.evaluate import score_rows
         from histodetect.report.compare import terminal_table
+        from histodetect.train.crossval import cross_validate
 
-        result = cross_validate(Store(store), out, cfg, restart=restart)
+        result = cross_validate(Store(store), out, cfg, score=score_rows, restart=restart)
         if not result:  # a DDP process other than rank zero
             return
         runs = [Path(fold["run"]) for fold in result["folds"]]
@@ -406,7 +408,7 @@ def tune(
     """Search training settings with Optuna; resumable, and shared by any number of workers on one --storage."""
     from histodetect.data.store import Store
     from histodetect.report.tuning import write_tuning_report
-    from histodetect.train.config import build_config
+    from histodetect.runs import build_config
     from histodetect.train.search_space import load_space
     from histodetect.train.tune import Heartbeat
     from histodetect.train.tune import tune as run_tune
@@ -477,7 +479,7 @@ def evaluate(
 ) -> None:
     """Metrics with confidence intervals, ROC/PR/calibration plots and the worst mistakes, as HTML."""
     from histodetect.infer.evaluate import evaluate as run_evaluate
-    from histodetect.train.runfolder import EVALUATION
+    from histodetect.runs.layout import EVALUATION
 
     check_apart(out, {"RUN": run, "STORE": store}, folder=True, allowed=[run / EVALUATION])
     metrics = run_evaluate(

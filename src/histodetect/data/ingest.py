@@ -483,7 +483,8 @@ def describe_store(store: Store) -> RenderableType:
 
     about = Table.grid(padding=(0, 2))
     about.add_column(style="bold")
-    about.add_column()
+    about.add_column(overflow="fold")  # a long path folds onto the next line, never loses its end
+    about.add_row("store", escape(str(store.path)))
     about.add_row("source", escape(str(manifest.get("source", "?"))))
     about.add_row("layout", str(manifest.get("layout", "?")))
     about.add_row("created", str(manifest.get("created", "?")))
@@ -492,7 +493,7 @@ def describe_store(store: Store) -> RenderableType:
     about.add_row("problems", _describe_problems(manifest.get("problems")))
     return Panel(
         Group(splits, "", about),
-        title=f"store {escape(str(store.path))}: {len(store):,} patches",
+        title=f"store: {len(store):,} patches",  # the path is a row: a title too long for the panel is cut
         title_align="left",
     )
 
