@@ -366,11 +366,11 @@ def freeze_top_k(freeze: str) -> int | None:
     raise ConfigError(f"freeze must be none, frozen or top:K with K >= 1, not {freeze!r}")
 
 
-# Presets: the settings that gave the best validation AUC for the time on that hardware (README documents them).
+# Presets: the settings that gave the best validation AUC for the time on that hardware (docs/training.md).
 PRESETS: dict[str, dict[str, Any]] = {
     "cpu": {
         # Measured on a 2-core AVX2 CPU (fp32, channels_last) with the 5,000-patch hcd-subset, 4,000 trained on and a
-        # 1,000-patch test split never seen: ROC AUC 0.9676, 0.9747 with d4 TTA, in 18 min 15 s (README). Against the
+        # 1,000-patch test split never seen: ROC AUC 0.9676, 0.9747 with d4 TTA, in 18 min 15 s (docs). Against the
         # earlier preset (backbone at 0.1x, no EMA, 12 epochs): 0.969 with TTA on a held-out 1,000 (the backbone rate
         # and EMA were changed together, not measured one at a time). EMA 0.995 averages over ~3 epochs of steps.
         "model": "tf_efficientnet_lite0",
