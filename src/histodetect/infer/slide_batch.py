@@ -41,6 +41,7 @@ SLIDE_SUFFIXES = frozenset(
 )
 COMPANION_SUFFIXES = (".xml", ".geojson", ".json", ".png")
 TABLE = "slides.csv"
+MAX_SUMMARY_BYTES = 1 << 20  # a slide's summary.json is a few kilobytes
 COLUMNS = (
     "name", "slide", "error", "width", "height", "mpp", "mpp_source", "level", "scale_factor", "cells_scored",
     "tissue_mm2", "area_above_threshold_mm2", "slide_score", "slide_positive", "max_probability", "cell_roc_auc",
@@ -176,9 +177,13 @@ def read_summaries(out: Path) -> list[tuple[str, dict[str, Any]]]:
     found = []
     for summary_file in sorted(out.glob("*/summary.json")):
         try:
+            if not summary_file.is_file():  # a FIFO would block the reader for good
+                raise OSError("not a regular file")
+            if summary_file.stat().st_size > MAX_SUMMARY_BYTES:
+                raise OSError(f"over {MAX_SUMMARY_BYTES:,} bytes")
             summary = json.loads(summary_file.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            summary = {"error": f"{summary_file}: not a slide's summary ({type(exc).__name__})"}
+        except (OSError, ValueError, RecursionError) as exc:
+            summary = {"error": f"{summary_file}: not a slide's summary ({type(exc).__name__}: {str(exc)[:80]})"}
         if not isinstance(summary, dict):
             summary = {"error": f"{summary_file}: not a slide's summary (a JSON {type(summary).__name__})"}
         found.append((summary_file.parent.name, summary))
