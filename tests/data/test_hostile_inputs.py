@@ -165,6 +165,26 @@ def test_a_polygon_of_too_many_vertices_is_refused_before_geos_works_on_it(tmp_p
         read_polygons(path)
 
 
+def test_a_hollow_slide_ends_with_one_line_once_its_tissue_view_runs_past_its_budget(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A header claiming 100,000 px a side (under MAX_SIDE) with no tile data read for hours (OpenSlide makes every
+    missing tile); the tissue view judges its pace and stops. The budget is shrunk here, not the slide grown."""
+    from histodetect.data import tissue
+
+    monkeypatch.setattr(tissue, "BAND_PIXELS", 1)  # a band per row of cells: the pace is known after the first
+    monkeypatch.setattr(tissue, "PACE_SECONDS", 0.0)
+    monkeypatch.setattr(tissue, "TISSUE_SECONDS", 1e-9)
+    with (
+        open_slide(hollow_svs(tmp_path / "hollow.svs", 8192, 0.972)) as reader,
+        pytest.raises(InferError, match=r"hollow.svs: finding the tissue would take .* tiles are missing"),
+    ):
+        tissue.tissue_fraction(reader, 32.0, (256, 256))
+    monkeypatch.setattr(tissue, "TISSUE_SECONDS", 600.0)
+    fraction, _ = tissue.tissue_fraction(ArrayReader(np.full((64, 64, 3), 255, np.uint8)), 32.0, (2, 2))
+    assert fraction.shape == (2, 2)  # within the budget: done as before
+
+
 # ---------------------------------------------------------------------------------------------------- silent accepts
 def test_a_self_crossing_outline_is_repaired_and_said(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     bowtie = [[0, 0], [100, 100], [100, 0], [0, 100], [0, 0]]
