@@ -106,7 +106,10 @@ def check_apart(
     hard links; a ``folder`` output may not hold an input either (the command would list, skip or replace it).
     ``allowed`` names folders inside an input where this command does write (``RUN/evaluation``). An existing
     file at ``out`` is replaced only when ``ours(out)`` recognises it as this command's own output, or with the
-    command's ``overwrite`` option. It also makes the checks of :func:`check_output_dir` / :func:`check_output_file`.
+    command's ``overwrite`` option; likewise a ``folder`` output that exists and holds anything (hidden entries
+    aside) is written into only when ``ours(out)`` recognises it as a folder this command made (:func:`holding`),
+    so no file of the user's in it is replaced. It also makes the checks of :func:`check_output_dir` /
+    :func:`check_output_file`.
     """
     out = Path(out)
     target = out.resolve()
@@ -121,10 +124,34 @@ def check_apart(
             if folder and source.is_relative_to(target):
                 raise UserError(f"{option} {out}: holds the input {name} {path}; choose a folder apart from it")
     (check_output_dir if folder else check_output_file)(out, option)
-    if ours is not None and not overwrite and out.is_file() and not ours(out):
+    if ours is None or overwrite:
+        return
+    if out.is_file() and not ours(out):
         raise UserError(
             f"{option} {out}: an existing file that this command did not write; move it or choose another {option}"
         )
+    held = sorted(entry.name for entry in out.iterdir() if not entry.name.startswith(".")) if out.is_dir() else []
+    if held and not ours(out):
+        listed = ", ".join(repr(name)[1:-1] for name in held[:3]) + (" ..." if len(held) > 3 else "")
+        raise UserError(
+            f"{option} {out}: an existing folder that this command did not make (it holds {listed}); "
+            f"choose a new or empty folder"
+        )
+
+
+def holding(*patterns: str | tuple[str, Callable[[Path], bool]]) -> Callable[[Path], bool]:
+    """A recogniser for :func:`check_apart`'s ``ours`` of a folder: it holds a regular file matching one of
+    ``patterns`` (globs, e.g. ``*/summary.json``; a ``(glob, recogniser)`` pair also asks the recogniser)."""
+    pairs = [(p, None) if isinstance(p, str) else p for p in patterns]
+
+    def check(folder: Path) -> bool:
+        return folder.is_dir() and any(
+            path.is_file() and (recognise is None or recognise(path))
+            for pattern, recognise in pairs
+            for path in folder.glob(pattern)
+        )
+
+    return check
 
 
 def recognised_by(marker: bytes, within: int = 0) -> Callable[[Path], bool]:

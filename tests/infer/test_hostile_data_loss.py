@@ -156,6 +156,50 @@ def test_a_command_may_still_replace_its_own_output(world: Path, tmp_path: Path)
     assert OWN_ONNX(world / "model.onnx") and not OWN_ONNX(world / "notes.txt")
 
 
+# (case id, arguments with {D} for a folder of the user's holding a file of the name the command writes, that file)
+FOLDER_CASES = [
+    ("eda", "eda {W}/store --out {D}", "index.html"),
+    ("train", "train {W}/store --out {D} " + " ".join(QUICK), "metrics.csv"),
+    ("tune", "tune {W}/store --out {D} --trials 1 --epochs 1 --limit-train 16", "trials.csv"),
+    ("evaluate", "evaluate {W}/run {W}/store --out {D}", "metrics.json"),
+    ("slide", "slide {W}/run {W}/slide.tif --out {D} --workers 0", "slides.csv"),
+    ("slide, a same-named slide folder", "slide {W}/run {W}/slide.tif --out {D} --workers 0", "slide/heatmap.png"),
+    ("explain", "explain {W}/run {IMG} --out {D}", "grid.png"),
+]
+
+
+@pytest.mark.parametrize(("args", "name"), [c[1:] for c in FOLDER_CASES], ids=[c[0] for c in FOLDER_CASES])
+def test_an_existing_folder_the_command_did_not_make_is_refused(
+    world: Path, tmp_path: Path, args: str, name: str
+) -> None:
+    """DATA LOSS before: an existing --out folder was written into file by file, over the user's file of a name the
+    command writes. A folder --out that exists must now be empty or the command's own."""
+    desk = tmp_path / "desk"
+    (desk / name).parent.mkdir(parents=True)
+    (desk / name).write_text("the user's own file\n")
+    before = snapshot(tmp_path)
+    argv = args.replace("{IMG}", image(world)).replace("{W}", str(world)).replace("{D}", str(desk)).split()
+    result = CliRunner().invoke(app, argv)
+    assert result.exit_code == 2, result.output
+    assert "an existing folder that this command did not make" in result.stderr, result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert snapshot(tmp_path) == before
+
+
+def test_a_folder_output_of_the_command_itself_is_recognised(world: Path, tmp_path: Path) -> None:
+    """The rule refuses only what the command did not make: eda and explain write again into their own folder,
+    and hidden entries (a killed run's leftovers, .DS_Store) do not make a folder foreign."""
+    (tmp_path / "eda").mkdir()
+    (tmp_path / "eda" / ".DS_Store").write_text("")
+    for _ in range(2):
+        for args in (
+            ["eda", str(world / "store"), "--out", str(tmp_path / "eda")],
+            ["explain", str(world / "run"), image(world), "--out", str(tmp_path / "explain")],
+        ):
+            result = CliRunner().invoke(app, args)
+            assert result.exit_code == 0, result.output
+
+
 # ---------------------------------------------------------------------------------------------------- silent accepts
 def test_predict_mentions_sample_submission_columns_it_does_not_read(world: Path, tmp_path: Path) -> None:
     """SILENT ACCEPT before: an extra column of the sample submission vanished from the submission without a word."""
