@@ -88,6 +88,40 @@ def test_the_host_header_is_checked_against_the_served_names(
     assert seen[0].allowed_hosts is not None and "localhost" in seen[0].allowed_hosts  # the default on loopback
 
 
+@pytest.mark.parametrize(
+    ("served_on", "header", "answered"),
+    [
+        ("::1", "[::1]:8000", True),
+        ("::1", "[::1]", True),
+        ("::1", "[0:0::1]:8000", True),
+        ("::1", "localhost:8000", True),
+        ("localhost", "[::1]:8000", True),
+        ("localhost", "LOCALHOST.:8000", True),
+        ("127.0.0.1", "127.0.0.1:8000", True),
+        ("127.0.0.1", "[::1]:8000", False),  # not what a server on IPv4 loopback is reached by
+        ("::1", "[::2]:8000", False),
+        ("::1", "[::1]:8000@evil.example", False),
+        ("::1", "evil.example:8000", False),
+        ("::1", "[::1", False),
+        ("::1", "[evil.example]:80", False),
+        ("::1", "", False),
+    ],
+)
+def test_ipv6_loopback_host_headers_are_answered_only_where_served(
+    settings: Settings, served_on: str, header: str, answered: bool
+) -> None:
+    """Before, a server on ::1 checked no Host at all (IPv6 Host headers were not parsed), so DNS rebinding reached
+    it; and one on localhost refused a browser that asked for http://[::1]:PORT/."""
+    import dataclasses
+
+    guarded = dataclasses.replace(settings, allowed_hosts=server_module.loopback_hosts(served_on))
+    with TestClient(create_app(guarded)) as client:
+        answer = client.get("/health", headers={"host": header})
+    assert (answer.status_code == 200) == answered, (answer.status_code, answer.text)
+    if not answered:
+        assert "is not a name this server answers to" in answer.json()["error"]
+
+
 def test_a_multi_page_tiff_region_is_refused(client: TestClient) -> None:
     pages = io.BytesIO()
     tifffile.imwrite(pages, np.full((3, 64, 64, 3), 200, np.uint8), photometric="rgb")
