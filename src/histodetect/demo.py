@@ -14,6 +14,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from histodetect.io import check_output_dir
 from histodetect.sample import sample_dir
 
 MARKER = ".histodetect-demo"
@@ -21,6 +22,7 @@ MARKER = ".histodetect-demo"
 
 def _prepare(out: Path) -> None:
     """Start from an empty folder; only a previous demo's folder is ever removed."""
+    check_output_dir(out)  # a file, a FIFO or a link that leads nowhere: one line
     if out.exists() and any(out.iterdir()):
         if not (out / MARKER).exists():
             raise FileExistsError(f"{out}: exists and is not a previous demo's folder; choose another --out")

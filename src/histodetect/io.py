@@ -76,6 +76,7 @@ def atomic_write_json(target: str | os.PathLike[str], obj: Any) -> Path:
 def check_output_file(path: str | os.PathLike[str], option: str = "--out") -> None:
     """Refuse, before any work, an output file that could not be written: a folder, or a path under a file."""
     path = Path(path)
+    _check_kind(path, option)
     if path.is_dir():
         raise UserError(f"{option} {path}: is a folder; give the name of a file to write")
     _check_parent(path, option)
@@ -84,6 +85,7 @@ def check_output_file(path: str | os.PathLike[str], option: str = "--out") -> No
 def check_output_dir(path: str | os.PathLike[str], option: str = "--out") -> None:
     """Refuse, before any work, an output folder that could not be made: an existing file, or a path under one."""
     path = Path(path)
+    _check_kind(path, option)
     if path.exists() and not path.is_dir():
         raise UserError(f"{option} {path}: is a file; give a folder to write into")
     _check_parent(path, option)
@@ -112,11 +114,13 @@ def check_apart(
     :func:`check_output_file`.
     """
     out = Path(out)
-    target = out.resolve()
+    _check_kind(out, option)
+    target = _resolve(out, option)
     places = [Path(a).resolve() for a in allowed]
     for name, paths in inputs.items():
         for path in _as_paths(paths):
-            source = path.resolve()
+            _check_kind(path, name)
+            source = _resolve(path, name)
             if target == source or _same_file(out, path):
                 raise UserError(f"{option} {out}: is the input {name} {path}; writing there would destroy it")
             if target.is_relative_to(source) and not any(target.is_relative_to(p) for p in places):
@@ -166,6 +170,23 @@ def recognised_by(marker: bytes, within: int = 0) -> Callable[[Path], bool]:
             return False
 
     return check
+
+
+def _check_kind(path: Path, name: str) -> None:
+    """Refuse a path that is neither absent, a regular file nor a folder: a symbolic link that leads nowhere (a
+    loop, or its target gone), a FIFO (reading or writing it would block), a socket or a device."""
+    if path.is_symlink() and not path.exists():
+        raise UserError(f"{name} {path}: a symbolic link that leads nowhere (a loop, or its target is gone)")
+    if path.exists() and not (path.is_file() or path.is_dir()):
+        raise UserError(f"{name} {path}: not a regular file or folder (a FIFO, socket or device)")
+
+
+def _resolve(path: Path, name: str) -> Path:
+    """``path`` with every link followed; a loop further up the path is one line too."""
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError) as exc:  # Python 3.11 raises RuntimeError for a loop, 3.13 OSError
+        raise UserError(f"{name} {path}: cannot be followed ({exc})") from None
 
 
 def _as_paths(paths: Any) -> list[Path]:

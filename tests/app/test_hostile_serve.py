@@ -62,6 +62,12 @@ def test_an_empty_token_in_the_environment_is_refused_like_an_empty_flag(served_
     assert "HISTODETECT_TOKEN is set but empty" in says
 
 
+@pytest.mark.parametrize("hosts", ["", ",", " , "])
+def test_allowed_hosts_naming_no_host_is_refused(served_run: Path, hosts: str) -> None:
+    """Before, the server started and answered every request 400: no Host header could match."""
+    assert "--allowed-hosts names no host" in one_line(["serve", str(served_run), "--allowed-hosts", hosts])
+
+
 def test_the_host_header_is_checked_against_the_served_names(
     settings: Settings, served_run: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -1,13 +1,17 @@
 """Hostile inputs, class DATA LOSS: every writing command, with its output pointed onto (or into, or around) each
 of its inputs, or onto a file it did not make, is refused in one line (exit 2) before any work, and leaves every
-input byte-identical and nothing new beside them (``io.check_apart``, called first by each command). Last, a
-SILENT ACCEPT of the same inputs: sample submission columns predict does not carry over."""
+input byte-identical and nothing new beside them (``io.check_apart``, called first by each command); an existing
+folder --out is written into only when the command made it. Then TRACEBACKS and HANGS of the same inputs: a FIFO or
+a symbolic link loop as an input or an output, and counts and seeds out of range. Last, a SILENT ACCEPT: sample
+submission columns predict does not carry over."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -198,6 +202,46 @@ def test_a_folder_output_of_the_command_itself_is_recognised(world: Path, tmp_pa
         ):
             result = CliRunner().invoke(app, args)
             assert result.exit_code == 0, result.output
+
+
+# ---------------------------------------------------------------------------------------------------- tracebacks, hangs
+# (case id, arguments with {W}, {IMG}, {F} for a FIFO and {L} for a symlink loop, what the error must say)
+PATH_CASES = [
+    ("predict from a FIFO", "predict {W}/run {F} --out {T}/s.csv", "SOURCE {F}: not a regular file or folder"),
+    ("predict from a loop", "predict {W}/run {L} --out {T}/s.csv", "SOURCE {L}: a symbolic link that leads nowhere"),
+    ("predict onto a FIFO", "predict {W}/run {IMG} --out {F}", "--out {F}: not a regular file or folder"),
+    ("predict onto a loop", "predict {W}/run {IMG} --out {L}", "--out {L}: a symbolic link that leads nowhere"),
+    ("sample submission a FIFO", "predict {W}/run {IMG} --sample-submission {F} --out {T}/s.csv", "a FIFO"),
+    ("compare onto a FIFO", "compare {W}/run --out {F}", "--out {F}: not a regular file or folder"),
+    ("explain a FIFO", "explain {W}/run {F} --out {T}/x", "IMAGES {F}: not a regular file or folder"),
+    ("train with a FIFO config", "train {W}/store --config {F} --out {T}/r", "--config {F}: not a regular file"),
+    ("ingest a FIFO", "ingest {F} --out {T}/s", "{F}: not a regular file or folder"),
+    ("explain --limit too many", "explain {W}/run {W}/store --limit 100000000000 --out {T}/x", "must be 1..256"),
+    ("eda --seed -1", "eda {W}/store --seed -1 --out {T}/e", "--seed -1: must be 0 or more"),
+    ("ingest --workers 100000", "ingest {W}/test --out {T}/s --workers 100000", "must be 1..64"),
+    ("extract --workers -1", "extract {W}/slide.tif --out {T}/s --workers -1", "--workers -1: must be 0..64"),
+    ("demo onto a FIFO", "demo --out {F}", "--out {F}: not a regular file or folder"),
+]
+
+
+@pytest.mark.parametrize(("args", "says"), [c[1:] for c in PATH_CASES], ids=[c[0] for c in PATH_CASES])
+def test_a_path_that_is_no_file_or_a_number_out_of_range_is_one_line(
+    world: Path, tmp_path: Path, args: str, says: str
+) -> None:
+    """TRACEBACK before (NotADirectoryError, RuntimeError 'Symlink loop', numpy's seed ValueError), HANG (explain
+    drew a figure per patch of the whole store), or DATA LOSS (an output replaced a FIFO someone reads)."""
+    fifo, loop = tmp_path / "pipe", tmp_path / "loop"
+    os.mkfifo(fifo)
+    loop.symlink_to(loop)
+    values = {"{IMG}": image(world), "{W}": str(world), "{F}": str(fifo), "{L}": str(loop), "{T}": str(tmp_path)}
+    for key, value in values.items():
+        args, says = args.replace(key, value), says.replace(key, value)
+    result = CliRunner().invoke(app, args.split())
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith("error:") and result.stderr.count("\n") == 1, result.stderr
+    assert says in result.stderr, result.stderr
+    assert stat.S_ISFIFO(fifo.lstat().st_mode) and loop.is_symlink()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["loop", "pipe"]  # nothing made
 
 
 # ---------------------------------------------------------------------------------------------------- silent accepts

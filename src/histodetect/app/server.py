@@ -152,6 +152,8 @@ def serve(settings: Settings, *, host: str, port: int, insecure: bool, announce:
     (with ``?token=`` when there is a token: opening it logs the browser in, as Jupyter's printed URL does)."""
     check_port(port)  # before the model loads
     check_exposure(host, settings.token, insecure=insecure)
+    if settings.allowed_hosts is not None and not settings.allowed_hosts:  # every request would be refused
+        raise ConfigError("--allowed-hosts names no host; give names, e.g. localhost,example.org, or * for any")
     if settings.allowed_hosts is None and is_loopback(host):
         settings = dataclasses.replace(settings, allowed_hosts=loopback_hosts(host))
     app = create_app(settings)

@@ -28,7 +28,7 @@ from histodetect.data.store import INDEX, MANIFEST, Store
 from histodetect.errors import ConfigError, InferError, StoreError
 from histodetect.io import atomic_write_json
 from histodetect.models import Classifier, create_model
-from histodetect.train.config import TrainConfig
+from histodetect.train.config import TrainConfig, read_settings
 
 CONFIG = "config.yaml"
 WEIGHTS = "model.safetensors"
@@ -47,7 +47,10 @@ def load_config(run: str | os.PathLike[str]) -> TrainConfig:
     if not (run / CONFIG).exists():
         raise FileNotFoundError(f"{run}: not a run folder (no {CONFIG}); create one with `histodetect train`")
     try:
-        return TrainConfig.load(run / CONFIG)
+        settings = read_settings(run / CONFIG)
+        if "model" not in settings:  # train writes every setting: an empty or partial file is a damaged run
+            raise ConfigError(f"{run / CONFIG}: names no model; not the config.yaml of a run")
+        return TrainConfig.from_dict(settings, source=str(run / CONFIG))
     except ConfigError as exc:  # a setting's own message does not say which file holds it
         if str(run / CONFIG) in str(exc):
             raise
@@ -122,7 +125,12 @@ def check_store(run: Path, store: Store, *, strict: bool = True) -> None:
     path = run / STORE
     if not path.is_file():
         return
-    recorded = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        recorded = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise StoreError(f"{path}: not readable JSON ({str(exc)[:80]}); the run folder is damaged") from None
+    if not isinstance(recorded, dict):
+        raise StoreError(f"{path}: a JSON {type(recorded).__name__}, not a run's store record; the run is damaged")
     now = store_fingerprint(store)
     if now == recorded.get("fingerprint"):
         return
@@ -142,7 +150,12 @@ def read_split(run: Path, store: Store, parts: tuple[str, ...] = PARTS) -> dict[
     path = run / SPLIT
     if not path.is_file():
         raise FileNotFoundError(f"{run}: no {SPLIT}, so its held-out patches are unknown; pass --split all or a split")
-    table = pd.read_csv(path, dtype={"id": str, "part": str}, keep_default_na=False)
+    try:
+        table = pd.read_csv(path, dtype={"id": str, "part": str}, keep_default_na=False)
+    except (OSError, ValueError) as exc:
+        raise StoreError(f"{path}: not a readable CSV ({str(exc)[:80]}); the run folder is damaged") from None
+    if not {"id", "part"} <= set(table.columns):
+        raise StoreError(f"{path}: no id and part columns; the run folder is damaged")
     row_of = pd.Series(np.arange(len(store)), index=store.ids)
     rows: dict[str, np.ndarray] = {}
     for part in parts:
