@@ -239,3 +239,13 @@ def test_ingest_warns_of_a_label_spelled_1e0_and_of_columns_it_does_not_read(sam
     assert ("label_format", first_id) in kinds
     assert any(kind == "csv_extra_column" for kind, _ in kinds)
     assert result.store is not None and result.store.labels[list(result.store.ids).index(first_id)] == int(first_label)
+
+
+def test_a_reference_naming_slides_with_any_slide_suffix_matches_them(tmp_path: Path) -> None:
+    """SILENT MISMATCH before: ``region.png`` or ``b.mrxs`` in a reference matched no slide (only .tif/.svs/... were
+    cut), so a scored slide was reported both 'not in the reference' and 'not scored'. A BOM and CRLF are read."""
+    from histodetect.data.reference import read_reference
+
+    path = tmp_path / "reference.csv"
+    path.write_bytes(b"\xef\xbb\xbfimage,type\r\nregion.png,Tumor\r\nb.mrxs,Normal\r\nc.jpeg,Normal\r\nd.v2,Tumor\r\n")
+    assert read_reference(path) == {"region": True, "b": False, "c": False, "d.v2": True}
