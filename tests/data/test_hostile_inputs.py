@@ -249,3 +249,12 @@ def test_a_reference_naming_slides_with_any_slide_suffix_matches_them(tmp_path: 
     path = tmp_path / "reference.csv"
     path.write_bytes(b"\xef\xbb\xbfimage,type\r\nregion.png,Tumor\r\nb.mrxs,Normal\r\nc.jpeg,Normal\r\nd.v2,Tumor\r\n")
     assert read_reference(path) == {"region": True, "b": False, "c": False, "d.v2": True}
+
+
+def test_a_file_name_that_is_not_utf8_is_an_unsafe_id() -> None:
+    """TRACEBACK before: a name in another encoding reached the CSV writer (UnicodeEncodeError) or matplotlib."""
+    from histodetect.data.ids import first_unsafe, text_problem, unsafe_reason
+
+    name = os.fsdecode(b"patch-\xe9")  # what Python makes of a Latin-1 file name
+    assert first_unsafe(["a", "b", name]) == 2 and "not UTF-8" in str(unsafe_reason(name))
+    assert text_problem(name) and text_problem("tab\there") and text_problem("a..b") is None

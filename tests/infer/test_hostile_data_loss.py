@@ -221,6 +221,8 @@ PATH_CASES = [
     ("ingest --workers 100000", "ingest {W}/test --out {T}/s --workers 100000", "must be 1..64"),
     ("extract --workers -1", "extract {W}/slide.tif --out {T}/s --workers -1", "--workers -1: must be 0..64"),
     ("demo onto a FIFO", "demo --out {F}", "--out {F}: not a regular file or folder"),
+    ("predict a non-UTF-8 name", "predict {W}/run {N}.tif --out {T}/s.csv", "not UTF-8 text"),
+    ("slide a non-UTF-8 name", "slide {W}/run {N}.tif --out {T}/o --workers 0", "not UTF-8 text in the slide's name"),
 ]
 
 
@@ -228,12 +230,17 @@ PATH_CASES = [
 def test_a_path_that_is_no_file_or_a_number_out_of_range_is_one_line(
     world: Path, tmp_path: Path, args: str, says: str
 ) -> None:
-    """TRACEBACK before (NotADirectoryError, RuntimeError 'Symlink loop', numpy's seed ValueError), HANG (explain
+    """TRACEBACK before (NotADirectoryError, RuntimeError 'Symlink loop', numpy's seed ValueError, a file name that
+    is not UTF-8 reaching the CSV writer or matplotlib), HANG (explain
     drew a figure per patch of the whole store), or DATA LOSS (an output replaced a FIFO someone reads)."""
     fifo, loop = tmp_path / "pipe", tmp_path / "loop"
     os.mkfifo(fifo)
     loop.symlink_to(loop)
+    named = tmp_path / "names" / os.fsdecode(b"latin1-\xe9")  # bytes that are not UTF-8: a surrogate escape
+    named.parent.mkdir()
+    shutil.copy(image(world), f"{named}.tif")
     values = {"{IMG}": image(world), "{W}": str(world), "{F}": str(fifo), "{L}": str(loop), "{T}": str(tmp_path)}
+    values["{N}"] = str(named)
     for key, value in values.items():
         args, says = args.replace(key, value), says.replace(key, value)
     result = CliRunner().invoke(app, args.split())
@@ -241,7 +248,7 @@ def test_a_path_that_is_no_file_or_a_number_out_of_range_is_one_line(
     assert result.stderr.startswith("error:") and result.stderr.count("\n") == 1, result.stderr
     assert says in result.stderr, result.stderr
     assert stat.S_ISFIFO(fifo.lstat().st_mode) and loop.is_symlink()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["loop", "pipe"]  # nothing made
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["loop", "names", "pipe"]  # nothing made
 
 
 # ---------------------------------------------------------------------------------------------------- silent accepts

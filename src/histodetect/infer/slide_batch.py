@@ -28,6 +28,7 @@ from typing import Any
 import pandas as pd
 import shapely
 
+from histodetect.data.ids import shown, text_problem
 from histodetect.data.reference import read_reference
 from histodetect.errors import InferError, UserError
 from histodetect.infer.engine import ONNX_SUFFIX, Predictor
@@ -78,6 +79,8 @@ def find_slides(inputs: Sequence[Path]) -> list[Path]:
             raise InferError(f"{path}: no such slide file or folder")
     by_name: dict[str, Path] = {}
     for path in found:
+        if problem := text_problem(path.stem):  # its folder, and every table and figure, carry the slide's name
+            raise InferError(f"{shown(str(path))}: {problem} in the slide's name; rename the file")
         if path.stem == TABLE:
             raise InferError(f"{path}: a slide named {TABLE} would take the place of the table; rename it")
         if path.stem in by_name and by_name[path.stem] != path:
