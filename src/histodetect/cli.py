@@ -35,6 +35,7 @@ OWN_SUBMISSION = recognised_by(b"id,label")
 OWN_TABLE = recognised_by(b"| run |")
 OWN_PAGE = recognised_by(b"<!doctype html>")
 OWN_ONNX = recognised_by(b"\x12\x07pytorch", within=4)  # ir_version, then producer_name "pytorch"
+OWN_INGEST_REPORT = recognised_by(b'{\n  "source": ')
 # ... and, for a folder --out that exists and is not empty, what marks it as the command's own folder.
 OWN_EDA = holding(("index.html", OWN_PAGE))
 OWN_RUN = holding("config.yaml", "cv-config.yaml")  # train then resumes, or refuses: "already holds a run"
@@ -162,8 +163,8 @@ def ingest(
 
     read = {"--labels": labels, "--pcam-meta": pcam_meta, "--groups": groups}
     check_apart(out, read, folder=True)
-    if report is not None:
-        check_apart(report, {"SOURCE": source, **read}, option="--report")
+    report_file = report if report is not None else out.with_name(f"{out.name}.report.json")  # ingest's default
+    check_apart(report_file, {"SOURCE": source, **read}, option="--report", ours=OWN_INGEST_REPORT)
     result = run_ingest(
         source,
         out,

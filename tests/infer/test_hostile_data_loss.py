@@ -122,6 +122,7 @@ CASES = [
         "ingest {W}/test --labels {W}/labels.csv --out {W}/new-store --report {W}/labels.csv",
         "is the input --labels",
     ),
+    ("ingest's report onto a file it did not make", "ingest {W}/test --out {W}/s --report {W}/notes.txt", "did not"),
 ]
 
 
