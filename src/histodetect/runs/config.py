@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -28,6 +29,10 @@ from histodetect.io import atomic_write_text
 
 CONFIG_VERSION = 1
 MAX_CONFIG_BYTES = 1 << 20  # a config is a page of settings; anything larger is refused before it is parsed
+MAX_SEED = 2**32 - 1
+PRECISIONS = ("auto", "32", "32-true", "16", "16-mixed", "16-true", "bf16", "bf16-mixed", "bf16-true", "64", "64-true")
+DEVICES = re.compile(r"auto|[0-9]+(,[0-9]+)*,?")  # auto, a count, or a list of device numbers
+MAX_WORKERS = 64  # DataLoader processes: more only exhausts memory (as slide --workers)
 MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 32, 1024  # below 32 px a CNN pools to nothing; above 1024 a batch fills any GPU
 MIN_MPP, MAX_MPP = 0.05, 50.0  # microns a pixel: below any optical scanner, above a 0.2x thumbnail
 
@@ -191,6 +196,18 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be positive or unset, not {getattr(self, name)}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), not {self.dropout}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, not {quoted(self.precision)}")
+        if not DEVICES.fullmatch(self.devices) or self.devices.strip(", ") in ("", "0"):
+            raise ConfigError(
+                f"devices must be auto, a count of at least 1 or a list like 0,1, not {quoted(self.devices)}"
+            )
+        if self.num_nodes < 1:
+            raise ConfigError(f"num_nodes must be at least 1, not {self.num_nodes}")
+        if not 0 <= self.seed <= MAX_SEED:  # what numpy's generators accept
+            raise ConfigError(f"seed must be 0..{MAX_SEED}, not {quoted(self.seed)}")
+        if self.num_workers is not None and not 0 <= self.num_workers <= MAX_WORKERS:  # each forks the process
+            raise ConfigError(f"num_workers must be 0..{MAX_WORKERS} loader processes, not {self.num_workers}")
         if self.ema is not None and not 0.0 <= self.ema < 1.0:
             raise ConfigError(f"ema must be a decay in (0, 1), e.g. 0.998, or 0 for none, not {self.ema}")
         if not 0 <= self.swa_epochs <= self.epochs:
@@ -270,6 +287,8 @@ def safe_yaml(path: Path, what: str) -> Any:
     """A small YAML file parsed safely, or a one-line ConfigError naming ``path``: too large, not UTF-8, not YAML,
     or using anchors/aliases."""
     try:
+        if path.exists() and not path.is_file():  # a FIFO would block the read for good
+            raise ConfigError(f"{path}: not a regular file; cannot read {what}")
         size = path.stat().st_size
         if size > MAX_CONFIG_BYTES:
             raise ConfigError(f"{path}: {size:,} bytes; a {what} file is at most {MAX_CONFIG_BYTES:,}")
