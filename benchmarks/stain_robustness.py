@@ -18,7 +18,7 @@ baseline the others' untouched AUC is compared with (``untouched_vs_first_run``)
 
 The reference is the run's ``stain.json`` or, for a run trained before runs recorded one, fitted here the same way
 (from up to 512 of its training patches). Scoring runs as ``predict`` does by default (no TTA, ``auto``
-precision: bf16 on a CPU with native bf16). Then the time per patch of each normalisation beside the time per
+engine and precision: onnxruntime fp32 on a CPU). Then the time per patch of each normalisation beside the time per
 patch of scoring, measured alternately on one batch in this process (median of ``--repeats``): a ratio, since a
 shared machine's absolute times drift. Prints one JSON object.
 """
@@ -161,6 +161,7 @@ def timing(run: Path, patches: np.ndarray, reference: StainFit, repeats: int) ->
     return {
         "ms_per_patch": {name: round(value, 4) for name, value in ms.items()},
         "share_of_scoring": {name: round(ms[name] / ms["scoring"], 4) for name in steps if name != "scoring"},
+        "scoring_engine": scorer.engine,
         "scoring_precision": scorer.precision,
         "threads": torch.get_num_threads(),
     }
