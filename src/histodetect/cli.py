@@ -19,7 +19,7 @@ import typer
 from rich.console import Console
 
 from histodetect.errors import UserError
-from histodetect.io import check_apart, recognised_by
+from histodetect.io import check_apart, holding, recognised_by
 
 app = typer.Typer(
     name="histodetect",
@@ -35,6 +35,16 @@ OWN_SUBMISSION = recognised_by(b"id,label")
 OWN_TABLE = recognised_by(b"| run |")
 OWN_PAGE = recognised_by(b"<!doctype html>")
 OWN_ONNX = recognised_by(b"\x12\x07pytorch", within=4)  # ir_version, then producer_name "pytorch"
+OWN_INGEST_REPORT = recognised_by(b'{\n  "source": ')
+# ... and, for a folder --out that exists and is not empty, what marks it as the command's own folder.
+OWN_EDA = holding(("index.html", OWN_PAGE))
+OWN_RUN = holding("config.yaml", "cv-config.yaml")  # train then resumes, or refuses: "already holds a run"
+OWN_TUNING = holding(
+    ("trials.csv", recognised_by(b"number,state")), ("study.db", recognised_by(b"SQLite")), "trial-*/config.yaml"
+)
+OWN_EVALUATION = holding(("metrics.json", recognised_by(b'{\n  "n": ')))
+OWN_SLIDES = holding(("slides.csv", recognised_by(b"name,slide,error")), "*/summary.json")
+OWN_EXPLAIN = holding(("grid.png", recognised_by(b"Matplotlib", within=200)))  # savefig's Software text
 IMAGE_SIZE_HELP = "Pixels the network sees: 96 = native, or auto = the backbone's pretrained size (224 for most)."
 # Options shared by the commands that score patches.
 Tta = Annotated[str, typer.Option(help="Test-time augmentation: none | flips | d4.")]
@@ -153,8 +163,8 @@ def ingest(
 
     read = {"--labels": labels, "--pcam-meta": pcam_meta, "--groups": groups}
     check_apart(out, read, folder=True)
-    if report is not None:
-        check_apart(report, {"SOURCE": source, **read}, option="--report")
+    report_file = report if report is not None else out.with_name(f"{out.name}.report.json")  # ingest's default
+    check_apart(report_file, {"SOURCE": source, **read}, option="--report", ours=OWN_INGEST_REPORT)
     result = run_ingest(
         source,
         out,
@@ -207,7 +217,7 @@ def eda(
     from histodetect.data.store import Store
     from histodetect.report.eda import write_eda
 
-    check_apart(out, {"STORE": store}, folder=True)
+    check_apart(out, {"STORE": store}, folder=True, ours=OWN_EDA)
     page = write_eda(Store(store), out, seed=seed)
     console.print(f"report: [bold]{page}[/]")
 
@@ -330,7 +340,7 @@ def train(
     from histodetect.train.run import train as run_train
 
     read = {"STORE": store, "--config": config, "--pretrained": _existing(pretrained), "--groups": _existing(groups)}
-    check_apart(out, read, folder=True)
+    check_apart(out, read, folder=True, ours=OWN_RUN)
     if folds is not None and folds < 2:
         raise UserError(f"--folds {folds}: cross-validation needs at least 2 folds (leave it out for one run)")
     commands = {"store", "out", "preset", "config", "resume", "all_folds", "restart"}
@@ -414,7 +424,9 @@ def tune(
     from histodetect.train.tune import tune as run_tune
     from histodetect.train.tune_results import best_config
 
-    check_apart(out, {"STORE": store, "--config": base_config, "--space": _existing(space)}, folder=True)
+    check_apart(
+        out, {"STORE": store, "--config": base_config, "--space": _existing(space)}, folder=True, ours=OWN_TUNING
+    )
     if timeout is not None and not (timeout > 0 and math.isfinite(timeout)):
         raise UserError(f"--timeout {timeout}: must be a positive number of minutes")
     if trials < 1:
@@ -481,7 +493,7 @@ def evaluate(
     from histodetect.infer.evaluate import evaluate as run_evaluate
     from histodetect.runs.layout import EVALUATION
 
-    check_apart(out, {"RUN": run, "STORE": store}, folder=True, allowed=[run / EVALUATION])
+    check_apart(out, {"RUN": run, "STORE": store}, folder=True, allowed=[run / EVALUATION], ours=OWN_EVALUATION)
     metrics = run_evaluate(
         run,
         store,
@@ -656,7 +668,7 @@ def slide(
             raise UserError(f"{option} {given}: no such file or folder")
     runs, slides = split_runs_and_slides(inputs)
     read = {"RUN": runs, "SLIDE": slides, "--mask": mask, "--annotations": annotations, "--reference": reference}
-    check_apart(out, read, folder=True)
+    check_apart(out, read, folder=True, ours=OWN_SLIDES)
     predictor = Predictor(
         runs,
         tta=tta,
@@ -853,7 +865,7 @@ def explain(
     """Grad-CAM heatmaps over patches, with the predicted probability."""
     from histodetect.infer.explain import explain as run_explain
 
-    check_apart(out, {"RUN": run, "IMAGES": images}, folder=True)
+    check_apart(out, {"RUN": run, "IMAGES": images}, folder=True, ours=OWN_EXPLAIN)
 
     paths = run_explain(
         run, images, out, method=method, limit=limit, stain_norm=stain_norm, stain_reference=stain_reference
