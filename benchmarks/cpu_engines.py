@@ -35,8 +35,9 @@ from histodetect.data.store import Store
 from histodetect.device import cpu_has_bf16
 from histodetect.infer.engine import OnnxMember, Predictor
 from histodetect.infer.export import to_onnx
-from histodetect.report.metrics import roc_auc
-from histodetect.train.runfolder import load_model, read_split
+from histodetect.metrics import roc_auc
+from histodetect.runs import load_model
+from histodetect.runs.layout import read_split
 
 MAX_DP = 0.002
 MAX_DAUC = 0.001

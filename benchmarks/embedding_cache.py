@@ -23,8 +23,8 @@ import torch
 
 from histodetect.data.ingest import ingest
 from histodetect.data.store import Store
+from histodetect.runs.config import TrainConfig
 from histodetect.sample import sample_dir
-from histodetect.train.config import TrainConfig
 from histodetect.train.run import train
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "hcd-subset"

@@ -35,8 +35,8 @@ import torch
 from histodetect.data.store import Store, StoreWriter
 from histodetect.device import Hardware
 from histodetect.models import create_model
+from histodetect.runs.config import TrainConfig, build_config
 from histodetect.sample import sample_dir
-from histodetect.train.config import TrainConfig, build_config
 from histodetect.train.datamodule import StoreDataModule
 from histodetect.train.module import LitClassifier
 from histodetect.train.run import hardware_for, train

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from histodetect.data.store import Store
-from histodetect.train.runfolder import read_split
+from histodetect.runs.layout import read_split
 
 MPP = 0.972
 PATCH = 96

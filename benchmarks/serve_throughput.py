@@ -44,8 +44,8 @@ def make_run(folder: Path) -> Path:
     from safetensors.torch import save_file
 
     from histodetect.models import create_model
-    from histodetect.train.config import TrainConfig
-    from histodetect.train.runfolder import CONFIG, WEIGHTS
+    from histodetect.runs.config import TrainConfig
+    from histodetect.runs.layout import CONFIG, WEIGHTS
 
     folder.mkdir(parents=True, exist_ok=True)
     TrainConfig(model=MODEL, pretrained="auto").save(folder / CONFIG)

@@ -44,7 +44,7 @@ from torch import nn
 
 from histodetect.infer.engine import Predictor
 from histodetect.models import Classifier
-from histodetect.train.runfolder import load_model
+from histodetect.runs import load_model
 from real_slides import MPP, PATCH, held_out, make_slide
 from slide_throughput import tree_pss_mb
 

@@ -38,8 +38,8 @@ from histodetect.data.stain import StainFit, fit_stains, reference_patches, spre
 from histodetect.data.store import Store
 from histodetect.infer.engine import Predictor
 from histodetect.infer.evaluate import Restained
-from histodetect.report.metrics import roc_auc
-from histodetect.train.runfolder import read_split, run_stain
+from histodetect.metrics import roc_auc
+from histodetect.runs.layout import read_split, run_stain
 
 # Six other labs: four H&E balances and two casts outside H&E (none of them evaluate's STAIN_SHIFTS).
 BENCH_SHIFTS: dict[str, StainShift] = {

@@ -25,8 +25,8 @@ from torchvision import transforms
 from histodetect.data.ingest import ingest
 from histodetect.data.store import Store
 from histodetect.models import create_model
+from histodetect.runs.config import TrainConfig
 from histodetect.sample import sample_dir
-from histodetect.train.config import TrainConfig
 from histodetect.train.run import train
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "hcd-subset"

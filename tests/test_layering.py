@@ -1,7 +1,8 @@
-"""Imports run one way: data -> models -> train -> infer/report -> cli (DEVELOPERS.md).
+"""Imports run one way: data -> models/loss -> runs -> train -> infer/report -> app -> demo/cli (DEVELOPERS.md,
+"Layers").
 
-The foundation modules (errors, io, device, sample, the package root) import no layer; a layer imports only
-itself, the foundation and the layers below it. Checked on the source text, so a wrong arrow fails here before it
+The foundation modules (errors, io, device, sample, metrics, the package root) import no layer; a layer imports
+only itself, the foundation and the layers below it. Checked on the source text, so a wrong arrow fails here before it
 becomes an import cycle somewhere else.
 """
 
@@ -20,16 +21,18 @@ RANK = {
     "io": 0,
     "device": 0,
     "sample": 0,
+    "metrics": 0,
     "data": 1,
     "models": 2,
     "loss": 2,
-    "train": 3,
-    "infer": 4,
-    "report": 4,
-    "app": 5,
-    "demo": 6,
-    "cli": 6,
-    "__main__": 7,
+    "runs": 3,
+    "train": 4,
+    "infer": 5,
+    "report": 5,
+    "app": 6,
+    "demo": 7,
+    "cli": 7,
+    "__main__": 8,
 }
 
 

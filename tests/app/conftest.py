@@ -9,8 +9,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
-import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,10 +19,10 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from histodetect.app import Settings, create_app
-from histodetect.app.server import bind, uvicorn_server
+from histodetect.app.server import serving_in_thread
 from histodetect.data.store import Store
 from histodetect.infer.engine import Predictor
-from histodetect.train.config import TrainConfig
+from histodetect.runs.config import TrainConfig
 from histodetect.train.run import train
 
 TINY = dict(epochs=1, batch_size=8, limit_train=16, val_fraction=0.2, patience=0, num_workers=0)
@@ -74,22 +72,7 @@ def client(settings: Settings) -> Iterator[TestClient]:
 def live_server() -> LiveServer:
     """``live_server(settings, **changes)``: a context manager that serves the app and yields its base URL."""
 
-    @contextlib.contextmanager
-    def serve(settings: Settings, **changes: Any) -> Iterator[str]:
-        settings = dataclasses.replace(settings, **changes)
-        server = uvicorn_server(create_app(settings), settings)
-        sock = bind("127.0.0.1", 0)
-        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-        thread.start()
-        deadline = time.monotonic() + 30
-        while not server.started and thread.is_alive() and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert server.started, "uvicorn did not start"
-        try:
-            yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-        finally:
-            server.should_exit = True
-            thread.join(timeout=15)
-            sock.close()
+    def serve(settings: Settings, **changes: Any) -> contextlib.AbstractContextManager[str]:
+        return serving_in_thread(dataclasses.replace(settings, **changes))
 
     return serve

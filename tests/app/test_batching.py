@@ -83,20 +83,22 @@ def test_a_model_failure_reaches_every_waiting_request_and_the_worker_goes_on() 
 
 
 def test_a_full_queue_answers_busy_instead_of_waiting() -> None:
-    release = threading.Event()
+    scoring, release = threading.Event(), threading.Event()
 
     def slow(batch: np.ndarray) -> np.ndarray:
-        release.wait(10)
+        scoring.set()
+        release.wait(30)
         return np.zeros(len(batch), np.float32)
 
     async def scenario() -> None:
         batcher = MicroBatcher(slow, enabled=False, queue_size=1)
         await batcher.start()
         try:
-            first = asyncio.create_task(batcher.predict(patches([1])))  # taken by the worker, blocks the model
-            await asyncio.sleep(0.1)
-            second = asyncio.create_task(batcher.predict(patches([2])))  # fills the queue
-            await asyncio.sleep(0.05)
+            first = asyncio.create_task(batcher.predict(patches([1])))
+            assert await asyncio.to_thread(scoring.wait, 30)  # the worker took it: the model is busy with it
+            second = asyncio.create_task(batcher.predict(patches([2])))
+            await asyncio.sleep(0)  # one turn of the loop: the new task queues its job, which fills the queue
+            assert batcher.queue is not None and batcher.queue.full()
             with pytest.raises(Busy):
                 await batcher.predict(patches([3]))
             release.set()

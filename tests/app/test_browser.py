@@ -29,9 +29,12 @@ CHROMIUM = next(
     (path for path in ("/usr/bin/chromium", shutil.which("chromium"), shutil.which("chromium-browser")) if path),
     None,
 )
-pytestmark = pytest.mark.skipif(
-    CHROMIUM is None or not Path(CHROMIUM).exists(), reason="no Chromium found (apt-get install chromium)"
-)
+pytestmark = [
+    pytest.mark.skipif(
+        CHROMIUM is None or not Path(CHROMIUM).exists(), reason="no Chromium found (apt-get install chromium)"
+    ),
+    pytest.mark.slow,  # a browser and a server process of their own
+]
 
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_train_throughput.py"
 
 
+@pytest.mark.slow  # a process of its own that imports Lightning and trains
 def test_gpu_benchmark_runs_on_a_cpu_and_prints_its_rates(tmp_path: Path) -> None:
     args = ["--out", str(tmp_path), "--n", "256", "--model", "baseline-cnn", "--batch-size", "64", "--steps", "2"]
     done = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=300)

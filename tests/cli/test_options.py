@@ -9,7 +9,7 @@ from typing import Any
 import typer.main
 
 from histodetect.cli import app
-from histodetect.train.config import TrainConfig
+from histodetect.runs.config import TrainConfig
 
 # TrainConfig fields that deliberately have no flag: each is set some other way.
 NOT_FLAGS = {

@@ -313,31 +313,6 @@ def test_pool_and_in_process_decoding_write_the_same_store(
     np.testing.assert_array_equal(store.patches, sample_store.patches)
 
 
-TIFF_VARIANTS = {
-    # name: (writer, whether the raw fast path may take it); every variant must decode to the same pixels
-    "pil-uncompressed": (lambda path, a: Image.fromarray(a).save(path, format="TIFF"), True),
-    "multi-strip": (lambda path, a: tifffile.imwrite(path, a, photometric="rgb", rowsperstrip=10), True),
-    "big-endian": (lambda path, a: tifffile.imwrite(path, a, photometric="rgb", byteorder=">"), True),
-    "lzw": (lambda path, a: Image.fromarray(a).save(path, format="TIFF", compression="tiff_lzw"), False),
-    "deflate": (lambda path, a: tifffile.imwrite(path, a, photometric="rgb", compression="zlib"), False),
-    "png": (lambda path, a: Image.fromarray(a).save(path, format="PNG"), False),
-}
-
-
-@pytest.mark.parametrize("variant", TIFF_VARIANTS)
-def test_every_encoding_decodes_to_the_same_pixels(sample_dir: Path, tmp_path: Path, variant: str) -> None:
-    """The raw TIFF fast path takes only what it can read exactly; everything else goes to PIL."""
-    write, fast = TIFF_VARIANTS[variant]
-    original = next((sample_dir / "train").glob("*.tif"))
-    expected = pixels_of(original)
-    write(tmp_path / "patch.tif", expected)
-    pixels, digest, found = ingest_module.decode_patch(str(tmp_path / "patch.tif"))
-    assert found == [] and digest == original.stem
-    np.testing.assert_array_equal(pixels, expected)
-    assert (ingest_module.raw_tiff_rgb((tmp_path / "patch.tif").read_bytes()) is not None) == fast
-    assert ingest_module.raw_tiff_rgb(original.read_bytes()) is not None  # the competition's own files
-
-
 def test_bare_folder_is_train_with_labels_and_test_without(sample_dir: Path, tmp_path: Path) -> None:
     folder = copy_source(sample_dir / "train", tmp_path / "images")
     labeled = run(folder, tmp_path / "a", labels=sample_dir / "train_labels.csv").store
@@ -579,7 +554,9 @@ def break_five(root: Path) -> list[str]:
     ]
 
 
-@pytest.mark.parametrize("source", ["sample_dir", pytest.param("shared_subset", marks=pytest.mark.shared)])
+@pytest.mark.parametrize(
+    "source", ["sample_dir", pytest.param("shared_subset", marks=[pytest.mark.shared, pytest.mark.slow])]
+)
 def test_done_criterion(source: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
     root = copy_source(request.getfixturevalue(source), tmp_path / "source")
     n_train = len(labels_of(root))
@@ -604,6 +581,7 @@ def test_done_criterion(source: str, request: pytest.FixtureRequest, tmp_path: P
 
 
 @pytest.mark.shared
+@pytest.mark.slow
 def test_shared_subset_ingests_cleanly(shared_subset: Path, tmp_path: Path) -> None:
     result = run(shared_subset, tmp_path)
     assert result.exit_code == 0 and result.store is not None
@@ -638,6 +616,17 @@ def test_describe_store_shows_counts_balance_and_problems(sample_copy: Path, tmp
         "created",
     ):
         assert expected in text
+
+
+def test_describe_store_fits_80_columns_whole(sample_store: Store, tmp_path: Path) -> None:
+    deep = tmp_path / ("a-folder-with-a-long-name-" * 3) / "and-another-below-it"
+    deep.mkdir(parents=True)
+    (deep / "store").symlink_to(sample_store.path)
+    console = Console(record=True, width=80)
+    console.print(describe_store(Store(deep / "store")))
+    text = console.export_text()
+    assert "…" not in text and f"{len(sample_store):,} patches" in text
+    assert str(deep / "store") in "".join(line.strip(" │") for line in text.splitlines())  # folded, whole
 
 
 def test_info_command_prints_the_panel(sample_store: Store) -> None:
@@ -808,25 +797,24 @@ def test_hostile_image_is_refused_with_its_own_kind(
 
 
 # ------------------------------------------------------------------------------------------ interruptions
-SLOW_INGEST = """
-import sys, time
+HELD_INGEST = """
+import sys, threading
 from histodetect.data import ingest as m
-real = m.decode_patch
-def slow(path):
-    time.sleep(0.05)
-    return real(path)
-m.decode_patch = slow
+def held(path):  # the first patch: the ingest waits here, mid-way, for the test's signal
+    threading.Event().wait()
+m.decode_patch = held
 m.POOL_MIN_FILES = 10**9
 print("started", flush=True)
 m.ingest(sys.argv[1], sys.argv[2], progress=False, workers=1)
 """
 
 
-def start_slow_ingest(source: Path, out: Path, scratch: Path) -> subprocess.Popen[str]:
-    """An ingest in another process, returned once it has made its partial store and its window."""
+def start_held_ingest(source: Path, out: Path, scratch: Path) -> subprocess.Popen[str]:
+    """An ingest in another process that stops at its first patch, returned once it has made its partial store and
+    its window."""
     env = {**os.environ, "TMPDIR": str(scratch), "PYTHONPATH": os.pathsep.join(sys.path)}
     proc = subprocess.Popen(
-        [sys.executable, "-c", SLOW_INGEST, str(source), str(out)], env=env, stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", HELD_INGEST, str(source), str(out)], env=env, stdout=subprocess.PIPE, text=True
     )
     assert proc.stdout is not None and proc.stdout.readline().strip() == "started"
     deadline = time.monotonic() + 30
@@ -844,7 +832,7 @@ def test_signal_during_ingest_removes_the_partial_store_and_the_window(
 ) -> None:
     out, scratch = tmp_path / "out" / "store", tmp_path / "scratch"
     scratch.mkdir()
-    proc = start_slow_ingest(sample_dir, out, scratch)
+    proc = start_held_ingest(sample_dir, out, scratch)
     proc.send_signal(sig)
     assert proc.wait(timeout=30) != 0
     assert list(out.parent.iterdir()) == [] and list(scratch.iterdir()) == []
@@ -858,7 +846,7 @@ def test_next_ingest_removes_what_a_killed_one_left_and_nothing_else(
     dead process, but not a live process's partial (PID 1 is alive), nor another store's."""
     out, scratch = tmp_path / "store", tmp_path / "scratch"
     scratch.mkdir()
-    proc = start_slow_ingest(sample_dir, out, scratch)
+    proc = start_held_ingest(sample_dir, out, scratch)
     proc.kill()
     proc.wait(timeout=30)
     killed = [p.name for p in tmp_path.glob(".store.partial-*")]

@@ -38,6 +38,7 @@ def reference(patches: np.ndarray) -> StainFit:
     return fit_stains(reference_patches(patches))
 
 
+@pytest.mark.slow
 def test_macenko_matches_torchstain_patch_by_patch(
     patches: np.ndarray, reference: StainFit, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -78,6 +79,7 @@ def test_a_patch_set_mapped_with_its_own_fit_comes_back_as_it_was(
     assert np.abs(restored.astype(int) - patches).mean() < 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["macenko", "reinhard"])
 def test_normalising_undoes_most_of_a_restaining(patches: np.ndarray, reference: StainFit, method: str) -> None:
     """Pale slides fitted as a set (as a slide is) and mapped to the reference come back near what the untouched

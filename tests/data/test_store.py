@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -101,6 +102,17 @@ def test_store_pickles_as_its_path(sample_store: Store) -> None:
     clone = pickle.loads(pickle.dumps(sample_store))
     assert clone.path == sample_store.path
     np.testing.assert_array_equal(clone.read([0, 5]), sample_store.read([0, 5]))
+
+
+def test_fingerprint_hashes_manifest_and_index_once(sample_store: Store, tmp_path: Path) -> None:
+    expected = hashlib.sha256()
+    for name in (MANIFEST, INDEX):
+        expected.update((sample_store.path / name).read_bytes() + b"\0")
+    store = Store(sample_store.path)
+    assert store.fingerprint == "sha256:" + expected.hexdigest()
+    assert "fingerprint" in vars(store)  # cached: training and evaluation ask for it several times
+    other = copy_rows(sample_store, np.arange(4), tmp_path / "other")
+    assert other.fingerprint != store.fingerprint
 
 
 def test_exception_inside_the_writer_leaves_nothing(sample_store: Store, tmp_path: Path) -> None:

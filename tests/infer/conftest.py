@@ -17,7 +17,7 @@ import pytest
 from histodetect.data.store import Store
 from histodetect.infer.engine import Predictor
 from histodetect.infer.export import export_onnx
-from histodetect.train.config import TrainConfig
+from histodetect.runs.config import TrainConfig
 from histodetect.train.run import train
 
 QUICK = dict(epochs=1, batch_size=8, limit_train=16, val_fraction=0.2, patience=0, num_workers=0)

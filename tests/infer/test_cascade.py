@@ -18,6 +18,8 @@ from histodetect.errors import InferError
 from histodetect.infer.engine import Predictor
 from histodetect.infer.slide import score_slide
 
+pytestmark = pytest.mark.slow  # every test trains a run or scores a slide with one (seconds each on 2 cores)
+
 
 @pytest.fixture(scope="module")
 def fp32(baseline_run: Path) -> Predictor:

@@ -23,6 +23,8 @@ from histodetect.infer.engine import Predictor
 from histodetect.infer.lesions import ITC_AXIS_UM, LESION_MARGIN_UM
 from histodetect.infer.slide_batch import score_slides
 
+pytestmark = pytest.mark.slow  # every test trains a run or scores a slide with one (seconds each on 2 cores)
+
 MPP = 0.972
 CHROMIUM = next((p for p in ("/usr/bin/chromium", shutil.which("chromium")) if p and Path(p).exists()), None)
 

@@ -16,8 +16,10 @@ from histodetect.data.store import Store
 from histodetect.errors import StoreError
 from histodetect.infer.engine import InferError
 from histodetect.infer.evaluate import evaluate
-from histodetect.train.config import TrainConfig
+from histodetect.runs.config import TrainConfig
 from histodetect.train.run import train
+
+pytestmark = pytest.mark.slow  # every test trains a run or scores a slide with one (seconds each on 2 cores)
 
 
 def test_held_out_patches_give_metrics_with_a_ci_and_a_report(

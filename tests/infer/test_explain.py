@@ -15,7 +15,9 @@ from histodetect.data.store import Store, StoreError
 from histodetect.infer.engine import InferError, Predictor
 from histodetect.infer.explain import cams, explain
 from histodetect.infer.sources import open_source
-from histodetect.train.runfolder import load_model
+from histodetect.runs import load_model
+
+pytestmark = pytest.mark.slow  # every test trains a run or scores a slide with one (seconds each on 2 cores)
 
 
 def test_store_patches_balanced_between_classes(baseline_run: Path, sample_store: Store, tmp_path: Path) -> None:

@@ -18,6 +18,8 @@ from histodetect.infer.engine import InferError, Predictor
 from histodetect.infer.export import export_onnx
 from histodetect.infer.sources import store_patches
 
+pytestmark = pytest.mark.slow  # every test trains a run or scores a slide with one (seconds each on 2 cores)
+
 Export = Callable[[str], dict[str, Any]]
 
 

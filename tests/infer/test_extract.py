@@ -21,8 +21,10 @@ from histodetect.data.store import Store
 from histodetect.errors import InferError
 from histodetect.infer.engine import Predictor
 from histodetect.infer.extract import HARD_NEGATIVE, SAMPLED, Settings, extract
-from histodetect.train.config import TrainConfig
+from histodetect.runs.config import TrainConfig
 from histodetect.train.run import train
+
+pytestmark = pytest.mark.slow  # most tests extract hard negatives with a trained run
 
 MakeSlide = Callable[..., Path]
 MODEL_MPP = 0.972

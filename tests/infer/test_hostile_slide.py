@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -23,6 +24,8 @@ from histodetect.cli import app
 from histodetect.errors import InferError
 from histodetect.infer.engine import Predictor
 from histodetect.infer.slide import score_slide
+
+pytestmark = pytest.mark.slow  # every test trains a run or scores a slide with one (seconds each on 2 cores)
 
 MakeSlide = Callable[..., Path]
 
@@ -176,12 +179,12 @@ def test_a_reader_worker_dies_with_its_killed_parent(tmp_path: Path) -> None:
     while not (pid_file.is_file() and pid_file.read_text()) and time.monotonic() < deadline:
         time.sleep(0.1)
     worker = int(pid_file.read_text())
+    exited = os.pidfd_open(worker)  # readable once the worker has exited: an event, not a poll
     parent.kill()
     parent.wait()
-    deadline = time.monotonic() + 10
-    while running(worker) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    alive = running(worker)
+    ended, _, _ = select.select([exited], [], [], 60)
+    os.close(exited)
+    alive = not ended and running(worker)
     if alive:
         os.kill(worker, signal.SIGKILL)
     assert not alive, "the reader outlived its parent"

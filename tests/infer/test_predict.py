@@ -23,6 +23,8 @@ from histodetect.infer.engine import CPU_ENGINE, InferError, Predictor, _choose_
 from histodetect.infer.predict import predict
 from histodetect.infer.sources import open_source
 
+pytestmark = pytest.mark.slow  # every test trains a run or scores a slide with one (seconds each on 2 cores)
+
 MakeRun = Callable[[str], Path]
 
 
@@ -231,7 +233,7 @@ def test_a_bad_setting_in_a_runs_config_names_the_file(tmp_path: Path, test_imag
 def test_predict_refuses_the_training_store_once_it_has_changed(sample_store: Store, tmp_path: Path) -> None:
     """Another store is fine to predict on; the very store a run was trained on, changed since, is refused."""
     from histodetect.errors import StoreError
-    from histodetect.train.config import TrainConfig
+    from histodetect.runs.config import TrainConfig
     from histodetect.train.run import train
 
     copy = tmp_path / "store"

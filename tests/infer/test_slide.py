@@ -22,7 +22,9 @@ from histodetect.errors import InferError
 from histodetect.infer.engine import Predictor
 from histodetect.infer.lesions import evidence
 from histodetect.infer.slide import score_slide
-from histodetect.report.metrics import roc_auc
+from histodetect.metrics import roc_auc
+
+pytestmark = pytest.mark.slow  # every test trains a run or scores a slide with one (seconds each on 2 cores)
 
 MakeSlide = Callable[..., Path]
 MODEL_MPP = 0.972

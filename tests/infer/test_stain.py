@@ -22,11 +22,13 @@ from histodetect.errors import InferError
 from histodetect.infer.engine import Predictor
 from histodetect.infer.export import export_onnx
 from histodetect.infer.slide import score_slide
-from histodetect.train.config import TrainConfig
+from histodetect.runs.config import TrainConfig
+from histodetect.runs.layout import run_stain
 from histodetect.train.run import train
-from histodetect.train.runfolder import run_stain
 
 from .conftest import QUICK, Export
+
+pytestmark = pytest.mark.slow  # every test trains a run or scores a slide with one (seconds each on 2 cores)
 
 
 @pytest.fixture(scope="module")

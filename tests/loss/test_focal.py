@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from histodetect.loss import BCELoss, FocalLoss, build_loss, smooth_labels
-from histodetect.train.config import ConfigError, TrainConfig
+from histodetect.runs.config import ConfigError, TrainConfig
 
 LOGITS = torch.tensor([-4.0, -1.0, -0.2, 0.0, 0.3, 1.5, 3.0, 6.0])
 HARD = torch.tensor([0.0, 1.0, 0.0, 1.0, 1.0, 0.0, 1.0, 1.0])

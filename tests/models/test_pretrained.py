@@ -62,6 +62,7 @@ def _batchnorm_agreement(model: nn.Module, x: torch.Tensor) -> float:
     return torch.stack(scores).nanmean().item()
 
 
+@pytest.mark.slow
 def test_lite0_weights_make_sense_on_real_patches(
     lite0: dict[str, torch.Tensor], patches: tuple[torch.Tensor, torch.Tensor]
 ) -> None:
@@ -121,6 +122,7 @@ def test_missing_and_foreign_files_are_refused(tmp_path: Path) -> None:
         create_model("baseline-cnn", pretrained=str(path))
 
 
+@pytest.mark.slow
 def test_classifier_round_trip_through_safetensors(tmp_path: Path, patches: tuple[torch.Tensor, torch.Tensor]) -> None:
     source = create_model("resnet18", image_size=64).eval()
     path = tmp_path / "model.safetensors"

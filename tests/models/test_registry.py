@@ -18,7 +18,14 @@ from histodetect.models import (
 )
 
 # Small stand-ins for each family the presets and README mention (resnet18 for resnet50).
-FAMILIES = ["baseline-cnn", "resnet18", "efficientnet_b0", "tf_efficientnet_lite0", "convnext_atto"]
+# The two EfficientNets take seconds a test on 2 cores: slow, the others keep the quick loop covering each test.
+FAMILIES = [
+    "baseline-cnn",
+    "resnet18",
+    pytest.param("efficientnet_b0", marks=pytest.mark.slow),
+    pytest.param("tf_efficientnet_lite0", marks=pytest.mark.slow),
+    "convnext_atto",
+]
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -44,6 +51,7 @@ def test_forward_backward_on_real_patches(model: Classifier, patches: tuple[torc
     model.zero_grad()
 
 
+@pytest.mark.slow
 def test_resnet50_forward_at_native_size(patches: tuple[torch.Tensor, torch.Tensor]) -> None:
     model = create_model("resnet50").eval()
     with torch.no_grad():
@@ -145,6 +153,7 @@ def test_freezing_freezes_weights_and_batchnorm_statistics(
     assert _changed(head, model.head)
 
 
+@pytest.mark.slow
 def test_unfreeze_top_trains_only_the_top_stages(patches: tuple[torch.Tensor, torch.Tensor]) -> None:
     model = create_model("efficientnet_b0")
     freeze_backbone(model)

@@ -8,11 +8,21 @@ from typing import Any
 
 import pytest
 import yaml
+from rich.console import Console
 from typer.testing import CliRunner
 
 from histodetect.cli import app
-from histodetect.report.compare import augment_summary, compare, duration, loss_summary
-from histodetect.train.config import ConfigError, TrainConfig
+from histodetect.report.compare import (
+    TERMINAL_COLUMNS,
+    augment_summary,
+    compare,
+    duration,
+    loss_summary,
+    read_runs,
+    results_table,
+    terminal_table,
+)
+from histodetect.runs.config import ConfigError, TrainConfig
 
 
 def _run(
@@ -144,3 +154,26 @@ def test_info_on_a_run_folder_shows_its_row_and_its_summary(tmp_path: Path) -> N
     assert shown.exit_code == 0 and "0.9621" in shown.stderr and "lite0" in shown.stderr
     as_json = CliRunner().invoke(app, ["info", str(run), "--json"])
     assert as_json.exit_code == 0 and json.loads(as_json.stdout)["best_val_auc"] == 0.9621
+
+
+def _rendered(renderable: object, width: int) -> str:
+    console = Console(record=True, width=width)
+    console.print(renderable)
+    return console.export_text()
+
+
+def test_the_terminal_table_fits_80_columns_by_leaving_columns_out_never_by_cutting(runs: list[Path]) -> None:
+    _evaluated(runs[1], "test", roc_auc=0.9544, roc_auc_ci=[0.9411, 0.9662])
+    cells = results_table(read_runs(runs))[TERMINAL_COLUMNS]
+    wide = _rendered(terminal_table(runs), 200)
+    narrow = _rendered(terminal_table(runs), 80)
+    assert "left out" not in wide and "left out at this width:" in narrow
+    assert "…" not in narrow and max(len(line.rstrip()) for line in narrow.splitlines()) <= 80
+    kept = [c for c in TERMINAL_COLUMNS if c not in narrow.split("left out at this width:")[1]]
+    assert {"run", "val AUC", "test AUC"} <= set(kept)
+    for column in kept:
+        for cell in cells[column]:  # every number whole: an interval may sit on the line under its AUC
+            for part in str(cell).split(" ["):
+                assert part.strip("]") in narrow, (column, cell)
+    for text in (wide, _rendered(terminal_table(runs), 40)):
+        assert "…" not in text and "0.9612" in text

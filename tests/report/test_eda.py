@@ -23,6 +23,7 @@ def _html(page: Path) -> str:
     return page.read_text(encoding="utf-8")
 
 
+@pytest.mark.slow
 def test_full_report_on_the_sample(report_store: Store, tmp_path: Path) -> None:
     page = write_eda(report_store, tmp_path / "eda", seed=0)
     assert page == tmp_path / "eda" / "index.html"

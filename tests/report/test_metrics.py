@@ -18,7 +18,8 @@ from sklearn.metrics import (
     roc_curve,
 )
 
-from histodetect.report.metrics import binary_metrics, bootstrap_auc_ci, roc_auc
+from histodetect.metrics import roc_auc
+from histodetect.report.metrics import binary_metrics, bootstrap_auc_ci
 
 
 def _scores(n: int = 2000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

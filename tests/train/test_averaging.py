@@ -8,9 +8,11 @@ import torch
 from safetensors.torch import load_file
 
 from histodetect.data.store import Store
+from histodetect.runs.config import ConfigError, TrainConfig, build_config
 from histodetect.train.averaging import AveragedWeights, weight_averaging
-from histodetect.train.config import ConfigError, TrainConfig, build_config
 from histodetect.train.run import train
+
+pytestmark = pytest.mark.slow  # every test trains a run or scores a slide with one (seconds each on 2 cores)
 
 QUICK = dict(batch_size=16, limit_train=64, val_fraction=0.2, num_workers=0, patience=0, precision="32", seed=3)
 

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from histodetect.train.config import PRESETS, ConfigError, TrainConfig, build_config, freeze_top_k
+from histodetect.runs.config import PRESETS, ConfigError, TrainConfig, build_config, freeze_top_k
 
 
 def test_defaults_round_trip_through_yaml(tmp_path: Path) -> None:

@@ -15,8 +15,8 @@ from typer.testing import CliRunner
 from histodetect.cli import app
 from histodetect.data.store import Store
 from histodetect.errors import ConfigError
+from histodetect.runs.config import TrainConfig, build_config, read_settings
 from histodetect.train import module as module_module
-from histodetect.train.config import TrainConfig, build_config, read_settings
 from histodetect.train.run import train
 
 QUICK = dict(epochs=1, batch_size=8, limit_train=16, val_fraction=0.2, num_workers=0, patience=0)
@@ -69,6 +69,7 @@ def test_tune_refuses_a_budget_that_runs_nothing(
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_a_run_whose_loss_turns_nan_stops_in_one_line(
     sample_store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -102,6 +103,7 @@ def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path: Path) -> None:
         read_settings(path)
 
 
+@pytest.mark.slow
 def test_many_unknown_keys_give_a_short_error_and_a_huge_file_is_refused_unread(tmp_path: Path) -> None:
     path = tmp_path / "keys.yaml"
     path.write_text("".join(f"k{n}: 1\n" for n in range(20_000)))
@@ -128,6 +130,7 @@ def test_a_refused_pretrained_file_leaves_no_empty_out(sample_store: Store, tmp_
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_nan_weights_are_refused_by_evaluate_in_one_line(
     sample_store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -11,10 +11,12 @@ from safetensors.torch import save_file
 
 from histodetect.data.store import Store, StoreWriter
 from histodetect.models import Classifier
-from histodetect.train.config import ConfigError, TrainConfig
+from histodetect.runs import load_model
+from histodetect.runs.config import ConfigError, TrainConfig
 from histodetect.train.embeddings import META, cache_root, open_or_build
 from histodetect.train.run import hardware_for, train
-from histodetect.train.runfolder import load_model
+
+pytestmark = pytest.mark.slow  # every test trains a run or scores a slide with one (seconds each on 2 cores)
 
 PROBE = dict(
     freeze="frozen",

@@ -6,7 +6,7 @@ import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
 from histodetect.errors import ConfigError
-from histodetect.train.config import TrainConfig
+from histodetect.runs.config import TrainConfig
 from histodetect.train.search_space import grid, grid_size, load_space
 
 BASE = TrainConfig(model="baseline-cnn")

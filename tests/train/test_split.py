@@ -6,7 +6,7 @@ import pytest
 
 from histodetect.data.split import groups_of, read_groups, split_rows, stratified_subset
 from histodetect.data.store import Place, Store, StoreWriter
-from histodetect.train.config import ConfigError
+from histodetect.runs.config import ConfigError
 
 LABELS = np.array([0] * 60 + [1] * 40)
 
@@ -82,6 +82,7 @@ def slide_store(sample_store: Store, path: Path, *, slides: int = 8, unplaced: i
         return writer.commit(source="test")
 
 
+@pytest.mark.slow
 def test_train_groups_auto_keeps_every_slide_on_one_side(sample_store: Store, tmp_path: Path) -> None:
     from typer.testing import CliRunner
 

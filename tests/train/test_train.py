@@ -15,9 +15,11 @@ from safetensors.torch import load_file
 
 from histodetect.data.store import Store
 from histodetect.models import create_model
-from histodetect.train.config import ConfigError, TrainConfig
+from histodetect.runs import load_model
+from histodetect.runs.config import ConfigError, TrainConfig
 from histodetect.train.run import train
-from histodetect.train.runfolder import load_model
+
+pytestmark = pytest.mark.slow  # every test trains a run or scores a slide with one (seconds each on 2 cores)
 
 QUICK = dict(epochs=1, batch_size=8, limit_train=16, val_fraction=0.2, image_size=96, num_workers=0, patience=0)
 
@@ -126,7 +128,7 @@ KILL_SCRIPT = textwrap.dedent(
     import os, signal, sys
     import lightning as L
     from histodetect.data.store import Store
-    from histodetect.train.config import TrainConfig
+    from histodetect.runs.config import TrainConfig
     from histodetect.train.run import train
 
     class KillAt(L.Callback):
@@ -202,7 +204,7 @@ DDP_SCRIPT = textwrap.dedent(
     from pathlib import Path
     import lightning as L
     from histodetect.data.store import Store
-    from histodetect.train.config import TrainConfig
+    from histodetect.runs.config import TrainConfig
     from histodetect.train.run import train
 
     class RecordRows(L.Callback):

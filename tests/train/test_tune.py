@@ -19,9 +19,11 @@ import pytest
 
 from histodetect.data.store import Store
 from histodetect.errors import ConfigError
-from histodetect.train.config import TrainConfig
+from histodetect.runs.config import TrainConfig
 from histodetect.train.search_space import SEED_SPACE
-from histodetect.train.tune import Heartbeat, make_sampler, storage_url, tune
+from histodetect.train.tune import HOLD_ENV, Heartbeat, make_sampler, storage_url, tune
+
+pytestmark = pytest.mark.slow  # tuning workers train runs in other processes
 
 BASE = TrainConfig(
     model="baseline-cnn",
@@ -115,18 +117,20 @@ def worker_env() -> dict[str, str]:
 
 
 def test_a_killed_worker_leaves_its_trial_failed_and_it_is_retried(sample_store: Store, tmp_path: Path) -> None:
-    base = BASE.replace(epochs=4).save(tmp_path / "base.yaml")  # long enough to be killed in the middle
+    base = BASE.replace(epochs=2).save(tmp_path / "base.yaml")
     out = tmp_path / "tune"
     command = tune_command(sample_store, out, base, "--trials", "2")
-    worker = subprocess.Popen(command, env=worker_env(), stderr=subprocess.DEVNULL)
-    started = out / "trial-0000" / "config.yaml"
-    deadline = time.monotonic() + 300
-    while not started.exists() and worker.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert started.exists(), "the worker never started its first trial"
-    worker.send_signal(signal.SIGKILL)
-    worker.wait()
-    assert not (out / "trial-0000" / "summary.json").exists()  # killed mid-trial
+    held = tmp_path / "held"  # the worker writes it after trial 0's first epoch, then waits there to be killed
+    worker = subprocess.Popen(command, env={**worker_env(), HOLD_ENV: str(held)}, stderr=subprocess.DEVNULL)
+    try:
+        while not held.exists():  # no race: once there, the worker cannot move on
+            assert worker.poll() is None, "the worker ended before its first trial's first epoch"
+            time.sleep(0.1)
+    finally:
+        worker.send_signal(signal.SIGKILL)
+        worker.wait()
+    assert held.read_text() == "0"
+    assert (out / "trial-0000" / "config.yaml").exists() and not (out / "trial-0000" / "summary.json").exists()
 
     subprocess.run(command, env=worker_env(), check=True, timeout=600, capture_output=True)
     table = pd.read_csv(out / "trials.csv").set_index("number")

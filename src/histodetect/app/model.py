@@ -18,7 +18,7 @@ from histodetect.errors import InferError
 from histodetect.infer.engine import ONNX_SUFFIX, Predictor
 from histodetect.infer.explain import cams, overlay
 from histodetect.models import Classifier
-from histodetect.train.runfolder import load_config, load_model
+from histodetect.runs import load_config, load_model
 
 
 class ModelService:

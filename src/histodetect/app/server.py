@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import json
 import socket
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
 import uvicorn
@@ -91,7 +93,21 @@ class HeadDeadline(H11Protocol):
             self.transport.close()
 
 
-def uvicorn_server(app: FastAPI, settings: Settings) -> uvicorn.Server:
+class SignallingServer(uvicorn.Server):
+    """uvicorn that sets ``ready`` once its startup is over (listening, or failed): waited on, never polled."""
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.ready = threading.Event()
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        try:
+            await super().startup(sockets=sockets)
+        finally:
+            self.ready.set()
+
+
+def uvicorn_server(app: FastAPI, settings: Settings) -> SignallingServer:
     """uvicorn with the app's limits: past ``limit_concurrency`` connections it answers 503, and a request head
     not received within ``request_timeout`` is answered 408."""
     # One client may hold all but an eighth of the places, so that /health and others still get in.
@@ -114,7 +130,33 @@ def uvicorn_server(app: FastAPI, settings: Settings) -> uvicorn.Server:
         log_level="info",
         access_log=False,
     )
-    return uvicorn.Server(config)
+    return SignallingServer(config)
+
+
+@contextlib.contextmanager
+def serving_in_thread(settings: Settings, host: str = "127.0.0.1") -> Iterator[str]:
+    """Serve the app on a free port of ``host`` in a background thread while the block runs; yields its base URL.
+    For the demo and the tests: a server that answers a few requests and stops, without a process of its own."""
+    server = uvicorn_server(create_app(settings), settings)
+    sock = bind(host, 0)
+
+    def run() -> None:
+        try:
+            server.run(sockets=[sock])
+        finally:
+            server.ready.set()  # a failure before startup must not leave the caller waiting
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        server.ready.wait()
+        if not server.started:
+            raise RuntimeError("the app did not start; see the log above")
+        yield f"http://{host}:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
 
 
 def check_port(port: int) -> None:

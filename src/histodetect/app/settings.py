@@ -6,10 +6,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from histodetect.data.store import PATCH_SHAPE
 from histodetect.errors import ConfigError
-
-PATCH_BYTES = PATCH_SHAPE[0] * PATCH_SHAPE[1] * PATCH_SHAPE[2]
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
 from histodetect.app.limits import read_form
-from histodetect.data.ingest import decode_bytes
+from histodetect.data.decode import decode_bytes
 from histodetect.errors import InferError
 
 

@@ -76,8 +76,9 @@ def info(
     """Show what a store holds (patches per split, label balance, problems at ingest), or how a run did."""
     from histodetect.data.ingest import describe_store
     from histodetect.data.store import Store
+    from histodetect.runs.layout import CONFIG
 
-    if (path / "config.yaml").is_file():  # a run folder
+    if (path / CONFIG).is_file():  # a run folder
         from histodetect.report.compare import read_run, terminal_table
 
         if as_json:

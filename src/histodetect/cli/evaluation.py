@@ -59,7 +59,7 @@ def evaluate(
 ) -> None:
     """Metrics with confidence intervals, ROC/PR/calibration plots and the worst mistakes, as HTML."""
     from histodetect.infer.evaluate import evaluate as run_evaluate
-    from histodetect.train.runfolder import EVALUATION
+    from histodetect.runs.layout import EVALUATION
 
     check_apart(out, {"RUN": run, "STORE": store}, folder=True, allowed=[run / EVALUATION])
     metrics = run_evaluate(

@@ -150,7 +150,7 @@ def train(
     """Train one model on a store; writes a run folder (config, checkpoints, metrics, summary)."""
     flags = dict(locals())  # first statement: every option, before any other name is bound
     from histodetect.data.store import Store
-    from histodetect.train.config import build_config
+    from histodetect.runs import build_config
     from histodetect.train.run import train as run_train
 
     read = {"STORE": store, "--config": config, "--pretrained": _existing(pretrained), "--groups": _existing(groups)}
@@ -161,10 +161,11 @@ def train(
     overrides = {k: v for k, v in flags.items() if k not in commands}
     cfg = build_config(preset=preset, config_file=config, **overrides)
     if all_folds:  # re-running continues by itself: finished folds are kept, an interrupted one resumes
-        from histodetect.infer.crossval import cross_validate
+        from histodetect.infer.evaluate import score_rows
         from histodetect.report.compare import terminal_table
+        from histodetect.train.crossval import cross_validate
 
-        result = cross_validate(Store(store), out, cfg, restart=restart)
+        result = cross_validate(Store(store), out, cfg, score=score_rows, restart=restart)
         if not result:  # a DDP process other than rank zero
             return
         runs = [Path(fold["run"]) for fold in result["folds"]]
@@ -225,7 +226,7 @@ def tune(
     """Search training settings with Optuna; resumable, and shared by any number of workers on one --storage."""
     from histodetect.data.store import Store
     from histodetect.report.tuning import write_tuning_report
-    from histodetect.train.config import build_config
+    from histodetect.runs import build_config
     from histodetect.train.search_space import load_space
     from histodetect.train.tune import Heartbeat
     from histodetect.train.tune import tune as run_tune

@@ -10,23 +10,8 @@ Any error refuses the ingest (exit code 2, a JSON report beside the store, no st
 the store too. Warnings never stop anything. The store is written through :class:`StoreWriter`, so an
 interrupted ingest leaves nothing that looks like a store.
 
-Problem kinds in the report (``{kind, severity, split, id, file, detail}``):
-
-- errors: ``missing_image``, ``unlabeled_image``, ``duplicate_id`` (conflicting rows, several files or
-  splits), ``duplicate_pixels`` (the copy not kept: see :func:`_fill`), ``unreadable``, ``empty_file``,
-  ``not_a_file`` (a FIFO, socket or device), ``wrong_size``, ``wrong_mode``, ``wrong_depth`` (more than 8 bits
-  per channel), ``multi_page``, ``bad_label``, ``unsafe_id``; and ``csv_missing_header``,
-  ``csv_missing_column``, ``csv_unreadable``, ``csv_multiline_field``, ``csv_field_too_large``, which stop
-  ingest before any image is read, even with ``skip_bad``, and are then shown alone; ``bad_meta`` (a PCam meta
-  CSV not row for row with its HDF5 file, or a row without a usable slide or position), ``bad_group`` (an id of
-  ``--groups FILE`` in two groups, or with an empty or unprintable group);
-- warnings: ``duplicate_id`` (identical rows, kept once), ``id_not_sha1``, ``unlisted_image`` (a test image
-  not in the sample submission), ``ignored_file``, ``missing_labels`` (a PCam split without ``_y.h5``),
-  ``csv_bom``, ``csv_blank_line``, ``csv_spaces`` (an id read without its surrounding spaces), ``csv_extra_column``
-  (a column no one reads), ``label_format`` (a 0 or 1 spelled otherwise, e.g. ``1e0``); and about slide
-  groups (see :mod:`histodetect.data.groups`): ``pcam_test_leak`` (test patches found among ``--pcam-meta``'s
-  PCam patches: not used), ``group_not_recorded`` (unlabeled patches with a group), ``no_group`` (labeled
-  patches without one), ``group_unknown_id`` (ids of ``--groups FILE`` not ingested).
+Problem kinds in the report (``{kind, severity, split, id, file, detail}``) and what each means, how grave it is
+and whether it is spoken: the one table in :mod:`histodetect.data.problems`.
 """
 
 from __future__ import annotations
@@ -34,17 +19,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
-import io
 import itertools
 import multiprocessing
 import os
 import re
 import signal
-import stat
-import struct
 import tempfile
 import threading
-import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -53,19 +34,17 @@ from typing import Any
 
 import h5py
 import numpy as np
-from PIL import Image
 from rich.console import Console, Group, RenderableType
 from rich.markup import escape
 from rich.panel import Panel
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from histodetect.data.decode import decode_patch
 from histodetect.data.groups import Placer, pcam_places_by_sha1, read_groups_file, read_pcam_meta
 from histodetect.data.ids import looks_like_sha1, shown
+from histodetect.data.problems import ERROR, FATAL_KINDS, SPOKEN_KINDS, WARNING
 from histodetect.data.sources import (
-    ERROR,
-    FATAL_KINDS,
-    WARNING,
     H5Part,
     IngestError,
     Item,
@@ -75,43 +54,18 @@ from histodetect.data.sources import (
     relative,
     split_rank,
 )
-from histodetect.data.store import PATCH_SHAPE, REPORT, Place, Store, StoreWriter, why_not_replaceable
+from histodetect.data.store import PATCH_BYTES, PATCH_SHAPE, REPORT, Place, Store, StoreWriter, why_not_replaceable
 from histodetect.errors import UserError
 from histodetect.io import atomic_write_json, check_output_dir, check_output_file, remove_dead_leftovers
 
-__all__ = ["IngestError", "IngestResult", "decode_patch", "describe_store", "ingest", "raw_tiff_rgb"]
+__all__ = ["IngestError", "IngestResult", "describe_store", "ingest"]
 
 POOL_MIN_FILES = 500  # below this, starting worker processes costs more than it saves
 CHUNK = 64  # files per worker task: amortises inter-process messages without starving the other workers
 WINDOW = 4096  # patches decoded ahead of the store writer (a ~113 MB scratch file, reused)
 WINDOW_DIR = re.compile(r"histodetect-ingest-(?P<pid>\d+)-[a-z0-9_]+")  # the window's temporary folder
-PATCH_BYTES = int(np.prod(PATCH_SHAPE))
 H5_CHUNK = 2048  # PCam patches read at once (~57 MB): the 220k-patch files are never loaded whole
 SHOWN_OFFENDERS = 10  # errors named on the terminal; the report holds all of them
-SPOKEN_WARNINGS = ("pcam_test_leak", "no_group")  # warnings printed in full, not only counted
-TIFF_INTEGER_TYPES = {3: "H", 4: "I"}  # TIFF field types SHORT and LONG, as struct codes
-NEXT_IFD = -1  # key of :func:`_tiff_tags`'s result for the offset of a TIFF's next page (not a real tag)
-TIFF_BITS_PER_SAMPLE = 258
-MODE_NAMES = {
-    "1": "1-bit black and white",
-    "L": "grayscale",
-    "LA": "grayscale with alpha",
-    "P": "palette",
-    "PA": "palette with alpha",
-    "RGBA": "RGB with alpha",
-    "CMYK": "CMYK",
-    "YCbCr": "YCbCr",
-    "LAB": "Lab",
-    "HSV": "HSV",
-    "I": "32-bit integer",
-    "I;16": "16-bit grayscale",
-    "I;16B": "16-bit grayscale",
-    "I;16L": "16-bit grayscale",
-    "F": "32-bit float",
-}
-
-# What a decoder returns for one file: pixels (None when unusable), their SHA-1, and (kind, detail) problems.
-Decoded = tuple[np.ndarray | None, str | None, list[tuple[str, str]]]
 ChunkResult = list[tuple[str | None, list[tuple[str, str]]]]  # per file of a chunk: SHA-1 and problems
 Record = tuple[Item, np.ndarray | None, str | None, list[Problem]]
 
@@ -265,143 +219,6 @@ def _why_refuse(problems: list[Problem], *, skip_bad: bool, stored: int) -> str 
     if errors and not skip_bad:
         return f"{errors} error(s)"
     return None if stored else "no good patch"
-
-
-# ------------------------------------------------------------------------------------------------ decoding
-def decode_patch(path: str) -> Decoded:
-    """Decode one image file into HWC uint8 RGB pixels and their SHA-1 (called by the decoding workers).
-
-    The file is read in one call and decoded from memory. Competition patches (baseline uncompressed RGB TIFF)
-    take :func:`raw_tiff_rgb`, about ten times faster than PIL; anything else, including every damaged or odd
-    file, goes through PIL, which also says what is wrong with it.
-    """
-    try:
-        data = _read_regular_file(path)
-    except OSError as exc:
-        return None, None, [("unreadable", f"cannot read the file ({exc.strerror or exc})")]
-    if data is None:
-        return None, None, [("not_a_file", "not a regular file (a FIFO, socket or device); not read")]
-    return decode_bytes(data)
-
-
-def _read_regular_file(path: str) -> bytes | None:
-    """The bytes of ``path``, or None when it is not a regular file. Opened without blocking and checked on
-    the open file itself, so a FIFO named ``x.tif`` cannot hang ingest (reading one waits for a writer)."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    with open(fd, "rb") as fh:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
-        return fh.read()
-
-
-def decode_bytes(data: bytes) -> Decoded:
-    """:func:`decode_patch` for an image already in memory (an upload to ``serve``): the same checks."""
-    if not data:
-        return None, None, [("empty_file", "0 bytes")]
-    pixels = raw_tiff_rgb(data)
-    if pixels is not None:
-        return pixels, hashlib.sha1(pixels).hexdigest(), []
-    with warnings.catch_warnings():
-        # PIL warns about the corruption it then raises on; the exception is what gets reported.
-        warnings.simplefilter("ignore")
-        try:
-            return _decode_with_pil(data)
-        except Image.UnidentifiedImageError:  # its message names the in-memory buffer, which helps nobody
-            return None, None, [("unreadable", "not an image format Pillow recognises (TIFF, PNG, JPEG...)")]
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-            return None, None, [("unreadable", f"not a decodable image ({exc})")]
-
-
-def raw_tiff_rgb(data: bytes) -> np.ndarray | None:
-    """The pixels of a well-formed, uncompressed, 8-bit RGB, 96x96 TIFF, or None to let PIL decide.
-
-    Such a file is a small header plus the raw HWC bytes in one or more strips, so the pixels can be sliced
-    out after reading a dozen tags. Any tag that could change their meaning (compression, predictor, planar
-    layout, extra samples, sample format, bit order) must be absent or at its baseline value, and the strips
-    must lie inside the file. Pixels equal PIL's decode byte for byte (the tests check every real patch).
-    """
-    order = {b"II*\x00": "<", b"MM\x00*": ">"}.get(data[:4])
-    if order is None:
-        return None
-    try:
-        tags = _tiff_tags(data, order)
-    except struct.error:
-        return None
-    height, width, channels = PATCH_SHAPE
-    required = {256: (width,), 257: (height,), 258: (8,) * channels, 259: (1,), 262: (2,), 277: (channels,)}
-    baseline = {266: (1,), 284: (1,), 317: (1,), 339: (1,) * channels}
-    if any(tags.get(tag) != value for tag, value in required.items()) or 338 in tags:
-        return None
-    if any(tags.get(tag, value) not in (value, value[:1]) for tag, value in baseline.items()):
-        return None
-    if tags.get(NEXT_IFD) != (0,):  # a second page: PIL counts the pages, and the file is refused
-        return None
-    offsets, counts = tags.get(273, ()), tags.get(279, ())
-    if not offsets or len(offsets) != len(counts) or sum(counts) != PATCH_BYTES:
-        return None
-    if any(offset + count > len(data) for offset, count in zip(offsets, counts, strict=True)):
-        return None
-    strips = b"".join(data[offset : offset + count] for offset, count in zip(offsets, counts, strict=True))
-    return np.frombuffer(strips, dtype=np.uint8).reshape(PATCH_SHAPE)
-
-
-def _tiff_tags(data: bytes, order: str) -> dict[int, tuple[int, ...]]:
-    """The integer (SHORT/LONG) tags of a TIFF's first image; other types map to () so they never match.
-    Key ``NEXT_IFD`` holds the offset of the next image (0 when the file has one page)."""
-    (ifd,) = struct.unpack_from(order + "I", data, 4)
-    (n_tags,) = struct.unpack_from(order + "H", data, ifd)
-    tags: dict[int, tuple[int, ...]] = {NEXT_IFD: struct.unpack_from(order + "I", data, ifd + 2 + 12 * n_tags)}
-    for entry in range(ifd + 2, ifd + 2 + 12 * n_tags, 12):
-        tag, kind, count = struct.unpack_from(order + "HHI", data, entry)
-        code = TIFF_INTEGER_TYPES.get(kind)
-        if code is None:
-            tags[tag] = ()
-            continue
-        where = entry + 8
-        if count * struct.calcsize(code) > 4:  # the values do not fit in the entry: it holds their offset
-            (where,) = struct.unpack_from(order + "I", data, where)
-        tags[tag] = struct.unpack_from(f"{order}{count}{code}", data, where)
-    return tags
-
-
-def _decode_with_pil(data: bytes) -> Decoded:
-    """Size and mode are checked from the header before decoding, so an odd or huge file costs nothing."""
-    with Image.open(io.BytesIO(data)) as image:
-        found = _shape_problems(image)
-        if found:
-            return None, None, found
-        image.load()
-        pixels = np.asarray(image)
-    return pixels, hashlib.sha1(pixels).hexdigest(), []
-
-
-def _shape_problems(image: Image.Image) -> list[tuple[str, str]]:
-    """Wrong size, any mode but 8-bit RGB (grayscale, RGBA, 16-bit, palette, CMYK...), more than 8 bits per
-    channel (which PIL opens as 'RGB', silently keeping the top 8 bits), or more than one page."""
-    height, width, _ = PATCH_SHAPE
-    found = []
-    if image.size != (width, height):
-        found.append(("wrong_size", f"{image.size[0]}x{image.size[1]} pixels, expected {width}x{height}"))
-    if image.mode != "RGB":
-        what = MODE_NAMES.get(image.mode, "not 8-bit RGB")
-        found.append(("wrong_mode", f"mode {image.mode!r} ({what}) in a {image.format} file, expected 8-bit 'RGB'"))
-    elif bits := _bits_beyond_8(image):
-        detail = f"{bits} bits per channel in a {image.format} file, expected 8 (cutting them would change the data)"
-        found.append(("wrong_depth", detail))
-    if (pages := getattr(image, "n_frames", 1)) > 1:
-        found.append(("multi_page", f"{pages} pages (images) in one {image.format} file, expected one patch"))
-    return found
-
-
-def _bits_beyond_8(image: Image.Image) -> int | None:
-    """Bits per channel of an 'RGB' image stored deeper than 8 bits (16-bit TIFF or PNG), else None."""
-    tags = getattr(image, "tag_v2", None)
-    bits = tags.get(TIFF_BITS_PER_SAMPLE) if tags is not None else None
-    if bits is not None:
-        deepest = max(bits) if isinstance(bits, tuple) else int(bits)
-        return deepest if deepest > 8 else None
-    rawmodes = [args if isinstance(args, str) else (args or ("",))[0] for *_, args in image.tile]
-    return 16 if any(";16" in str(rawmode) for rawmode in rawmodes) else None
 
 
 @contextlib.contextmanager
@@ -633,7 +450,7 @@ def _print_written(console: Console, store: Store, report: dict[str, Any]) -> No
     if grouped := _describe_groups(store):
         console.print(f"slide groups: {grouped}", highlight=False)
     for p in report["problems"]:
-        if p["kind"] in SPOKEN_WARNINGS:
+        if p["kind"] in SPOKEN_KINDS:
             line = f"[bold yellow]warning:[/] {escape(_printable(p['detail']))}"
             console.print(line, soft_wrap=True, highlight=False)
     summary = report["summary"]
@@ -666,7 +483,8 @@ def describe_store(store: Store) -> RenderableType:
 
     about = Table.grid(padding=(0, 2))
     about.add_column(style="bold")
-    about.add_column()
+    about.add_column(overflow="fold")  # a long path folds onto the next line, never loses its end
+    about.add_row("store", escape(str(store.path)))
     about.add_row("source", escape(str(manifest.get("source", "?"))))
     about.add_row("layout", str(manifest.get("layout", "?")))
     about.add_row("created", str(manifest.get("created", "?")))
@@ -675,7 +493,7 @@ def describe_store(store: Store) -> RenderableType:
     about.add_row("problems", _describe_problems(manifest.get("problems")))
     return Panel(
         Group(splits, "", about),
-        title=f"store {escape(str(store.path))}: {len(store):,} patches",
+        title=f"store: {len(store):,} patches",  # the path is a row: a title too long for the panel is cut
         title_align="left",
     )
 

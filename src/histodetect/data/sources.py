@@ -27,6 +27,7 @@ from pathlib import Path
 import h5py
 
 from histodetect.data.ids import looks_like_sha1, shown, unsafe_reason
+from histodetect.data.problems import ERROR, FATAL_KINDS, WARNING, check_kind
 from histodetect.data.store import PATCH_SHAPE, Place
 from histodetect.errors import IngestError
 
@@ -39,13 +40,6 @@ PLAIN_LABELS = frozenset({"0", "1", "0.0", "1.0"})  # other spellings of 0 and 1
 SUBMISSION_CSV = "sample_submission.csv"
 DEFAULT_CLASS_DIRS = ("0", "1")
 
-ERROR = "error"
-WARNING = "warning"
-# CSV problems that make the labels unknowable: ingest stops before decoding, even with --skip-bad.
-FATAL_KINDS = frozenset(
-    {"csv_missing_header", "csv_missing_column", "csv_unreadable", "csv_multiline_field", "csv_field_too_large"}
-)
-
 
 @dataclass(frozen=True)
 class Problem:
@@ -57,6 +51,9 @@ class Problem:
     id: str | None
     file: str | None
     detail: str
+
+    def __post_init__(self) -> None:
+        check_kind(self.kind, self.severity)
 
     @classmethod
     def about(cls, item: Item, kind: str, severity: str, detail: str) -> Problem:

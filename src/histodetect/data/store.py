@@ -17,6 +17,8 @@ stores (without the last three index columns) still open, with every group and p
 from __future__ import annotations
 
 import datetime as dt
+import functools
+import hashlib
 import json
 import os
 import re
@@ -38,6 +40,7 @@ STORE_FORMAT = "histodetect-store"
 STORE_VERSION = 2
 READABLE_VERSIONS = (1, STORE_VERSION)
 PATCH_SHAPE = (96, 96, 3)
+PATCH_BYTES = PATCH_SHAPE[0] * PATCH_SHAPE[1] * PATCH_SHAPE[2]  # one patch, packed
 UNLABELED = -1
 NO_COORD = -1  # coord_x / coord_y of a patch whose position on its slide is unknown
 
@@ -127,6 +130,17 @@ class Store:
 
     def __len__(self) -> int:
         return len(self.index)
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """What the store holds, in one string: the SHA-256 of its ``manifest.json`` and ``index.csv`` (ids, labels,
+        splits and each patch's SHA-1), so a re-ingested or edited store at the same path is told apart. Hashed once
+        per opened store (the files do not change under a store that is open)."""
+        digest = hashlib.sha256()
+        for name in (MANIFEST, INDEX):
+            digest.update((self.path / name).read_bytes())
+            digest.update(b"\0")
+        return "sha256:" + digest.hexdigest()
 
     def __repr__(self) -> str:
         return f"Store({str(self.path)!r}, n={len(self)}, splits={self.manifest.get('splits')})"

@@ -30,8 +30,9 @@ from shapely.geometry import shape
 from histodetect.infer.lesions import LESION_REGIONS, Lesion, match
 from histodetect.infer.slide_batch import read_summaries
 from histodetect.io import atomic_write_json
+from histodetect.metrics import roc_auc
 from histodetect.report.cohort_page import write_cohort_page
-from histodetect.report.metrics import bootstrap_auc_ci, roc_auc, threshold_metrics
+from histodetect.report.metrics import bootstrap_auc_ci, threshold_metrics
 
 FROC_POINTS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 COHORT = "cohort.json"

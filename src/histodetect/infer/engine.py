@@ -1,9 +1,9 @@
 """The one batched inference path: runs (or exported ``.onnx`` files) x uint8 patches -> probabilities.
 
-Every command that scores patches (predict, evaluate, the benchmark) goes through :class:`Predictor`, so
-batching, precision, test-time augmentation and ensembling are decided once. Patches stay uint8 NHWC until a
-batch is on its way into the model: 57,458 test patches are 1.6 GB as uint8 but 6.4 GB as float, so only one
-batch at a time is ever converted.
+Every command that scores patches (predict, evaluate, slide, serve, cross-validation, the benchmarks) goes
+through :class:`Predictor`, so batching, precision, test-time augmentation and ensembling are decided once.
+Patches stay uint8 NHWC until a batch is on its way into the model: 57,458 test patches are 1.6 GB as uint8 but
+6.4 GB as float, so only one batch at a time is ever converted.
 
 Averaging is over probabilities, not logits: an ensemble or TTA mean of sigmoid outputs is what the
 competition's AUC sees, and it keeps one over-confident member from dominating the way a logit mean can.
@@ -33,11 +33,12 @@ from rich.text import Text
 
 from histodetect.data.augment import dihedral, to_float
 from histodetect.data.stain import METHODS as STAIN_METHODS
-from histodetect.data.stain import STAIN_FILE, StainFit, StainNormalizer, fit_stains, read_reference, spread
+from histodetect.data.stain import StainFit, StainNormalizer, fit_stains, read_reference, spread
 from histodetect.device import cpu_has_bf16, resolve_accelerator
 from histodetect.errors import InferError
 from histodetect.models import Classifier
-from histodetect.train.config import TrainConfig
+from histodetect.runs import TrainConfig, load_model
+from histodetect.runs.layout import STAIN, run_stain
 
 # Indices into histodetect.data.augment.dihedral: k % 4 quarter turns, then a left-right flip when k >= 4.
 # flips = identity, left-right (4), top-bottom (6 = half turn + left-right), both (2 = half turn).
@@ -166,8 +167,6 @@ class Predictor:
                 raise FileNotFoundError(f"{run}: no such ONNX file")
             self._stains.append((str(run), "none", None))
             return OpenVinoMember(run.read_bytes()) if self.engine == "openvino" else OnnxMember(run)
-        from histodetect.train.runfolder import load_model, run_stain  # Lightning only when a run folder is used
-
         model, config = load_model(run)
         self._mpps.add(config.mpp)
         self._stains.append((str(run), config.stain_norm, run_stain(run)))
@@ -266,7 +265,7 @@ def choose_stain(
     references = {fit for _, _, fit in recorded}
     if len(references) > 1:
         raise InferError("the runs record different stain references; pass --stain-reference to choose one")
-    return StainNormalizer(method, references.pop(), reference_source=f"{recorded[0][0]}/{STAIN_FILE}")
+    return StainNormalizer(method, references.pop(), reference_source=f"{recorded[0][0]}/{STAIN}")
 
 
 def _autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:

@@ -12,7 +12,6 @@ fp32 by default, the arithmetic of the exported model one deploys.
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -25,19 +24,13 @@ from histodetect.infer.engine import InferError, PatchReader, Predictor
 from histodetect.infer.predict import check_finite
 from histodetect.infer.sources import StoreRows
 from histodetect.io import atomic_write_json, check_output_dir
+from histodetect.metrics import roc_auc
 from histodetect.report.evaluation import json_safe, write_evaluation_report
-from histodetect.report.metrics import binary_metrics, roc_auc
-from histodetect.train.runfolder import EVALUATION, check_store, held_out_rows, load_config, store_fingerprint
+from histodetect.report.metrics import binary_metrics
+from histodetect.runs import load_config
+from histodetect.runs.layout import STORE_SPLIT, check_store, evaluation_file, held_out_rows
 
 RUN_PARTS = ("val", "test")  # split names that mean the run's own held-out parts
-STORE_SPLIT = "store:"  # prefix naming a store split, for a store whose split is called val or test
-
-
-def run_evaluation(run: Path, split: str) -> Path:
-    """Where evaluate keeps its metrics for ``split`` inside the run folder: ``evaluation/<split>/metrics.json``
-    (a store split ``store:NAME`` as ``store-NAME``, any character outside ``[A-Za-z0-9_.-]`` as ``_``)."""
-    folder = re.sub(r"[^A-Za-z0-9_.-]", "_", split.replace(STORE_SPLIT, "store-", 1))
-    return run / EVALUATION / folder / "metrics.json"
 
 
 def evaluate(
@@ -86,7 +79,7 @@ def evaluate(
         "run": str(run),
         "model": config.model,
         "store": str(data.path),
-        "store_fingerprint": store_fingerprint(data),
+        "store_fingerprint": data.fingerprint,
         "split": split,
         "tta": tta,
         "numeric_precision": predictor.precision,  # not "precision": that is the PPV
@@ -101,10 +94,17 @@ def evaluate(
         ids=data.ids[rows].tolist(),
         title=f"{run.name}: {config.model} on {_described(split)} ({data.path.name})",
     )
-    copy = run_evaluation(run, split)
+    copy = evaluation_file(run, split)
     if copy.resolve() != (out / "metrics.json").resolve():
         atomic_write_json(copy, json_safe(metrics))
     return metrics
+
+
+def score_rows(runs: list[Path], store: Store, rows: np.ndarray, *, label: str, precision: str) -> np.ndarray:
+    """The mean probability of ``runs`` on ``rows`` of ``store``, through the one :class:`Predictor`: how
+    ``train --all-folds`` scores its out-of-fold and test patches (the CLI hands this to
+    :func:`histodetect.train.crossval.cross_validate`, since the train layer may not import this one)."""
+    return Predictor(runs, precision=precision).predict(StoreRows(store, rows), label=label)
 
 
 class Restained:

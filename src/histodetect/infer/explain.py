@@ -29,7 +29,8 @@ from histodetect.infer.sources import PatchSet, StoreRows, is_store, open_source
 from histodetect.io import atomic_path
 from histodetect.models import Classifier
 from histodetect.report.figures import CLASS_COLORS, CLASS_NAMES, draw_centre_box, patch_grid, styled
-from histodetect.train.runfolder import load_model, run_stain
+from histodetect.runs import load_model
+from histodetect.runs.layout import run_stain
 
 METHODS = {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus}
 CAM_BATCH = 32  # patches per backward pass: bounds the activations kept for the gradients

@@ -27,9 +27,9 @@ from histodetect.infer.engine import ONNX_SUFFIX, InferError, OnnxMember
 from histodetect.infer.sources import ImageFiles, store_patches
 from histodetect.io import atomic_write_bytes
 from histodetect.models import Classifier
+from histodetect.runs import load_model
 from histodetect.sample import sample_dir
 from histodetect.train.embeddings import cache_root
-from histodetect.train.runfolder import load_model
 
 MAX_ABS_DIFF = 1e-4  # fp32 probabilities; real exports agree to ~1e-6
 CHECK_PATCHES = 64

@@ -56,7 +56,7 @@ from histodetect.infer.engine import Predictor, progress_bar
 from histodetect.infer.slide import CELL, MARGIN, CellBlocks, Scale, choose_scale, score_cells
 from histodetect.infer.slide_batch import companion, find_slides
 from histodetect.io import atomic_path, atomic_write_json, check_output_dir
-from histodetect.train.config import TrainConfig
+from histodetect.runs.config import TrainConfig
 
 EXTRACT_VERSION = 1  # of the work files and the manifest's ``extract`` record
 SAMPLED, HARD_NEGATIVE = "sampled", "hard_negative"  # the store's ``source`` column

@@ -21,7 +21,7 @@ from histodetect.data.ids import shown
 from histodetect.infer.engine import InferError, Predictor
 from histodetect.infer.sources import PatchSet, StoreRows, open_source
 from histodetect.io import atomic_path, check_output_file
-from histodetect.train.runfolder import check_store
+from histodetect.runs.layout import check_store
 
 SHOWN_IDS = 5  # ids quoted in an error message
 

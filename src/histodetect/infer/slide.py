@@ -53,7 +53,7 @@ from histodetect.errors import InferError, UserError
 from histodetect.infer import slide_outputs
 from histodetect.infer.engine import Predictor, progress_bar
 from histodetect.io import remove_dead_leftovers
-from histodetect.train.config import MAX_MPP, MIN_MPP
+from histodetect.runs.config import MAX_MPP, MIN_MPP
 
 WINDOW = PATCH_SHAPE[0]  # 96: what every model was trained on
 CELL = 32  # the labelled centre of a window: the default cell

@@ -33,7 +33,7 @@ from histodetect.errors import InferError, UserError
 from histodetect.infer.engine import ONNX_SUFFIX, Predictor
 from histodetect.infer.slide import score_slide
 from histodetect.io import atomic_path
-from histodetect.train.runfolder import CONFIG
+from histodetect.runs.layout import CONFIG
 
 SLIDE_SUFFIXES = frozenset(
     {".svs", ".tif", ".tiff", ".btf", ".ndpi", ".vms", ".vmu", ".mrxs", ".scn", ".bif", ".svslide", ".png", ".jpg"}

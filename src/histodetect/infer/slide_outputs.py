@@ -32,7 +32,7 @@ from skimage.measure import label, regionprops
 from histodetect.data.wsi import SlideReader
 from histodetect.infer import lesions
 from histodetect.io import atomic_write_json
-from histodetect.report.metrics import roc_auc
+from histodetect.metrics import roc_auc
 
 THUMBNAIL = 1600  # longest side of heatmap.png's slide image, in pixels
 TUMOUR_CLASS = {"name": "Tumor", "color": [200, 0, 0]}  # QuPath's own class name for tumour

@@ -3,7 +3,7 @@
 Each source becomes a :class:`PatchSet`: ids, labels when known, and a lazy reader that hands out uint8 ``(n,
 96, 96, 3)`` arrays for slices, so neither a store's 57k test patches nor a folder of 57k TIFF files is ever
 loaded whole. Folders are listed with ingest's :func:`~histodetect.data.sources.discover` and files decoded
-with ingest's :func:`~histodetect.data.ingest.decode_patch`, so predict accepts and refuses exactly the files
+with :func:`~histodetect.data.decode.decode_patch`, as ingest does, so predict accepts and refuses exactly the files
 ingest does (wrong size or mode, unreadable, unsafe names) and names the file when it refuses one.
 """
 
@@ -16,8 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from histodetect.data.ingest import decode_patch
-from histodetect.data.sources import ERROR, IMAGE_SUFFIXES, discover
+from histodetect.data.decode import decode_patch
+from histodetect.data.problems import ERROR
+from histodetect.data.sources import IMAGE_SUFFIXES, discover
 from histodetect.data.store import MANIFEST, PATCH_SHAPE, UNLABELED, Store
 from histodetect.infer.engine import InferError
 

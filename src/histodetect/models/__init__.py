@@ -1,7 +1,8 @@
 """The networks: ``create_model`` builds a ``Classifier`` (the contract in DEVELOPERS.md) from a name."""
 
+from histodetect.models.classifier import Classifier
 from histodetect.models.pretrained import LoadReport, ModelError, load_weights
-from histodetect.models.registry import Classifier, create_model, freeze_backbone, list_models, unfreeze_top
+from histodetect.models.registry import create_model, freeze_backbone, list_models, unfreeze_top
 
 __all__ = [
     "Classifier",

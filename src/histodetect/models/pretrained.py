@@ -36,7 +36,7 @@ from huggingface_hub.errors import (
 from histodetect.errors import ModelError
 
 if TYPE_CHECKING:
-    from histodetect.models.registry import Classifier
+    from histodetect.models.classifier import Classifier
 
 log = logging.getLogger(__name__)
 

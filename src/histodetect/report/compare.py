@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,16 +23,17 @@ import pandas as pd
 import yaml
 from matplotlib.figure import Figure
 from rich import box
+from rich.console import Console, ConsoleOptions, RenderResult
+from rich.measure import Measurement
 from rich.table import Table
 
 from histodetect.errors import ConfigError
 from histodetect.io import atomic_write_text
 from histodetect.report.figures import INK, styled
 from histodetect.report.html import Page
+from histodetect.runs.layout import CONFIG, EVALUATED, EVALUATION, SUMMARY, evaluation_file
 
 PARTS = ("val", "test")  # the run's held-out parts: the only evaluations that stand for it
-# Where `evaluate` leaves metrics, in preference; the older single files count only when they name the part.
-EVALUATION_FILES = ("evaluation/{part}/metrics.json", "evaluation/metrics.json", "metrics.json")
 BEST_MARK = "★"
 BEST_COLOR = "#009E73"  # Okabe–Ito bluish green, as the report's "good" accent
 COLUMNS = [
@@ -114,18 +115,54 @@ def read_runs(runs: list[Path]) -> list[RunRecord]:
 
 
 TERMINAL_COLUMNS = ["run", "freeze", "val AUC", "test AUC", "val acc", "wall time", "images/s"]
+# Left out in this order when the terminal is too narrow for every cell whole; run and val AUC always stay.
+DROPPED_FIRST = ["images/s", "wall time", "freeze", "val acc", "test AUC"]
+UNBOUNDED = 10_000  # columns: wider than any table here
 
 
-def terminal_table(runs: list[Path], title: str = "Run comparison (best validation ROC AUC first)") -> Table:
-    """The key columns of the comparison for a terminal; the Markdown and HTML files hold all of them."""
-    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD)
-    for column in TERMINAL_COLUMNS:
-        table.add_column(
-            column, justify="right" if column in NUMERIC else "left", no_wrap=column in ("run", "val AUC", "test AUC")
-        )
-    for row in results_table(read_runs(runs))[TERMINAL_COLUMNS].itertuples(index=False):
-        table.add_row(*(str(v) for v in row))
-    return table
+def terminal_table(runs: list[Path], title: str = "Run comparison (best validation ROC AUC first)") -> FittedTable:
+    """The key columns of the comparison for a terminal; the Markdown and HTML files hold all of them. It keeps to
+    the console's width (80 columns in a plain terminal or a CI log) by moving the intervals under their AUC and
+    then leaving columns out, never by cutting a cell."""
+    return FittedTable(results_table(read_runs(runs))[TERMINAL_COLUMNS], title)
+
+
+class FittedTable:
+    """A rich renderable of ``frame`` that fits the width it is drawn at: every cell whole, on one line if it can,
+    else with a cell's bracketed interval on its own line, else without the columns of ``DROPPED_FIRST``, one by
+    one (a caption names them). rich itself would shorten cells to ``f…`` instead."""
+
+    def __init__(self, frame: pd.DataFrame, title: str) -> None:
+        self.frame, self.title = frame, title
+
+    def _table(self, columns: list[str], folded: bool) -> Table:
+        table = Table(title=self.title, title_justify="left", box=box.SIMPLE_HEAD, caption_justify="left")
+        for column in columns:
+            # Only a run's name may fold, in the narrowest rendering, when even that is too wide for it whole.
+            justify = "right" if column in NUMERIC else "left"
+            table.add_column(column, justify=justify, no_wrap=column != "run", overflow="fold")
+        for row in self.frame[columns].itertuples(index=False):
+            table.add_row(*(str(v).replace(" [", "\n[") if folded else str(v) for v in row))
+        left_out = [c for c in self.frame.columns if c not in columns]
+        if left_out:
+            table.caption = f"left out at this width: {', '.join(left_out)}"
+        return table
+
+    def candidates(self) -> Iterator[Table]:
+        """The renderings, widest first."""
+        columns = list(self.frame.columns)
+        yield self._table(columns, folded=False)
+        for drop in [None, *DROPPED_FIRST]:
+            columns = [c for c in columns if c != drop]
+            yield self._table(columns, folded=True)
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        unbounded = options.update(max_width=UNBOUNDED)  # the width each rendering wants, not what it would get
+        table = None
+        for table in self.candidates():
+            if Measurement.get(console, unbounded, table).maximum <= options.max_width:
+                break
+        yield table
 
 
 _FOOTNOTE = (
@@ -139,16 +176,17 @@ def read_run(run: Path) -> RunRecord:
     """Read a run folder; ``summary.json`` may be missing (a run still training), ``config.yaml`` may not."""
     if not run.is_dir():
         raise FileNotFoundError(f"{run}: no such run folder")
-    config_path = run / "config.yaml"
+    config_path = run / CONFIG
     if not config_path.is_file():
-        raise FileNotFoundError(f"{run}: not a run folder (no config.yaml)")
+        raise FileNotFoundError(f"{run}: not a run folder (no {CONFIG})")
     config = _read_mapping(config_path, yaml.safe_load)
-    summary_path = run / "summary.json"
+    summary_path = run / SUMMARY
     summary = _read_mapping(summary_path, json.loads) if summary_path.is_file() else {}
     evaluations = {}
     for part in PARTS:
-        for name in (template.format(part=part) for template in EVALUATION_FILES):
-            if (run / name).is_file() and (found := _read_mapping(run / name, json.loads)).get("split") == part:
+        # where `evaluate` leaves metrics, in preference; the older single files count only when they name the part
+        for path in (evaluation_file(run, part), run / EVALUATION / EVALUATED, run / EVALUATED):
+            if path.is_file() and (found := _read_mapping(path, json.loads)).get("split") == part:
                 evaluations[part] = found
                 break
     return RunRecord(run, config, summary, evaluations)
@@ -265,7 +303,7 @@ def notes(r: RunRecord) -> str:
     s = r.summary
     parts = []
     if not s:
-        parts.append("no summary.json (unfinished?)")
+        parts.append(f"no {SUMMARY} (unfinished?)")
     if s.get("device"):
         parts.append(str(s["device"]) + (f", {s['precision']}" if s.get("precision") else ""))
     if s.get("weights") == "last_epoch":

@@ -17,6 +17,7 @@ import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from histodetect.data.problems import KINDS
 from histodetect.data.store import Store
 from histodetect.report.figures import (
     CLASS_COLORS,
@@ -370,6 +371,8 @@ def _integrity_section(
         section.note("Ingest reported no problems.", "good")
     else:
         by_kind = problems.groupby(["kind", "severity"], sort=True).size().reset_index(name="count")
+        # a store from an older version may name a kind the table no longer holds: shown without a meaning
+        by_kind["meaning"] = [KINDS[k].meaning if k in KINDS else "" for k in by_kind["kind"]]
         section.table(by_kind.sort_values("count", ascending=False, kind="stable"), "Problems at ingest by kind.")
         section.table(
             problems.head(MAX_LISTED),

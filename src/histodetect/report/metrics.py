@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import average_precision_score, roc_curve
 
+from histodetect.metrics import negative_positions, roc_auc
+
 LOG_LOSS_EPS = 1e-15  # probabilities are clipped to [eps, 1 - eps] so one confident mistake stays finite
 BOOT_BATCH_ELEMENTS = 4_000_000  # resample counts held in memory at once (int32 elements)
 
@@ -68,19 +70,6 @@ def _check(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return y.astype(np.int64), p
 
 
-def roc_auc(y: np.ndarray, p: np.ndarray) -> float:
-    """ROC AUC as the Mann–Whitney statistic (ties count one half); equal to sklearn's ``roc_auc_score``."""
-    lo, hi, neg_sorted = _negative_positions(y, p)
-    return float(np.mean(lo + hi) / 2 / len(neg_sorted))
-
-
-def _negative_positions(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """For every positive: how many negatives score strictly below it (lo) and at most equal to it (hi)."""
-    neg_sorted = np.sort(p[y == 0])
-    pos = p[y == 1]
-    return np.searchsorted(neg_sorted, pos, "left"), np.searchsorted(neg_sorted, pos, "right"), neg_sorted
-
-
 def bootstrap_auc_ci(
     y: np.ndarray, p: np.ndarray, n_boot: int = 1000, seed: int = 0, level: float = 0.95
 ) -> tuple[float, float]:
@@ -93,7 +82,7 @@ def bootstrap_auc_ci(
     skipped.
     """
     y, p = _check(y, p)
-    lo, hi, neg_sorted = _negative_positions(y, p)
+    lo, hi, neg_sorted = negative_positions(y, p)
     n_pos, n_neg = len(lo), len(neg_sorted)
     if n_pos == 0 or n_neg == 0:
         return float("nan"), float("nan")

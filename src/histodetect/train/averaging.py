@@ -23,7 +23,7 @@ from lightning.pytorch.callbacks import WeightAveraging
 from lightning.pytorch.trainer.states import TrainerFn
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
-from histodetect.train.config import TrainConfig
+from histodetect.runs.config import TrainConfig
 
 
 class AveragedWeights(WeightAveraging):

@@ -21,7 +21,7 @@ from histodetect.data.split import groups_of, split_rows, stratified_subset
 from histodetect.data.store import Store
 from histodetect.errors import StoreError
 from histodetect.io import atomic_path
-from histodetect.train.config import TrainConfig
+from histodetect.runs.config import TrainConfig
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # uint8 (B,H,W,3), float labels (B,), int64 store rows (B,)
 

@@ -40,7 +40,6 @@ from histodetect.data.store import Store
 from histodetect.device import Hardware
 from histodetect.errors import ConfigError
 from histodetect.models import Classifier
-from histodetect.train.runfolder import store_fingerprint
 
 CACHE_VERSION = 1
 EMBEDDINGS = "embeddings.f32"
@@ -108,7 +107,7 @@ def cache_key(model: Classifier, store: Store, *, views: int, precision: str) ->
         "weights": weights_fingerprint(model),
         "views": views,
         "precision": precision,
-        "store": store_fingerprint(store),
+        "store": store.fingerprint,
     }
 
 

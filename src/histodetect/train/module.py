@@ -14,15 +14,16 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torchmetrics.functional.classification import binary_accuracy, binary_auroc, binary_f1_score
+from torchmetrics.functional.classification import binary_accuracy, binary_f1_score
 
 from histodetect.data.augment import BatchAugment, mix_batch, to_float
 from histodetect.data.stain import StainNormalizer
 from histodetect.device import depthwise_in_fp32
 from histodetect.errors import ConfigError
 from histodetect.loss import build_loss
+from histodetect.metrics import roc_auc
 from histodetect.models import Classifier
-from histodetect.train.config import TrainConfig
+from histodetect.runs.config import TrainConfig
 from histodetect.train.datamodule import Batch
 
 
@@ -130,7 +131,7 @@ class LitClassifier(L.LightningModule):
         probs, target_int = torch.sigmoid(logits), targets.round().int()
         self.log_dict(
             {
-                "val_auc": binary_auroc(probs, target_int),
+                "val_auc": _val_auc(target_int, probs),
                 "val_acc": binary_accuracy(probs, target_int),
             },
             prog_bar=True,
@@ -207,3 +208,10 @@ def lr_factor(step: int, warmup: int, total: int, *, cosine: bool, floor: float 
         return 1.0
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _val_auc(targets: torch.Tensor, probs: torch.Tensor) -> float:
+    """The one ROC AUC (:func:`histodetect.metrics.roc_auc`) of the validation set. A set of one class scores 0.0,
+    as torchmetrics' ``binary_auroc`` did before: a nan would stop EarlyStopping and never rank a checkpoint."""
+    auc = roc_auc(targets.cpu().numpy(), probs.cpu().numpy())
+    return 0.0 if math.isnan(auc) else auc

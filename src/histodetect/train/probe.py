@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 from histodetect.data.store import Store
 from histodetect.device import Hardware
 from histodetect.models import Classifier
-from histodetect.train.config import TrainConfig
+from histodetect.runs.config import TrainConfig
 from histodetect.train.datamodule import Batch, PatchDataset, StoreDataModule
 from histodetect.train.embeddings import EmbeddingCache, open_or_build
 from histodetect.train.module import LitClassifier

@@ -1,8 +1,9 @@
-"""``train``: store -> run folder. And ``load_model``: run folder -> network, for every later command.
+"""``train``: store -> run folder. Every later command reads the folder back through :mod:`histodetect.runs`.
 
-The run folder (DEVELOPERS.md) holds ``config.yaml``, ``model.safetensors`` (best weights), ``checkpoints/``
-(``last.ckpt`` for ``--resume``, ``best.ckpt``), ``metrics.csv``, ``curves.png``, ``split.csv`` (which patch was
-train, val or test), ``store.json`` (the store's path and fingerprint) and ``summary.json``.
+The run folder (DEVELOPERS.md; its names are :mod:`histodetect.runs.layout`'s) holds ``config.yaml``,
+``model.safetensors`` (best weights), ``checkpoints/`` (``last.ckpt`` for ``--resume``, ``best.ckpt``),
+``metrics.csv``, ``curves.png``, ``split.csv`` (which patch was train, val or test), ``stain.json`` (the stain
+reference), ``store.json`` (the store's path and fingerprint) and ``summary.json``.
 """
 
 from __future__ import annotations
@@ -30,30 +31,30 @@ from rich.console import Console
 from safetensors.torch import save_file
 
 from histodetect import __version__
-from histodetect.data.stain import STAIN_FILE, StainNormalizer, read_reference
+from histodetect.data.stain import StainNormalizer, read_reference
 from histodetect.data.store import Store
 from histodetect.device import Hardware, resolve_hardware
 from histodetect.io import atomic_path, atomic_write_json
 from histodetect.models import create_model
-from histodetect.train.averaging import weight_averaging
-from histodetect.train.callbacks import AtomicCheckpointIO, EpochLog, FreezeUnfreeze
-from histodetect.train.config import ConfigError, TrainConfig, freeze_top_k
-from histodetect.train.datamodule import StoreDataModule
-from histodetect.train.module import DivergedError, LitClassifier
-from histodetect.train.probe import linear_probe
-from histodetect.train.runfolder import (
+from histodetect.runs.config import ConfigError, TrainConfig, freeze_top_k
+from histodetect.runs.layout import (
     CHECKPOINTS,
     CONFIG,
     METRICS,
     SPLIT,
+    STAIN,
     SUMMARY,
     WEIGHTS,
     check_store,
     read_split,
     record_stain,
     record_store,
-    store_fingerprint,
 )
+from histodetect.train.averaging import weight_averaging
+from histodetect.train.callbacks import AtomicCheckpointIO, EpochLog, FreezeUnfreeze
+from histodetect.train.datamodule import StoreDataModule
+from histodetect.train.module import DivergedError, LitClassifier
+from histodetect.train.probe import linear_probe
 
 
 def train(
@@ -103,7 +104,7 @@ def train(
     # Every process fits the same reference from the same rows; the file is written atomically, so any may write it.
     reference = record_stain(out, store, datamodule.train_rows, config)
     if config.stain_norm != "none":
-        module.stain = StainNormalizer(config.stain_norm, reference, reference_source=STAIN_FILE)
+        module.stain = StainNormalizer(config.stain_norm, reference, reference_source=STAIN)
     _quiet_lightning()
     trainer = _trainer(config, hardware, out, has_val=len(datamodule.monitor_rows) > 0, extra=callbacks or [])
     if trainer.is_global_zero:
@@ -338,10 +339,10 @@ def _summary(
         "channels_last": hardware.channels_last,
         "world_size": trainer.world_size,
         "stain_norm": config.stain_norm,
-        "stain_reference": STAIN_FILE,  # the reference any command normalises to without --stain-reference
+        "stain_reference": STAIN,  # the reference any command normalises to without --stain-reference
         "stain_aug": config.stain_aug,
         "store": str(datamodule.store.path),
-        "store_fingerprint": store_fingerprint(datamodule.store),
+        "store_fingerprint": datamodule.store.fingerprint,
         "finished": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "versions": {
             "histodetect": __version__,

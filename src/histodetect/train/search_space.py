@@ -29,7 +29,7 @@ from optuna.distributions import (
 )
 
 from histodetect.errors import ConfigError
-from histodetect.train.config import TrainConfig, safe_yaml
+from histodetect.runs.config import TrainConfig, safe_yaml
 
 Space = dict[str, BaseDistribution]
 

@@ -26,6 +26,7 @@ import os
 import random
 import secrets
 import socket
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -42,7 +43,7 @@ from rich.console import Console
 
 from histodetect.data.store import Store
 from histodetect.errors import ConfigError
-from histodetect.train.config import TrainConfig
+from histodetect.runs.config import TrainConfig
 from histodetect.train.run import train
 from histodetect.train.search_space import Space, describe, grid, grid_size
 from histodetect.train.tune_results import DONE, RECORD, progress_line, write_results
@@ -52,6 +53,9 @@ PRUNERS = ("median", "hyperband", "none")
 # Settings that describe the machine rather than the recipe: workers on different hardware may differ in these.
 MACHINE = {"accelerator", "devices", "num_nodes", "strategy", "precision", "channels_last", "compile", "num_workers"}
 MACHINE |= {"logger", "notes"}
+# For tests that kill a worker in the middle of a trial: set to a file path, the first validation of a trial writes
+# the trial's number there and then waits for ever, so the test kills it at a point it chose, on any machine.
+HOLD_ENV = "HISTODETECT_TUNE_HOLD"
 
 
 @contextlib.contextmanager
@@ -89,6 +93,9 @@ class ReportAUC(L.Callback):
         if auc is None or trainer.sanity_checking:
             return
         self.trial.report(float(auc), step=trainer.current_epoch)
+        if hold := os.environ.get(HOLD_ENV):
+            Path(hold).write_text(str(self.trial.number))
+            threading.Event().wait()
         if self.trial.should_prune():
             raise optuna.TrialPruned(f"val AUC {float(auc):.4f} at epoch {trainer.current_epoch}")
 

@@ -13,7 +13,7 @@ import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
 from histodetect.io import atomic_path
-from histodetect.train.config import TrainConfig
+from histodetect.runs.config import TrainConfig
 
 DONE = (TrialState.COMPLETE, TrialState.PRUNED)
 RECORD = "histodetect_tune"  # the study's user attribute holding the base configuration and the space

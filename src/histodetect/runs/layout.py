@@ -1,19 +1,19 @@
-"""The run folder's contract (DEVELOPERS.md): its file names, and reading a run back.
+"""The run folder's layout (DEVELOPERS.md): its file names, defined once, and the readers and writers of its small
+files (``split.csv``, ``store.json``, ``stain.json``, ``summary.json``, ``evaluation/<split>/metrics.json``).
 
-``train`` writes a run; every later command (evaluate, predict, explain, export, slide, serve, cross-validation)
-reads it through this module, so the layout is defined once and nothing in a run is unpickled.
+``train`` writes a run; every later command (evaluate, predict, explain, export, slide, serve, compare,
+cross-validation) finds its files through these names. Loading the network is :mod:`histodetect.runs.loading`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
+import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
-from safetensors.torch import load_file
 
 from histodetect.data.stain import (
     STAIN_FILE,
@@ -24,11 +24,10 @@ from histodetect.data.stain import (
     spread,
     write_reference,
 )
-from histodetect.data.store import INDEX, MANIFEST, Store
-from histodetect.errors import ConfigError, InferError, StoreError
+from histodetect.data.store import Store
+from histodetect.errors import InferError, StoreError
 from histodetect.io import atomic_write_json
-from histodetect.models import Classifier, create_model
-from histodetect.train.config import TrainConfig
+from histodetect.runs.config import TrainConfig
 
 CONFIG = "config.yaml"
 WEIGHTS = "model.safetensors"
@@ -37,55 +36,17 @@ METRICS = "metrics.csv"
 SPLIT = "split.csv"
 CHECKPOINTS = "checkpoints"
 STORE = "store.json"  # the store the run was trained on: path and fingerprint
+STAIN = STAIN_FILE  # the stain reference the run normalises to (data.stain names it: it reads and writes the file)
 EVALUATION = "evaluation"  # evaluation/<split>/metrics.json, one per split evaluate scored
+EVALUATED = "metrics.json"  # the file in each evaluation/<split>/ folder
+STORE_SPLIT = "store:"  # prefix naming a store split, for a store whose split is called val or test
 PARTS = ("train", "val", "test")  # the parts of split.csv
 SHOWN_IDS = 5  # ids quoted in an error message
 
 
-def load_config(run: str | os.PathLike[str]) -> TrainConfig:
-    run = Path(run)
-    if not (run / CONFIG).exists():
-        raise FileNotFoundError(f"{run}: not a run folder (no {CONFIG}); create one with `histodetect train`")
-    try:
-        return TrainConfig.load(run / CONFIG)
-    except ConfigError as exc:  # a setting's own message does not say which file holds it
-        if str(run / CONFIG) in str(exc):
-            raise
-        raise ConfigError(f"{run / CONFIG}: {exc}") from exc
-
-
-def load_model(run: str | os.PathLike[str]) -> tuple[Classifier, TrainConfig]:
-    """The run's best network in eval mode, rebuilt from its config; weights come from safetensors only."""
-    run = Path(run)
-    config = load_config(run)
-    weights = run / WEIGHTS
-    if not weights.exists():
-        raise FileNotFoundError(f"{run}: no {WEIGHTS}; the run has not finished an epoch (try `train --resume`)")
-    model = create_model(config.model, pretrained="none", dropout=config.dropout, image_size=config.image_size)
-    try:
-        state = load_file(str(weights))
-    except Exception as exc:  # safetensors raises its own error types for corrupt headers
-        raise ConfigError(f"{weights}: unreadable weights file ({exc})") from exc
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise ConfigError(f"{weights}: does not fit {config.model} ({str(exc).splitlines()[0]})") from exc
-    return model.eval(), config
-
-
-def store_fingerprint(store: Store) -> str:
-    """What a store holds, in one string: the SHA-256 of its ``manifest.json`` and ``index.csv`` (ids, labels,
-    splits and each patch's SHA-1), so a re-ingested or edited store at the same path is told apart."""
-    digest = hashlib.sha256()
-    for name in (MANIFEST, INDEX):
-        digest.update((store.path / name).read_bytes())
-        digest.update(b"\0")
-    return "sha256:" + digest.hexdigest()
-
-
 def record_store(run: Path, store: Store) -> Path:
     """Write ``store.json``: where the run's patches came from and their fingerprint (see :func:`check_store`)."""
-    return atomic_write_json(run / STORE, {"path": str(store.path.resolve()), "fingerprint": store_fingerprint(store)})
+    return atomic_write_json(run / STORE, {"path": str(store.path.resolve()), "fingerprint": store.fingerprint})
 
 
 def record_stain(run: Path, store: Store, rows: np.ndarray, config: TrainConfig) -> StainFit:
@@ -93,7 +54,7 @@ def record_stain(run: Path, store: Store, rows: np.ndarray, config: TrainConfig)
     given; else fitted on up to 512 of the run's training patches (``rows``), so that any command can normalise to
     this run's own training data without a flag, whichever ``--stain-norm`` it chooses. A resumed run keeps its
     file."""
-    path = run / STAIN_FILE
+    path = run / STAIN
     if path.is_file():
         return read_reference(path)
     if config.stain_reference is not None:
@@ -108,7 +69,7 @@ def record_stain(run: Path, store: Store, rows: np.ndarray, config: TrainConfig)
 def run_stain(run: Path) -> StainFit | None:
     """The stain reference ``run`` recorded (``stain.json``), or None for a run from before references were
     recorded."""
-    path = Path(run) / STAIN_FILE
+    path = Path(run) / STAIN
     return read_reference(path) if path.is_file() else None
 
 
@@ -123,7 +84,7 @@ def check_store(run: Path, store: Store, *, strict: bool = True) -> None:
     if not path.is_file():
         return
     recorded = json.loads(path.read_text(encoding="utf-8"))
-    now = store_fingerprint(store)
+    now = store.fingerprint
     if now == recorded.get("fingerprint"):
         return
     if not strict and Path(recorded.get("path", "")) != store.path.resolve():
@@ -167,3 +128,15 @@ def held_out_rows(run: Path, store: Store, part: str = "val") -> np.ndarray:
     if (store.labels[rows] < 0).any():
         raise InferError(f"{store.path}: some {part} ids of {run} are unlabeled in this store")
     return rows
+
+
+def read_summary(run: Path) -> dict[str, Any]:
+    """The run's ``summary.json`` (written when training ends)."""
+    return json.loads((run / SUMMARY).read_text(encoding="utf-8"))
+
+
+def evaluation_file(run: Path, split: str) -> Path:
+    """Where evaluate keeps its metrics for ``split`` inside the run folder: ``evaluation/<split>/metrics.json``
+    (a store split ``store:NAME`` as ``store-NAME``, any character outside ``[A-Za-z0-9_.-]`` as ``_``)."""
+    folder = re.sub(r"[^A-Za-z0-9_.-]", "_", split.replace(STORE_SPLIT, "store-", 1))
+    return run / EVALUATION / folder / EVALUATED

@@ -4,6 +4,8 @@ Each fold is an ordinary run folder (``<out>/fold-0`` ...), trained by :func:`hi
 ``fold`` set, so evaluate, predict (``predict <out>/fold-*`` ensembles them) and compare take them as they are. The
 out-of-fold predictions (each labeled patch scored by the one model that did not train on it) give one ROC AUC
 over every labeled patch, the Kaggle habit for judging a recipe: steadier than any single fold's hold-out.
+The scoring is the inference layer's (``infer.evaluate.score_rows``, the one ``Predictor``): the caller hands it in
+as ``score``, as it hands ``tune`` its report, since training sits below inference and may not import it.
 
 Re-running the same command continues: finished folds (``summary.json``) are kept, an interrupted one is resumed
 from its last checkpoint. The settings are recorded in ``cv-config.yaml`` before the first fold, and a re-run with
@@ -14,24 +16,21 @@ patches (the split draws them first), which no fold trains, validates or stops o
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
 from lightning.pytorch.utilities import rank_zero_only
-from sklearn.metrics import roc_auc_score
 
 from histodetect.data.store import Store
-from histodetect.infer.engine import Predictor
-from histodetect.infer.sources import StoreRows
 from histodetect.io import atomic_path, atomic_write_json
-from histodetect.train.config import ConfigError, TrainConfig
+from histodetect.metrics import roc_auc
+from histodetect.runs.config import ConfigError, TrainConfig
+from histodetect.runs.layout import CONFIG, SUMMARY, held_out_rows, read_split, read_summary
 from histodetect.train.run import train
-from histodetect.train.runfolder import CONFIG, SUMMARY, held_out_rows, read_split
 
 OOF = "oof.csv"
 CV_SUMMARY = "cv.json"
@@ -41,10 +40,20 @@ HOW = {"fold", "accelerator", "devices", "num_nodes", "strategy", "num_workers",
 PRECISION = "fp32"  # out-of-fold predictions are evaluation numbers: computed as the exported model computes
 
 
+class Scorer(Protocol):
+    """The mean probability of ``runs`` on ``rows`` of ``store`` at ``precision`` (``infer.evaluate.score_rows``);
+    ``label`` names the pass in its progress bar."""
+
+    def __call__(
+        self, runs: list[Path], store: Store, rows: np.ndarray, *, label: str, precision: str
+    ) -> np.ndarray: ...
+
+
 def cross_validate(
-    store: Store, out: str | os.PathLike[str], config: TrainConfig, *, restart: bool = False
+    store: Store, out: str | os.PathLike[str], config: TrainConfig, *, score: Scorer, restart: bool = False
 ) -> dict[str, Any]:
-    """Train fold 0..K-1 of ``config`` into ``out/fold-I``; write ``oof.csv`` and ``cv.json``; return the latter."""
+    """Train fold 0..K-1 of ``config`` into ``out/fold-I``; score each fold's held-out patches (and the test part)
+    with ``score``; write ``oof.csv`` and ``cv.json``; return the latter."""
     if config.folds < 2:
         raise ConfigError("--all-folds needs --folds K with K >= 2")
     out = Path(out)
@@ -60,12 +69,12 @@ def cross_validate(
     for fold in range(config.folds):
         run = out / f"fold-{fold}"
         if (run / SUMMARY).exists():
-            summary = json.loads((run / SUMMARY).read_text(encoding="utf-8"))
+            summary = read_summary(run)
         else:  # a fold never started, or one interrupted (its config.yaml is there): resume it
             summary = train(store, run, config.replace(fold=fold), resume=(run / CONFIG).exists())
         if rank_zero_only.rank != 0:  # other DDP processes helped train; the bookkeeping is rank zero's
             continue
-        predictions.append(_held_out_predictions(store, run, fold))
+        predictions.append(_held_out_predictions(store, run, fold, score))
         folds.append({"fold": fold, "run": str(run), "best_val_auc": summary.get("best_val_auc")})
     if rank_zero_only.rank != 0:
         return {}
@@ -75,11 +84,11 @@ def cross_validate(
     aucs = np.array([f["best_val_auc"] for f in folds if f["best_val_auc"] is not None], dtype=float)
     result = {
         "folds": folds,
-        "oof_auc": round(float(roc_auc_score(oof["label"], oof["probability"])), 6),
+        "oof_auc": round(roc_auc(oof["label"].to_numpy(), oof["probability"].to_numpy()), 6),
         "oof_patches": len(oof),
         "fold_auc_mean": round(float(aucs.mean()), 6) if len(aucs) else None,
         "fold_auc_std": round(float(aucs.std(ddof=1)), 6) if len(aucs) > 1 else None,
-        **_test_score(store, [Path(f["run"]) for f in folds]),
+        **_test_score(store, [Path(f["run"]) for f in folds], score),
         "numeric_precision": PRECISION,
         "model": config.model,
         "store": str(store.path),
@@ -88,21 +97,20 @@ def cross_validate(
     return result
 
 
-def _test_score(store: Store, runs: list[Path]) -> dict[str, Any]:
+def _test_score(store: Store, runs: list[Path], score: Scorer) -> dict[str, Any]:
     """The folds' mean prediction on the test patches they all held out (``test_fraction``): the one number of a
     cross-validation that no fold trained, validated or stopped on."""
     rows = read_split(runs[0], store, ("test",))["test"]
     if len(rows) == 0:
         return {"test_patches": 0, "test_auc": None}
-    probabilities = Predictor(runs, precision=PRECISION).predict(StoreRows(store, rows), label="test")
-    auc = roc_auc_score(store.labels[rows], probabilities)
-    return {"test_patches": len(rows), "test_auc": round(float(auc), 6)}
+    probabilities = score(runs, store, rows, label="test", precision=PRECISION)
+    return {"test_patches": len(rows), "test_auc": round(roc_auc(store.labels[rows], probabilities), 6)}
 
 
-def _held_out_predictions(store: Store, run: Path, fold: int) -> pd.DataFrame:
+def _held_out_predictions(store: Store, run: Path, fold: int, score: Scorer) -> pd.DataFrame:
     """The fold's model on every patch its ``split.csv`` held out (not only the per-epoch validation subset)."""
     rows = held_out_rows(run, store)
-    probabilities = Predictor([run], precision=PRECISION).predict(StoreRows(store, rows), label=f"fold {fold}")
+    probabilities = score([run], store, rows, label=f"fold {fold}", precision=PRECISION)
     return pd.DataFrame(
         {"id": store.ids[rows], "label": store.labels[rows], "probability": probabilities, "fold": fold}
     )
