@@ -1,5 +1,5 @@
 """Imports run one way: data -> models/loss -> runs -> train -> infer/report -> app -> demo/cli (DEVELOPERS.md,
-"Layers").
+"Architecture map").
 
 The foundation modules (errors, io, device, sample, metrics, the package root) import no layer; a layer imports
 only itself, the foundation and the layers below it. Checked on the source text, so a wrong arrow fails here before it

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Console
 from rich.table import Table
 
+from histodetect.io import check_output_dir
 from histodetect.sample import sample_dir
 
 if TYPE_CHECKING:
@@ -29,6 +30,7 @@ SLIDE_GRID = (10, 12)  # patch places of the demo's slide: about 70 of tissue, s
 
 def _prepare(out: Path) -> None:
     """Start from an empty folder; only a previous demo's folder is ever removed."""
+    check_output_dir(out)  # a file, a FIFO or a link that leads nowhere: one line
     if out.exists() and any(out.iterdir()):
         if not (out / MARKER).exists():
             raise FileExistsError(f"{out}: exists and is not a previous demo's folder; choose another --out")

@@ -76,6 +76,7 @@ def atomic_write_json(target: str | os.PathLike[str], obj: Any) -> Path:
 def check_output_file(path: str | os.PathLike[str], option: str = "--out") -> None:
     """Refuse, before any work, an output file that could not be written: a folder, or a path under a file."""
     path = Path(path)
+    _check_kind(path, option)
     if path.is_dir():
         raise UserError(f"{option} {path}: is a folder; give the name of a file to write")
     _check_parent(path, option)
@@ -84,6 +85,7 @@ def check_output_file(path: str | os.PathLike[str], option: str = "--out") -> No
 def check_output_dir(path: str | os.PathLike[str], option: str = "--out") -> None:
     """Refuse, before any work, an output folder that could not be made: an existing file, or a path under one."""
     path = Path(path)
+    _check_kind(path, option)
     if path.exists() and not path.is_dir():
         raise UserError(f"{option} {path}: is a file; give a folder to write into")
     _check_parent(path, option)
@@ -106,14 +108,19 @@ def check_apart(
     hard links; a ``folder`` output may not hold an input either (the command would list, skip or replace it).
     ``allowed`` names folders inside an input where this command does write (``RUN/evaluation``). An existing
     file at ``out`` is replaced only when ``ours(out)`` recognises it as this command's own output, or with the
-    command's ``overwrite`` option. It also makes the checks of :func:`check_output_dir` / :func:`check_output_file`.
+    command's ``overwrite`` option; likewise a ``folder`` output that exists and holds anything (hidden entries
+    aside) is written into only when ``ours(out)`` recognises it as a folder this command made (:func:`holding`),
+    so no file of the user's in it is replaced. It also makes the checks of :func:`check_output_dir` /
+    :func:`check_output_file`.
     """
     out = Path(out)
-    target = out.resolve()
+    _check_kind(out, option)
+    target = _resolve(out, option)
     places = [Path(a).resolve() for a in allowed]
     for name, paths in inputs.items():
         for path in _as_paths(paths):
-            source = path.resolve()
+            _check_kind(path, name)
+            source = _resolve(path, name)
             if target == source or _same_file(out, path):
                 raise UserError(f"{option} {out}: is the input {name} {path}; writing there would destroy it")
             if target.is_relative_to(source) and not any(target.is_relative_to(p) for p in places):
@@ -121,10 +128,34 @@ def check_apart(
             if folder and source.is_relative_to(target):
                 raise UserError(f"{option} {out}: holds the input {name} {path}; choose a folder apart from it")
     (check_output_dir if folder else check_output_file)(out, option)
-    if ours is not None and not overwrite and out.is_file() and not ours(out):
+    if ours is None or overwrite:
+        return
+    if out.is_file() and not ours(out):
         raise UserError(
             f"{option} {out}: an existing file that this command did not write; move it or choose another {option}"
         )
+    held = sorted(entry.name for entry in out.iterdir() if not entry.name.startswith(".")) if out.is_dir() else []
+    if held and not ours(out):
+        listed = ", ".join(repr(name)[1:-1] for name in held[:3]) + (" ..." if len(held) > 3 else "")
+        raise UserError(
+            f"{option} {out}: an existing folder that this command did not make (it holds {listed}); "
+            f"choose a new or empty folder"
+        )
+
+
+def holding(*patterns: str | tuple[str, Callable[[Path], bool]]) -> Callable[[Path], bool]:
+    """A recogniser for :func:`check_apart`'s ``ours`` of a folder: it holds a regular file matching one of
+    ``patterns`` (globs, e.g. ``*/summary.json``; a ``(glob, recogniser)`` pair also asks the recogniser)."""
+    pairs = [(p, None) if isinstance(p, str) else p for p in patterns]
+
+    def check(folder: Path) -> bool:
+        return folder.is_dir() and any(
+            path.is_file() and (recognise is None or recognise(path))
+            for pattern, recognise in pairs
+            for path in folder.glob(pattern)
+        )
+
+    return check
 
 
 def recognised_by(marker: bytes, within: int = 0) -> Callable[[Path], bool]:
@@ -139,6 +170,23 @@ def recognised_by(marker: bytes, within: int = 0) -> Callable[[Path], bool]:
             return False
 
     return check
+
+
+def _check_kind(path: Path, name: str) -> None:
+    """Refuse a path that is neither absent, a regular file nor a folder: a symbolic link that leads nowhere (a
+    loop, or its target gone), a FIFO (reading or writing it would block), a socket or a device."""
+    if path.is_symlink() and not path.exists():
+        raise UserError(f"{name} {path}: a symbolic link that leads nowhere (a loop, or its target is gone)")
+    if path.exists() and not (path.is_file() or path.is_dir()):
+        raise UserError(f"{name} {path}: not a regular file or folder (a FIFO, socket or device)")
+
+
+def _resolve(path: Path, name: str) -> Path:
+    """``path`` with every link followed; a loop further up the path is one line too."""
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError) as exc:  # Python 3.11 raises RuntimeError for a loop, 3.13 OSError
+        raise UserError(f"{name} {path}: cannot be followed ({exc})") from None
 
 
 def _as_paths(paths: Any) -> list[Path]:

@@ -3,7 +3,8 @@ logged in as a user is: by opening the address the command prints (``/?token=...
 
 Nothing is downloaded: Playwright launches the system's Chromium (``apt-get install chromium``; ``.ci/run``
 installs it), and the test skips, saying so, only where none is found. The screenshot goes to the test's temporary
-folder, and also to ``$HISTODETECT_SCREENSHOT`` when set (how ``docs/webapp.png`` for the README is made).
+folder, and also to ``$HISTODETECT_SCREENSHOT`` when set (the docs' own ``docs/webapp.png`` is made by
+``docs/make_pictures.py``, from a trained run).
 """
 
 from __future__ import annotations
@@ -106,7 +107,7 @@ def test_the_page_scores_a_patch_as_predict_does_and_shows_a_bad_files_error(
             page.keyboard.press("Tab")  # the page is reachable by keyboard: focus lands on a control
             assert page.evaluate("document.activeElement.tagName") in {"SUMMARY", "INPUT", "A"}
             shot = page.screenshot(path=str(tmp_path / "webapp.png"), full_page=True)
-            if target := os.environ.get("HISTODETECT_SCREENSHOT"):  # 256 colours: small enough for the README
+            if target := os.environ.get("HISTODETECT_SCREENSHOT"):  # 256 colours: small enough for a repository
                 Image.open(io.BytesIO(shot)).quantize(256).save(target, optimize=True)
             page.set_viewport_size({"width": 380, "height": 800})  # a phone's width: nothing wider than the screen
             assert page.evaluate("document.documentElement.scrollWidth") <= 380

@@ -62,6 +62,12 @@ def test_an_empty_token_in_the_environment_is_refused_like_an_empty_flag(served_
     assert "HISTODETECT_TOKEN is set but empty" in says
 
 
+@pytest.mark.parametrize("hosts", ["", ",", " , "])
+def test_allowed_hosts_naming_no_host_is_refused(served_run: Path, hosts: str) -> None:
+    """Before, the server started and answered every request 400: no Host header could match."""
+    assert "--allowed-hosts names no host" in one_line(["serve", str(served_run), "--allowed-hosts", hosts])
+
+
 def test_the_host_header_is_checked_against_the_served_names(
     settings: Settings, served_run: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -86,6 +92,40 @@ def test_the_host_header_is_checked_against_the_served_names(
     with pytest.raises(Stop):
         server_module.serve(settings, host="127.0.0.1", port=0, insecure=False)
     assert seen[0].allowed_hosts is not None and "localhost" in seen[0].allowed_hosts  # the default on loopback
+
+
+@pytest.mark.parametrize(
+    ("served_on", "header", "answered"),
+    [
+        ("::1", "[::1]:8000", True),
+        ("::1", "[::1]", True),
+        ("::1", "[0:0::1]:8000", True),
+        ("::1", "localhost:8000", True),
+        ("localhost", "[::1]:8000", True),
+        ("localhost", "LOCALHOST.:8000", True),
+        ("127.0.0.1", "127.0.0.1:8000", True),
+        ("127.0.0.1", "[::1]:8000", False),  # not what a server on IPv4 loopback is reached by
+        ("::1", "[::2]:8000", False),
+        ("::1", "[::1]:8000@evil.example", False),
+        ("::1", "evil.example:8000", False),
+        ("::1", "[::1", False),
+        ("::1", "[evil.example]:80", False),
+        ("::1", "", False),
+    ],
+)
+def test_ipv6_loopback_host_headers_are_answered_only_where_served(
+    settings: Settings, served_on: str, header: str, answered: bool
+) -> None:
+    """Before, a server on ::1 checked no Host at all (IPv6 Host headers were not parsed), so DNS rebinding reached
+    it; and one on localhost refused a browser that asked for http://[::1]:PORT/."""
+    import dataclasses
+
+    guarded = dataclasses.replace(settings, allowed_hosts=server_module.loopback_hosts(served_on))
+    with TestClient(create_app(guarded)) as client:
+        answer = client.get("/health", headers={"host": header})
+    assert (answer.status_code == 200) == answered, (answer.status_code, answer.text)
+    if not answered:
+        assert "is not a name this server answers to" in answer.json()["error"]
 
 
 def test_a_multi_page_tiff_region_is_refused(client: TestClient) -> None:

@@ -83,7 +83,7 @@ def test_random_dihedral_applies_one_symmetry_per_sample(x: torch.Tensor) -> Non
     [
         {"dihedral": True},
         {"dihedral": False, "hed": 0.05},
-        {"dihedral": False, "stain": 0.5},
+        {"dihedral": False, "hed": 0.05, "stain": 0.5},
         {"dihedral": False, "brightness": 0.2},
         {"dihedral": False, "contrast": 0.2},
         {"dihedral": True, "hed": 0.05, "brightness": 0.1, "contrast": 0.1},
@@ -140,6 +140,16 @@ def test_stain_jitter_is_hed_jitter_in_general(x: torch.Tensor) -> None:
     torch.testing.assert_close(hed_jitter(x, params), expected)
     out = stain_jitter(x, 0.5, _gen(5))
     assert out.shape == x.shape and torch.equal(out, stain_jitter(x, 0.5, _gen(5)))
+
+
+def test_stain_jitter_keeps_about_half_the_patches_as_they_are(x: torch.Tensor) -> None:
+    """Untouched colours stay at the centre of what a model trained with ``--stain-aug`` sees."""
+    batch = x.repeat(8, 1, 1, 1)
+    out = stain_jitter(batch, 0.5, _gen(6))
+    change = (out - batch).abs().flatten(1).amax(1)
+    kept = change < 1e-3  # restain's identity round-trips through log and exp
+    assert 0.3 < kept.float().mean() < 0.7
+    assert (change[~kept] > 0.02).all()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -165,6 +165,26 @@ def test_a_polygon_of_too_many_vertices_is_refused_before_geos_works_on_it(tmp_p
         read_polygons(path)
 
 
+def test_a_hollow_slide_ends_with_one_line_once_its_tissue_view_runs_past_its_budget(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A header claiming 100,000 px a side (under MAX_SIDE) with no tile data read for hours (OpenSlide makes every
+    missing tile); the tissue view judges its pace and stops. The budget is shrunk here, not the slide grown."""
+    from histodetect.data import tissue
+
+    monkeypatch.setattr(tissue, "BAND_PIXELS", 1)  # a band per row of cells: the pace is known after the first
+    monkeypatch.setattr(tissue, "PACE_SECONDS", 0.0)
+    monkeypatch.setattr(tissue, "TISSUE_SECONDS", 1e-9)
+    with (
+        open_slide(hollow_svs(tmp_path / "hollow.svs", 8192, 0.972)) as reader,
+        pytest.raises(InferError, match=r"hollow.svs: finding the tissue would take .* tiles are missing"),
+    ):
+        tissue.tissue_fraction(reader, 32.0, (256, 256))
+    monkeypatch.setattr(tissue, "TISSUE_SECONDS", 600.0)
+    fraction, _ = tissue.tissue_fraction(ArrayReader(np.full((64, 64, 3), 255, np.uint8)), 32.0, (2, 2))
+    assert fraction.shape == (2, 2)  # within the budget: done as before
+
+
 # ---------------------------------------------------------------------------------------------------- silent accepts
 def test_a_self_crossing_outline_is_repaired_and_said(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     bowtie = [[0, 0], [100, 100], [100, 0], [0, 100], [0, 0]]
@@ -219,3 +239,22 @@ def test_ingest_warns_of_a_label_spelled_1e0_and_of_columns_it_does_not_read(sam
     assert ("label_format", first_id) in kinds
     assert any(kind == "csv_extra_column" for kind, _ in kinds)
     assert result.store is not None and result.store.labels[list(result.store.ids).index(first_id)] == int(first_label)
+
+
+def test_a_reference_naming_slides_with_any_slide_suffix_matches_them(tmp_path: Path) -> None:
+    """SILENT MISMATCH before: ``region.png`` or ``b.mrxs`` in a reference matched no slide (only .tif/.svs/... were
+    cut), so a scored slide was reported both 'not in the reference' and 'not scored'. A BOM and CRLF are read."""
+    from histodetect.data.reference import read_reference
+
+    path = tmp_path / "reference.csv"
+    path.write_bytes(b"\xef\xbb\xbfimage,type\r\nregion.png,Tumor\r\nb.mrxs,Normal\r\nc.jpeg,Normal\r\nd.v2,Tumor\r\n")
+    assert read_reference(path) == {"region": True, "b": False, "c": False, "d.v2": True}
+
+
+def test_a_file_name_that_is_not_utf8_is_an_unsafe_id() -> None:
+    """TRACEBACK before: a name in another encoding reached the CSV writer (UnicodeEncodeError) or matplotlib."""
+    from histodetect.data.ids import first_unsafe, text_problem, unsafe_reason
+
+    name = os.fsdecode(b"patch-\xe9")  # what Python makes of a Latin-1 file name
+    assert first_unsafe(["a", "b", name]) == 2 and "not UTF-8" in str(unsafe_reason(name))
+    assert text_problem(name) and text_problem("tab\there") and text_problem("a..b") is None

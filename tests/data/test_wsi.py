@@ -88,3 +88,16 @@ def test_what_is_not_a_slide_is_refused_naming_the_file(tmp_path: Path, monkeypa
     monkeypatch.setattr("histodetect.data.wsi.MAX_PIXELS", 1000)
     with pytest.raises(InferError, match=r"big\.png.*tiled pyramidal TIFF"):
         open_slide(tmp_path / "big.png")
+
+
+def test_a_thumbnail_of_a_slide_without_coarse_levels_is_read_in_bands(mosaic, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before, heatmap.png of a slide without a pyramid asked one read of its whole level 0: refused past
+    MAX_READ_PIXELS, after the slide was scored."""
+    from histodetect.data import wsi
+
+    reader = ArrayReader(mosaic.image)
+    whole = reader.thumbnail(200)
+    monkeypatch.setattr(wsi, "MAX_READ_PIXELS", 20_000)  # a few rows of the mosaic a read
+    banded = reader.thumbnail(200)
+    assert banded.shape == whole.shape
+    assert np.abs(banded.astype(int) - whole.astype(int)).mean() < 2  # seams between bands only

@@ -17,13 +17,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import shapely
 from PIL import Image
 from typer.testing import CliRunner
 
 from histodetect.cli import app
 from histodetect.errors import InferError
 from histodetect.infer.engine import Predictor
+from histodetect.infer.lesions import lesions, regions_geojson
 from histodetect.infer.slide import score_slide
+from histodetect.infer.slide_batch import write_cohort_outputs
+from histodetect.report.cohort_page import MAX_HEATMAP_BYTES
 
 pytestmark = pytest.mark.slow  # every test trains a run or scores a slide with one (seconds each on 2 cores)
 
@@ -100,6 +104,87 @@ def test_a_foreign_summary_in_out_is_listed_as_an_error_not_a_traceback(
     table = pd.read_csv(out / "slides.csv")
     assert set(table["name"]) == {"region", "notes"}
     assert "not a slide's summary" in table.set_index("name").loc["notes", "error"]
+
+
+def finished_folder(out: Path, name: str, score: float = 0.9) -> Path:
+    """A finished slide folder as ``slide --annotations`` writes one: one lesion, found by one detection."""
+    folder = out / name
+    folder.mkdir(parents=True)
+    (folder / "summary.json").write_text(json.dumps({"slide_score": score, "annotations": "a.xml", "slide_tumour": 1}))
+    (folder / "detections.csv").write_text("x,y,probability\n250,250,0.9\n")
+    (folder / "lesions.geojson").write_text(json.dumps(regions_geojson(lesions(shapely.box(0, 0, 500, 500), 1.0))))
+    return folder
+
+
+DAMAGE = {
+    "detections not CSV": ("detections.csv", b'"unterminated\n\x00\xff', "not a readable CSV"),
+    "detections empty": ("detections.csv", b"", "not a readable CSV"),
+    "detections another table": ("detections.csv", b"a,b\n1,2\n", "no column x, y, probability"),
+    "detections NaN": ("detections.csv", b"x,y,probability\nnan,1,0.5\n", "line 2"),
+    "detections text": ("detections.csv", b"x,y,probability\n1,2,high\n", "line 2"),
+    "detections over 1": ("detections.csv", b"x,y,probability\n1,2,7\n", "within [0, 1]"),
+    "detections missing": ("detections.csv", None, "missing"),
+    "lesions not JSON": ("lesions.geojson", b"{not json", "not the lesions slide wrote"),
+    "lesions not UTF-8": ("lesions.geojson", b"\xff\xfe{}", "not the lesions slide wrote"),
+    "lesions a list": ("lesions.geojson", b"[1, 2]", "not the lesions slide wrote"),
+    "lesions features null": ("lesions.geojson", b'{"features": null}', "not the lesions slide wrote"),
+    "lesions no properties": ("lesions.geojson", b'{"features": [{"geometry": null}]}', "not the lesions"),
+    "lesions deep": ("lesions.geojson", b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+    "lesions a point": (
+        "lesions.geojson",
+        json.dumps(
+            {
+                "features": [
+                    {
+                        "geometry": {"type": "Point", "coordinates": [1, 1]},
+                        "properties": {"area_mm2": 1, "longest_axis_um": 1, "itc": False},
+                    }
+                ]
+            }
+        ).encode(),
+        "not a polygon",
+    ),
+    "lesions missing": ("lesions.geojson", None, "missing"),
+    "lesions a folder": ("lesions.geojson", "dir", "not a regular file"),
+    "lesions a FIFO": ("lesions.geojson", "fifo", "not a regular file"),
+    "summary a FIFO": ("summary.json", "fifo", "not a regular file"),
+    "summary deep": ("summary.json", b"[" * 100_000 + b"]" * 100_000, "RecursionError"),
+    "score not a number": (
+        "summary.json",
+        json.dumps({"slide_score": "high", "annotations": "a.xml"}).encode(),
+        "is not",
+    ),
+}
+
+
+@pytest.mark.parametrize(("file", "content", "says"), list(DAMAGE.values()), ids=list(DAMAGE))
+def test_a_damaged_slide_folder_is_a_named_problem_of_the_cohort_not_a_crash(
+    tmp_path: Path, file: str, content: bytes | str | None, says: str
+) -> None:
+    """TRACEBACK before: a damaged detections.csv or lesions.geojson in one finished folder stopped the cohort."""
+    finished_folder(tmp_path, "good")
+    damaged = finished_folder(tmp_path, "bad", score=0.1) / file
+    damaged.unlink()
+    if content == "dir":
+        damaged.mkdir()
+    elif content == "fifo":
+        os.mkfifo(damaged)
+    elif content is not None:
+        damaged.write_bytes(content)
+    write_cohort_outputs(tmp_path, {"good": True, "bad": True}, threshold=0.5)
+    cohort = json.loads((tmp_path / "cohort.json").read_text())
+    assert cohort["slide"]["slides"] == 1 and cohort["lesion"]["found"] == 1
+    (problem,) = cohort["problems"]
+    assert "left out of the cohort metrics" in problem and file in problem and says in problem, problem
+    assert "left out of the cohort metrics" in (tmp_path / "report.html").read_text()
+
+
+def test_a_heatmap_too_large_to_embed_is_named_on_the_cohort_page(tmp_path: Path) -> None:
+    finished_folder(tmp_path, "good")
+    with open(tmp_path / "good" / "heatmap.png", "wb") as file:
+        file.truncate(MAX_HEATMAP_BYTES + 1)  # sparse: no disk used
+    write_cohort_outputs(tmp_path, None, threshold=0.5)
+    assert "heatmap.png: not shown" in (tmp_path / "report.html").read_text()
 
 
 # ---------------------------------------------------------------------------------------------------- silent accepts

@@ -17,7 +17,7 @@ from histodetect.models import (
     unfreeze_top,
 )
 
-# Small stand-ins for each family the presets and README mention (resnet18 for resnet50).
+# Small stand-ins for each family the presets and docs mention (resnet18 for resnet50).
 # The two EfficientNets take seconds a test on 2 cores: slow, the others keep the quick loop covering each test.
 FAMILIES = [
     "baseline-cnn",

@@ -6,6 +6,7 @@ image size the network cannot pool) and LEFTOVERS (a refused run left an empty -
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -43,6 +44,15 @@ def refused(argv: list[str]) -> str:
         ("--image-size", "7", "image_size must be 32..1024"),
         ("--label-smoothing", "1.5", "label_smoothing must be in [0, 1)"),
         ("--folds", "1", "--folds 1: cross-validation needs at least 2"),
+        ("--seed", "-1", "seed must be 0..4294967295"),  # a numpy ValueError before
+        ("--seed", "100000000000000000000000", "seed must be 0..4294967295"),
+        ("--num-workers", "-1", "num_workers must be 0..64"),  # a DataLoader ValueError before
+        ("--num-workers", "100000", "num_workers must be 0..64"),  # forked until memory ran out before
+        ("--folds", "1000", "--folds 1000: each class needs at least 1000"),  # scikit-learn's ValueError before
+        ("--precision", "bogus", "precision must be one of"),  # Lightning's ValueError before
+        ("--devices", "0", "devices must be auto, a count"),  # Lightning's MisconfigurationException before
+        ("--num-nodes", "0", "num_nodes must be at least 1"),
+        ("--accelerator", "bogus", "Lightning refuses them here"),  # and the folder it made is removed
     ],
 )
 def test_a_bad_number_is_refused_before_a_run_folder_is_made(
@@ -119,6 +129,54 @@ def test_a_long_value_is_quoted_cut_short() -> None:
     with pytest.raises(ConfigError) as error:
         TrainConfig(lr=["x" * 10_000])  # type: ignore[arg-type]
     assert len(str(error.value)) < 200
+
+
+@pytest.fixture(scope="module")
+def damaged(tmp_path_factory: pytest.TempPathFactory, sample_store: Store) -> dict[str, Path]:
+    """Copies of one finished run, each with one of its files damaged as a careless hand or a full disk leaves it."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("damaged")
+    train(sample_store, root / "run", TrainConfig(**QUICK))
+    damage = {
+        "split.csv not CSV": ("split.csv", b'"\x00\xff'),
+        "split.csv another table": ("split.csv", b"a,b\n1,2\n"),
+        "store.json a list": ("store.json", b"[1]"),
+        "store.json not JSON": ("store.json", b"{"),
+        "config.yaml empty": ("config.yaml", b""),
+        "config.yaml a FIFO": ("config.yaml", None),
+    }
+    runs = {}
+    for k, (case, (name, content)) in enumerate(damage.items()):
+        run = root / f"run{k}"
+        shutil.copytree(root / "run", run)
+        (run / name).unlink()
+        if content is None:
+            os.mkfifo(run / name)
+        else:
+            (run / name).write_bytes(content)
+        runs[case] = run
+    return runs
+
+
+@pytest.mark.parametrize(
+    ("case", "says"),
+    [
+        ("split.csv not CSV", "split.csv: not a readable CSV"),
+        ("split.csv another table", "split.csv: no id and part columns"),
+        ("store.json a list", "store.json: a JSON list"),
+        ("store.json not JSON", "store.json: not readable JSON"),
+        ("config.yaml empty", "config.yaml: names no model"),  # SILENT ACCEPT before: every setting its default
+        ("config.yaml a FIFO", "config.yaml: not a regular file"),  # HANG before: the read waited for a writer
+    ],
+)
+def test_a_damaged_file_in_a_run_folder_is_one_line(
+    damaged: dict[str, Path], sample_store: Store, tmp_path: Path, case: str, says: str
+) -> None:
+    """TRACEBACK before (KeyError 'part', AttributeError on a list) from evaluate on its own held-out patches."""
+    out = tmp_path / "eval"
+    assert says in refused(["evaluate", str(damaged[case]), str(sample_store.path), "--out", str(out)])
+    assert not out.exists()
 
 
 # ---------------------------------------------------------------------------------------------------- leftovers

@@ -14,14 +14,13 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
-from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from histodetect import __version__
 from histodetect.app.batching import Busy
 from histodetect.app.limits import LimitsMiddleware
 from histodetect.app.model import ModelService
 from histodetect.app.routers import health, page, patches, regions
-from histodetect.app.security import TokenMiddleware
+from histodetect.app.security import HostCheckMiddleware, TokenMiddleware
 from histodetect.app.settings import Settings
 from histodetect.errors import UserError
 
@@ -50,7 +49,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_middleware(TokenMiddleware, token=settings.token)  # inside the limits: a refused body is still bounded
     app.add_middleware(LimitsMiddleware, max_body=settings.max_body, request_timeout=settings.request_timeout)
     if settings.allowed_hosts is not None and "*" not in settings.allowed_hosts:  # outermost: checked first
-        app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(settings.allowed_hosts))
+        app.add_middleware(HostCheckMiddleware, allowed=settings.allowed_hosts)
     app.add_exception_handler(UserError, _user_error)
     app.add_exception_handler(Busy, _busy)
     app.add_exception_handler(HTTPException, _http_error)

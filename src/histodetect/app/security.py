@@ -23,6 +23,7 @@ import hmac
 import html
 import ipaddress
 import json
+import re
 import secrets
 from http.cookies import CookieError, SimpleCookie
 from urllib.parse import parse_qsl, quote, urlencode
@@ -112,6 +113,59 @@ async def _answer(send: Send, status: int, body: bytes, headers: list[tuple[byte
     length = (b"content-length", str(len(body)).encode())
     await send({"type": "http.response.start", "status": status, "headers": [*headers, length]})
     await send({"type": "http.response.body", "body": body})
+
+
+class HostCheckMiddleware:
+    """Answer 400 to a request whose ``Host`` header names none of ``allowed``: against DNS rebinding, a page of
+    another site reaching a loopback server by a name that resolves to it. ``*`` allows any, ``*.example.org`` a
+    domain's names. The header is parsed here, IPv6 literals included (``[::1]:8000``), rather than by Starlette's
+    ``TrustedHostMiddleware``, whose releases parse those differently (older ones cut at the first colon)."""
+
+    def __init__(self, app: ASGIApp, allowed: tuple[str, ...]) -> None:
+        self.app = app
+        self.any = "*" in allowed
+        self.names = {normal_host(h) for h in allowed if not h.startswith("*")}
+        self.suffixes = tuple(h[1:].lower() for h in allowed if h.startswith("*."))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.any or scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        header = next((v for k, v in scope.get("headers", ()) if k == b"host"), None)
+        name = host_name(header.decode("latin-1")) if header is not None else None
+        if name is not None and (name in self.names or name.endswith(self.suffixes)):
+            await self.app(scope, receive, send)
+            return
+        shown = "none" if header is None else repr(header.decode("latin-1")[:80])
+        body = json.dumps({"error": f"Host {shown} is not a name this server answers to (--allowed-hosts)"})
+        await _answer(send, 400, body.encode(), [(b"content-type", b"application/json")])
+
+
+_HOST = re.compile(r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<name>[^:\[\]/@\s]+))(?::(?P<port>[0-9]{1,5}))?")
+
+
+def host_name(header: str) -> str | None:
+    """The host a ``Host`` header names, in :func:`normal_host`'s form (``[::1]:8000`` -> ``::1``); None when the
+    header is not ``host[:port]``."""
+    match = _HOST.fullmatch(header.strip())
+    if match is None:
+        return None
+    if match["v6"] is not None:
+        try:
+            return ipaddress.IPv6Address(match["v6"]).compressed
+        except ValueError:
+            return None
+    return normal_host(match["name"])
+
+
+def normal_host(host: str) -> str:
+    """A host name or address as compared: lower case, no trailing dot, an address in its short form without
+    brackets (``[0:0::1]`` -> ``::1``)."""
+    bare = host.strip().strip("[]").lower().rstrip(".")
+    try:
+        return ipaddress.ip_address(bare).compressed
+    except ValueError:
+        return bare
 
 
 def is_loopback(host: str) -> bool:

@@ -23,7 +23,7 @@ from fastapi import FastAPI
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from histodetect.app.main import create_app
-from histodetect.app.security import check_exposure, is_loopback, login_url
+from histodetect.app.security import check_exposure, is_loopback, login_url, normal_host
 from histodetect.app.settings import Settings
 from histodetect.errors import ConfigError
 
@@ -180,13 +180,24 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def loopback_hosts(host: str) -> tuple[str, ...]:
+    """The ``Host`` names a browser sends to a server on loopback ``host``: its own, ``localhost`` and
+    ``127.0.0.1``, and ``::1`` (``[::1]:PORT``) when it serves on IPv6 loopback or on ``localhost``."""
+    names = [*LOOPBACK_HOSTS, normal_host(host)]
+    if normal_host(host) in ("::1", "localhost"):
+        names.append("::1")
+    return tuple(dict.fromkeys(names))
+
+
 def serve(settings: Settings, *, host: str, port: int, insecure: bool, announce: Callable[[str], None] = print) -> None:
     """Load the model, listen on ``host:port`` and serve until interrupted; ``announce`` gets the address to open
     (with ``?token=`` when there is a token: opening it logs the browser in, as Jupyter's printed URL does)."""
     check_port(port)  # before the model loads
     check_exposure(host, settings.token, insecure=insecure)
-    if settings.allowed_hosts is None and is_loopback(host) and ":" not in host:  # IPv6 Host headers: not parsed
-        settings = dataclasses.replace(settings, allowed_hosts=(*LOOPBACK_HOSTS, host))
+    if settings.allowed_hosts is not None and not settings.allowed_hosts:  # every request would be refused
+        raise ConfigError("--allowed-hosts names no host; give names, e.g. localhost,example.org, or * for any")
+    if settings.allowed_hosts is None and is_loopback(host):
+        settings = dataclasses.replace(settings, allowed_hosts=loopback_hosts(host))
     app = create_app(settings)
     sock = bind(host, port)
     shown = f"[{host}]" if ":" in host else host

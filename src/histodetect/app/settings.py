@@ -42,7 +42,7 @@ class Settings:
     request_timeout: float = 60.0
     limit_concurrency: int = 64
     region_min_tissue: float = 0.1
-    # Host header values answered (Starlette's TrustedHostMiddleware; None = any): against DNS rebinding, a page
+    # Host header values answered (security.HostCheckMiddleware; None = any): against DNS rebinding, a page
     # of another site reaching a loopback server by a name that resolves to 127.0.0.1. ``serve`` sets the loopback
     # names for a loopback --host.
     allowed_hosts: tuple[str, ...] | None = None

@@ -16,10 +16,26 @@ import typer
 from rich.console import Console
 
 from histodetect.errors import UserError
+from histodetect.io import holding, recognised_by
 
 console = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
 READERS = "cores - 1, at most 8"  # infer's default count of slide reader processes, as --workers help says it
+# What each command recognises as its own earlier output, which it may replace (io.check_apart's ``ours``).
+OWN_SUBMISSION = recognised_by(b"id,label")
+OWN_TABLE = recognised_by(b"| run |")
+OWN_PAGE = recognised_by(b"<!doctype html>")
+OWN_ONNX = recognised_by(b"\x12\x07pytorch", within=4)  # ir_version, then producer_name "pytorch"
+OWN_INGEST_REPORT = recognised_by(b'{\n  "source": ')
+# ... and, for a folder --out that exists and is not empty, what marks it as the command's own folder.
+OWN_EDA = holding(("index.html", OWN_PAGE))
+OWN_RUN = holding("config.yaml", "cv-config.yaml")  # train then resumes, or refuses: "already holds a run"
+OWN_TUNING = holding(
+    ("trials.csv", recognised_by(b"number,state")), ("study.db", recognised_by(b"SQLite")), "trial-*/config.yaml"
+)
+OWN_EVALUATION = holding(("metrics.json", recognised_by(b'{\n  "n": ')))
+OWN_SLIDES = holding(("slides.csv", recognised_by(b"name,slide,error")), "*/summary.json")
+OWN_EXPLAIN = holding(("grid.png", recognised_by(b"Matplotlib", within=200)))  # savefig's Software text
 
 
 def friendly(fn: F) -> F:

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from histodetect.cli.common import console, out_option, workers_option
+from histodetect.cli.common import OWN_EDA, OWN_INGEST_REPORT, console, out_option, workers_option
 from histodetect.io import check_apart
 
 
@@ -52,8 +52,8 @@ def ingest(
 
     read = {"--labels": labels, "--pcam-meta": pcam_meta, "--groups": groups}
     check_apart(out, read, folder=True)
-    if report is not None:
-        check_apart(report, {"SOURCE": source, **read}, option="--report")
+    report_file = report if report is not None else out.with_name(f"{out.name}.report.json")  # ingest's default
+    check_apart(report_file, {"SOURCE": source, **read}, option="--report", ours=OWN_INGEST_REPORT)
     result = run_ingest(
         source,
         out,
@@ -102,6 +102,6 @@ def eda(
     from histodetect.data.store import Store
     from histodetect.report.eda import write_eda
 
-    check_apart(out, {"STORE": store}, folder=True)
+    check_apart(out, {"STORE": store}, folder=True, ours=OWN_EDA)
     page = write_eda(Store(store), out, seed=seed)
     console.print(f"report: [bold]{page}[/]")

@@ -8,6 +8,12 @@ from typing import Annotated
 import typer
 
 from histodetect.cli.common import (
+    OWN_EVALUATION,
+    OWN_EXPLAIN,
+    OWN_ONNX,
+    OWN_PAGE,
+    OWN_SUBMISSION,
+    OWN_TABLE,
     BatchSize,
     Engine,
     Precision,
@@ -19,13 +25,7 @@ from histodetect.cli.common import (
     out_option,
 )
 from histodetect.errors import UserError
-from histodetect.io import check_apart, recognised_by
-
-# What each command recognises as its own earlier output, which it may replace (io.check_apart's ``ours``).
-OWN_SUBMISSION = recognised_by(b"id,label")
-OWN_TABLE = recognised_by(b"| run |")
-OWN_PAGE = recognised_by(b"<!doctype html>")
-OWN_ONNX = recognised_by(b"\x12\x07pytorch", within=4)  # ir_version, then producer_name "pytorch"
+from histodetect.io import check_apart
 
 
 def _runs_then(inputs: list[Path], command: str, what: str) -> tuple[list[Path], Path]:
@@ -61,7 +61,7 @@ def evaluate(
     from histodetect.infer.evaluate import evaluate as run_evaluate
     from histodetect.runs.layout import EVALUATION
 
-    check_apart(out, {"RUN": run, "STORE": store}, folder=True, allowed=[run / EVALUATION])
+    check_apart(out, {"RUN": run, "STORE": store}, folder=True, allowed=[run / EVALUATION], ours=OWN_EVALUATION)
     metrics = run_evaluate(
         run,
         store,
@@ -155,7 +155,7 @@ def explain(
     """Grad-CAM heatmaps over patches, with the predicted probability."""
     from histodetect.infer.explain import explain as run_explain
 
-    check_apart(out, {"RUN": run, "IMAGES": images}, folder=True)
+    check_apart(out, {"RUN": run, "IMAGES": images}, folder=True, ours=OWN_EXPLAIN)
 
     paths = run_explain(
         run, images, out, method=method, limit=limit, stain_norm=stain_norm, stain_reference=stain_reference

@@ -8,6 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from histodetect.cli.common import (
+    OWN_SLIDES,
     READERS,
     BatchSize,
     Engine,
@@ -109,7 +110,7 @@ def slide(
             raise UserError(f"{option} {given}: no such file or folder")
     runs, slides = split_runs_and_slides(inputs)
     read = {"RUN": runs, "SLIDE": slides, "--mask": mask, "--annotations": annotations, "--reference": reference}
-    check_apart(out, read, folder=True)
+    check_apart(out, read, folder=True, ours=OWN_SLIDES)
     predictor = Predictor(
         runs,
         tta=tta,

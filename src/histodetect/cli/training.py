@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from histodetect.cli.common import console, out_option
+from histodetect.cli.common import OWN_RUN, OWN_TUNING, console, out_option
 from histodetect.errors import UserError
 from histodetect.io import check_apart
 
@@ -154,7 +154,7 @@ def train(
     from histodetect.train.run import train as run_train
 
     read = {"STORE": store, "--config": config, "--pretrained": _existing(pretrained), "--groups": _existing(groups)}
-    check_apart(out, read, folder=True)
+    check_apart(out, read, folder=True, ours=OWN_RUN)
     if folds is not None and folds < 2:
         raise UserError(f"--folds {folds}: cross-validation needs at least 2 folds (leave it out for one run)")
     commands = {"store", "out", "preset", "config", "resume", "all_folds", "restart"}
@@ -232,7 +232,9 @@ def tune(
     from histodetect.train.tune import tune as run_tune
     from histodetect.train.tune_results import best_config
 
-    check_apart(out, {"STORE": store, "--config": base_config, "--space": _existing(space)}, folder=True)
+    check_apart(
+        out, {"STORE": store, "--config": base_config, "--space": _existing(space)}, folder=True, ours=OWN_TUNING
+    )
     if timeout is not None and not (timeout > 0 and math.isfinite(timeout)):
         raise UserError(f"--timeout {timeout}: must be a positive number of minutes")
     if trials < 1:

@@ -29,6 +29,9 @@ HED_FROM_RGB = torch.linalg.inv(RGB_FROM_HED)
 # A cast that is neither stain: yellowing (an aged slide, old mounting medium) absorbs blue most. A unit vector in
 # RGB optical density.
 YELLOW = torch.tensor([0.10, 0.35, 0.93]) / torch.tensor([0.10, 0.35, 0.93]).norm()
+# Half the samples keep their colours: the yellow cast is one-sided (never below none), so re-staining every sample
+# would leave untouched patches at the edge of what the model sees, not at its centre.
+STAIN_JITTER_P = 0.5
 _EPS = 1e-6  # skimage's floor for intensities before the log; it also sets the unit of stain amounts
 
 # The label of a patch says whether its centre 32x32 pixels (the middle third of 96) contain tumour.
@@ -152,15 +155,19 @@ def restain(x: torch.Tensor, stains: torch.Tensor, offset: torch.Tensor) -> torc
 
 
 def stain_jitter(x: torch.Tensor, strength: float, generator: torch.Generator) -> torch.Tensor:
-    """Another lab's staining per sample (``stain_aug``): each stain's amount times ``exp(U(-s, s))`` (0.61-1.65x at
-    s = 0.5), up to ``s / 5`` of each of H and E bleeding into the other (other stain hues), a yellow cast of up to
-    ``s / 2`` optical density along :data:`YELLOW`, and a white balance of up to ``s / 4`` per RGB channel."""
+    """Another lab's staining for each sample with probability :data:`STAIN_JITTER_P` (``stain_aug``): each stain's
+    amount times ``exp(U(-s, s))`` (0.61-1.65x at s = 0.5), up to ``s / 5`` of each of H and E bleeding into the
+    other (other stain hues), a yellow cast of up to ``s / 2`` optical density along :data:`YELLOW`, and a white
+    balance of up to ``s / 4`` per RGB channel. The other samples keep their own lab's colours."""
     b, device = x.shape[0], x.device
     stains = torch.diag_embed(torch.exp(_uniform(generator, (b, 3), strength, device)))
     bleed = _uniform(generator, (b, 2), strength / 5, device)
     stains[:, 0, 1], stains[:, 1, 0] = bleed[:, 0], bleed[:, 1]
     yellow = (torch.rand((b, 1), generator=generator) * strength / 2).to(device) * YELLOW.to(device)
     offset = yellow + _uniform(generator, (b, 3), strength / 4, device)
+    keep = (torch.rand((b,), generator=generator) >= STAIN_JITTER_P).to(device)
+    stains = torch.where(keep.view(b, 1, 1), torch.eye(3, device=device), stains)
+    offset = torch.where(keep.view(b, 1), torch.zeros((), device=device), offset)
     return restain(x, stains, offset)
 
 

@@ -17,6 +17,7 @@ UNSAFE = (
     (re.compile(r"[/\\]"), "path separator in id"),
     (re.compile(r"\.\."), "'..' in id"),
     (re.compile(r"^[A-Za-z]:"), "drive letter in id"),
+    (re.compile("[\ud800-\udfff]"), "a file name that is not UTF-8 text in id"),  # no CSV, JSON or figure takes it
 )
 CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 CONTROL_BUT_NEWLINE = re.compile(r"[\x00-\x09\x0b-\x1f\x7f]")  # names joined by line breaks, screened at once
@@ -37,9 +38,31 @@ def first_unsafe(names: Sequence[str]) -> int | None:
     only when the screen finds something that could be unsafe.
     """
     joined = "\n".join(names)
-    if all(names) and joined.count("\n") == len(names) - 1 and not any(mark in joined for mark in SCREEN):
+    if (
+        all(names)
+        and joined.count("\n") == len(names) - 1
+        and not any(mark in joined for mark in SCREEN)
+        and _utf8(joined)
+    ):
         return None
     return next((position for position, name in enumerate(names) if unsafe_reason(name)), None)
+
+
+def text_problem(name: str) -> str | None:
+    """Why ``name`` (a slide's, say) cannot go into a CSV, a JSON file or a figure: a control character, or bytes
+    that were not UTF-8; None when it can."""
+    if CONTROL.search(name):
+        return "a control character"
+    return None if _utf8(name) else "a file name that is not UTF-8 text"
+
+
+def _utf8(text: str) -> bool:
+    """Whether ``text`` holds no surrogate escape (a file name's bytes that were not UTF-8)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def group_problem(name: str) -> str | None:

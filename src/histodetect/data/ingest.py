@@ -190,8 +190,8 @@ def _check_options(source: Path, out: Path, report_file: Path, *, overwrite: boo
         raise IngestError(f"--out {out}: {why}")
     if report_file.exists() and report_file.resolve().is_relative_to(source.resolve()):
         raise IngestError(f"--report {report_file}: a file of the source being ingested; choose another path")
-    if workers is not None and workers < 1:
-        raise IngestError(f"--workers {workers}: need at least 1")
+    if workers is not None and not 1 <= workers <= 64:  # each is a process: more only exhausts memory
+        raise IngestError(f"--workers {workers}: must be 1..64 decoding processes")
 
 
 @contextlib.contextmanager

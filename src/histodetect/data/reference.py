@@ -12,10 +12,14 @@ import csv
 import os
 from pathlib import Path
 
+from histodetect.data.sources import IMAGE_SUFFIXES
+from histodetect.data.wsi import SLIDE_ONLY_SUFFIXES, TIFF_SUFFIXES
 from histodetect.errors import InferError
 
 TYPES = {"tumor": True, "tumour": True, "normal": False}
 MAX_BYTES = 16 * 1024 * 1024  # a reference of a few thousand slides is a few hundred KB
+# a row may name its slide with any suffix slide reads (a slide file, a plain image) or its outlines' .xml
+KNOWN_SUFFIXES = SLIDE_ONLY_SUFFIXES | TIFF_SUFFIXES | IMAGE_SUFFIXES | {".xml"}
 
 
 def read_reference(path: str | os.PathLike[str]) -> dict[str, bool]:
@@ -56,4 +60,4 @@ def _stem(image: str) -> str:
     """``test_001.tif`` -> ``test_001``; a name without a known extension stays as it is."""
     name = Path(image).name
     suffix = Path(name).suffix.lower()
-    return name[: -len(suffix)] if suffix in {".tif", ".tiff", ".svs", ".ndpi", ".mrxs", ".xml", ".btf"} else name
+    return name[: -len(suffix)] if suffix in KNOWN_SUFFIXES else name

@@ -132,6 +132,8 @@ def discover(source: Path, *, labels: Path | None = None, class_dirs: str | None
     """
     if not source.exists():
         raise IngestError(f"{source}: no such file or folder")
+    if not (source.is_file() or source.is_dir()):
+        raise IngestError(f"{source}: not a regular file or folder (a FIFO, socket or device)")
     if source.is_file():
         if not PCAM_X.match(source.name):
             raise IngestError(

@@ -96,6 +96,11 @@ def split_rows(
     groups_rest = None if groups is None else groups[rest]
     if folds > 1:
         _check_classes(labels_rest)
+        if np.bincount(labels_rest, minlength=2).min() < folds:  # else a fold holds no patch of a class
+            raise ConfigError(
+                f"--folds {folds}: each class needs at least {folds} patches to split, has "
+                f"{np.bincount(labels_rest, minlength=2).min()}"
+            )
         positions = np.arange(len(rest))
         if groups_rest is not None:
             _check_groups(groups_rest, folds)

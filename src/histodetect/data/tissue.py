@@ -5,7 +5,8 @@ few pixels per cell (from the pyramid level closest to that, band by band, so me
 a pixel is tissue when its HSV saturation is above an Otsu threshold (stain is saturated, glass and white fat are
 not) and it is not near black (scanner borders, slide labels). Otsu is clamped to ``SATURATION_RANGE``: on a region
 that is all tissue, or all glass, the unclamped split would fall inside one class. Holes smaller than a cell are
-filled and specks smaller than a quarter cell removed (scikit-image morphology).
+filled and specks smaller than a quarter cell removed (scikit-image morphology). The view has a time budget
+(``TISSUE_SECONDS``, judged from its pace): a hollow file or one without coarse levels ends with one line.
 The slide scorer selects cells by the tissue share of their 96 px window (:func:`window_share`).
 
 ``--mask`` narrows the scored cells to a region: a PNG (the slide's shape at any scale; nonzero = inside) or
@@ -15,6 +16,7 @@ polygons (GeoJSON or ASAP XML, level-0 pixels); a cell is inside when its centre
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +33,8 @@ SATURATION_RANGE = (0.04, 0.08)  # bounds of the Otsu threshold on saturation
 DARK = 30  # brightest channel below this: black, not stain
 MASK_PIXELS = 32_000_000  # at most this many pixels in the tissue view (4 per cell side when they fit, else 2, 1)
 BAND_PIXELS = 4_000_000  # pixels of the view read at once
+TISSUE_SECONDS = 600.0  # the most the tissue view may take (a slide's is seconds; scoring takes longer anyway)
+PACE_SECONDS = 5.0  # the view's pace is judged once it has read for this long
 SHAPE_TOLERANCE = 0.02  # a PNG mask's aspect ratio may differ from the slide's by this much (rounding)
 
 
@@ -44,16 +48,34 @@ def tissue_fraction(reader: SlideReader, cell: float, grid: tuple[int, int]) -> 
     side = cell / reader.level_downsamples[level]  # a cell's side in pixels of the level read
     # Bands of the view, each read within MAX_READ_PIXELS of the level (a slide without coarse levels reads more).
     band = max(1, min(BAND_PIXELS // (cols * k * k), int(MAX_READ_PIXELS // 2 // ((cols * side + 3) * side))))
+    start = time.monotonic()
     for r0 in range(0, rows, band):
         r1 = min(rows, r0 + band)
         view = reader.read_scaled((0, r0 * cell, cols * cell, r1 * cell), (cols * k, (r1 - r0) * k), level=level)
         saturation[r0 * k : r1 * k] = _saturation(view)
+        _within_budget(reader, level, time.monotonic() - start, r1 / rows)
     threshold = _otsu(saturation)
     tissue = saturation > round(threshold * 255)
     if k > 1:
         tissue = remove_small_holes(tissue, max_size=k * k)
         tissue = remove_small_objects(tissue, max_size=k * k // 4)
     return tissue.reshape(rows, k, cols, k).mean(axis=(1, 3), dtype=np.float32), threshold
+
+
+def _within_budget(reader: SlideReader, level: int, elapsed: float, done: float) -> None:
+    """Stop a tissue view that would take more than ``TISSUE_SECONDS``, judged from its pace once it has run for
+    ``PACE_SECONDS``: a hollow file (a header claiming a large slide, its tiles missing, which OpenSlide rebuilds one
+    by one from finer levels) or a slide without coarse levels would otherwise read for hours."""
+    if done >= 1 or elapsed < PACE_SECONDS:
+        return
+    expected = elapsed / done
+    if expected > TISSUE_SECONDS:
+        width, height = reader.level_dimensions[level]
+        raise InferError(
+            f"{reader.name}: finding the tissue would take about {expected / 60:.0f} minutes ({done:.1%} of level "
+            f"{level}, {width}x{height} pixels, in {elapsed:.0f} s); over the {TISSUE_SECONDS / 60:.0f}-minute "
+            "budget: the slide lacks coarse levels, or its tiles are missing (a damaged or hollow file)"
+        )
 
 
 def window_share(fraction: np.ndarray, cell: int = 32, window: int = 96) -> np.ndarray:

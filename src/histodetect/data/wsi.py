@@ -107,10 +107,22 @@ class SlideReader(ABC):
         return np.asarray(Image.fromarray(pixels).resize((width, height), RESAMPLING, box=inner))
 
     def thumbnail(self, longest: int) -> np.ndarray:
-        """The whole image with its longest side ``longest`` pixels (or its own size when smaller)."""
+        """The whole image with its longest side ``longest`` pixels (or its own size when smaller); read in bands,
+        each within ``MAX_READ_PIXELS`` of the level, so a slide without coarse levels is shown too."""
         width, height = self.dimensions
         scale = min(1.0, longest / max(width, height))
-        return self.read_scaled((0, 0, width, height), (max(1, round(width * scale)), max(1, round(height * scale))))
+        out_w, out_h = max(1, round(width * scale)), max(1, round(height * scale))
+        level = self.best_level(min(width / out_w, height / out_h))
+        d = self.level_downsamples[level]
+        per_row = (width / d + 3) * (height / d / out_h + 3)  # level pixels one row of the thumbnail reads
+        band = max(1, int(MAX_READ_PIXELS // 2 // per_row))
+        return np.concatenate(
+            [
+                self.read_scaled((0, y0 * height / out_h, width, y1 * height / out_h), (out_w, y1 - y0), level=level)
+                for y0 in range(0, out_h, band)
+                for y1 in [min(out_h, y0 + band)]
+            ]
+        )
 
     @abstractmethod
     def close(self) -> None:

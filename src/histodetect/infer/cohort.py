@@ -11,7 +11,9 @@
   found at or above it. Sensitivity at 1/4, 1/2, 1, 2, 4 and 8 false positives per slide is interpolated between
   operating points as the challenge's script does (``np.interp``), and the FROC score is their mean.
 - Problems that leave a metric incomplete (a reference naming a slide not scored, a tumour slide without outlines,
-  a reference that disagrees with the outlines) are listed by name in ``problems``.
+  a reference that disagrees with the outlines, a folder whose ``summary.json``, ``detections.csv`` or
+  ``lesions.geojson`` is damaged or missing: left out, with the file and what is wrong) are listed by name in
+  ``problems``.
 
 ``cohort.json`` is rewritten after every slide from every finished folder (as ``slides.csv`` is), atomically.
 """
@@ -25,9 +27,12 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import shapely
+from shapely.errors import GEOSException
 from shapely.geometry import shape
 
-from histodetect.infer.lesions import LESION_REGIONS, Lesion, match
+from histodetect.errors import InferError
+from histodetect.infer.lesions import DETECTION_COLUMNS, LESION_REGIONS, Lesion, match
 from histodetect.infer.slide_batch import read_summaries
 from histodetect.io import atomic_write_json
 from histodetect.metrics import roc_auc
@@ -37,7 +42,7 @@ from histodetect.report.metrics import bootstrap_auc_ci, threshold_metrics
 FROC_POINTS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 COHORT = "cohort.json"
 DETECTIONS = "detections.csv"
-LESIONS = "lesions.csv"
+MAX_FOLDER_FILE_BYTES = 64 << 20  # detections.csv / lesions.geojson of one slide: slide writes kilobytes
 
 
 @dataclass
@@ -65,57 +70,119 @@ class SlideResult:
 
 
 def load_slides(out: Path, reference: dict[str, bool] | None) -> tuple[list[SlideResult], list[str]]:
-    """Every finished slide folder under ``out`` with its truth; and the problems found, by slide name."""
+    """Every finished slide folder under ``out`` with its truth; and the problems found, by slide name. A folder
+    whose files are damaged (by hand or by another tool) is one of the problems, named with what is wrong: never a
+    crash of the whole cohort, never dropped without a word."""
     results: list[SlideResult] = []
     problems: list[str] = []
-    for name, summary in read_summaries(out):
-        folder = out / name
-        if "error" in summary:
-            problems.append(f"{name}: left out of the cohort metrics ({summary['error']})")
+    finished = read_summaries(out)
+    for name, summary in finished:
+        try:
+            result = _load_slide(out / name, summary, reference, problems)
+        except InferError as exc:
+            problems.append(f"{name}: left out of the cohort metrics ({exc})")
             continue
-        outlined = summary.get("annotations") is not None
-        outlines_tumour = bool(summary.get("slide_tumour")) if outlined else False
-        tumour: bool | None = outlines_tumour
-        if reference is not None:
-            tumour = reference.get(name)
-            if tumour is None:
-                problems.append(f"{name}: scored but not in the reference; left out of the cohort metrics")
-            elif tumour and not outlined:
-                problems.append(f"{name}: a tumour slide without outlines; left out of the lesion metrics")
-            elif not tumour and outlines_tumour:
-                problems.append(f"{name}: the reference says Normal but its annotations outline tumour")
-        found = _read_detections(folder)
-        judged = tumour is not None and (outlined or not tumour)
-        lesion_table = None
-        hits = np.zeros(len(found), dtype=np.int64)
-        if judged:
-            regions = _read_regions(folder)
-            lesion_table, hits = match(found, regions)
-        results.append(SlideResult(name, summary, tumour, found, lesion_table, hits))
+        results.append(result)
     if reference is not None:
-        scored = {r.name for r in results}
+        scored = {name for name, _ in finished}
         problems += [f"{name}: in the reference but not scored" for name in sorted(set(reference) - scored)]
     return results, problems
 
 
-def _read_detections(folder: Path) -> pd.DataFrame:
-    path = folder / DETECTIONS
-    if not path.is_file():
-        return pd.DataFrame({"x": [], "y": [], "probability": []})
-    return pd.read_csv(path)
+def _load_slide(
+    folder: Path, summary: dict[str, Any], reference: dict[str, bool] | None, problems: list[str]
+) -> SlideResult:
+    """One finished folder with its truth (appending what leaves its metrics incomplete to ``problems``); an
+    ``InferError`` naming the file when the folder cannot be judged as it stands."""
+    name = folder.name
+    if "error" in summary:
+        raise InferError(str(summary["error"]))
+    score = summary.get("slide_score")
+    if score is not None and not (_is_number(score) and 0 <= score <= 1):
+        raise InferError(f"{folder / 'summary.json'}: slide_score {str(score)[:40]!r} is not a probability")
+    outlined = summary.get("annotations") is not None
+    outlines_tumour = bool(summary.get("slide_tumour")) if outlined else False
+    tumour: bool | None = outlines_tumour
+    if reference is not None:
+        tumour = reference.get(name)
+        if tumour is None:
+            problems.append(f"{name}: scored but not in the reference; left out of the cohort metrics")
+        elif tumour and not outlined:
+            problems.append(f"{name}: a tumour slide without outlines; left out of the lesion metrics")
+        elif not tumour and outlines_tumour:
+            problems.append(f"{name}: the reference says Normal but its annotations outline tumour")
+    judged = tumour is not None and (outlined or not tumour)
+    found = _read_detections(folder, required=judged)
+    lesion_table = None
+    hits = np.zeros(len(found), dtype=np.int64)
+    if judged:
+        regions = _read_regions(folder, required=outlined)
+        lesion_table, hits = match(found, regions)
+    return SlideResult(name, summary, tumour, found, lesion_table, hits)
 
 
-def _read_regions(folder: Path) -> list[Lesion]:
-    """The lesions a slide folder recorded (``lesions.geojson``), in their numbered order."""
-    path = folder / LESION_REGIONS
+def _folder_file(folder: Path, name: str, required: bool) -> Path | None:
+    """``folder/name`` when it is a readable regular file within ``MAX_FOLDER_FILE_BYTES``; None when absent and
+    not ``required``; otherwise an ``InferError`` saying what it is (a FIFO would block the reader for good)."""
+    path = folder / name
+    if not path.exists() and not path.is_symlink():
+        if required:
+            raise InferError(f"{path}: missing; score the slide again (delete its folder) to rebuild it")
+        return None
     if not path.is_file():
+        raise InferError(f"{path}: not a regular file")
+    if path.stat().st_size > MAX_FOLDER_FILE_BYTES:
+        raise InferError(f"{path}: {path.stat().st_size:,} bytes; a slide's is at most {MAX_FOLDER_FILE_BYTES:,}")
+    return path
+
+
+def _read_detections(folder: Path, required: bool) -> pd.DataFrame:
+    """``detections.csv``: finite level-0 ``x,y`` and a ``probability`` in [0, 1] per row, else an ``InferError``."""
+    path = _folder_file(folder, DETECTIONS, required)
+    if path is None:
+        return pd.DataFrame({column: np.zeros(0) for column in DETECTION_COLUMNS})
+    try:
+        table = pd.read_csv(path)
+    except (OSError, ValueError) as exc:  # ParserError, EmptyDataError and UnicodeDecodeError are ValueErrors
+        raise InferError(f"{path}: not a readable CSV ({str(exc)[:120]})") from None
+    missing = [c for c in DETECTION_COLUMNS if c not in table.columns]
+    if missing:
+        raise InferError(f"{path}: no column {', '.join(missing)}; expected {','.join(DETECTION_COLUMNS)}")
+    values = table[DETECTION_COLUMNS].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
+    bad = ~np.isfinite(values).all(axis=1) | (values[:, 2] < 0) | (values[:, 2] > 1)
+    if bad.any():
+        line = int(np.argmax(bad)) + 2  # the header is line 1
+        raise InferError(f"{path}: line {line}: x and y must be finite numbers and probability within [0, 1]")
+    return pd.DataFrame(values, columns=DETECTION_COLUMNS)
+
+
+def _read_regions(folder: Path, required: bool) -> list[Lesion]:
+    """The lesions a slide folder recorded (``lesions.geojson``), in their numbered order, else an ``InferError``."""
+    path = _folder_file(folder, LESION_REGIONS, required)
+    if path is None:
         return []
-    features = json.loads(path.read_text(encoding="utf-8"))["features"]
-    return [
-        Lesion(shape(f["geometry"]), p["area_mm2"], p["longest_axis_um"], bool(p["itc"]))
-        for f in features
-        for p in [f["properties"]]
-    ]
+    try:
+        features = json.loads(path.read_text(encoding="utf-8"))["features"]
+        regions = [
+            Lesion(shape(f["geometry"]), float(p["area_mm2"]), float(p["longest_axis_um"]), bool(p["itc"]))
+            for f in features
+            for p in [f["properties"]]
+        ]
+    except RecursionError:
+        raise InferError(f"{path}: JSON nested too deeply to be lesions") from None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError, GEOSException) as exc:
+        raise InferError(f"{path}: not the lesions slide wrote ({type(exc).__name__}: {str(exc)[:80]})") from None
+    for k, lesion in enumerate(regions, start=1):
+        if (
+            lesion.region.geom_type not in ("Polygon", "MultiPolygon")
+            or not np.isfinite(shapely.get_coordinates(lesion.region)).all()
+        ):
+            raise InferError(f"{path}: lesion {k} is not a polygon with finite coordinates")
+    return regions
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and bool(np.isfinite(value))
 
 
 def froc(false_positives: np.ndarray, lesion_best: np.ndarray, n_slides: int) -> dict[str, Any]:

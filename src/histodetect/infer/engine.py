@@ -47,9 +47,9 @@ PRECISIONS = ("auto", "fp32", "bf16")
 # What runs the network: PyTorch, onnxruntime on the project's export (infer.export), or OpenVINO on it. "auto" is
 # CPU_ENGINE on a CPU (unless bf16 is asked for) and PyTorch on accelerators.
 ENGINES = ("auto", "torch", "onnx", "openvino")
-# benchmarks/cpu_engines.py (README, "CPU engines"): onnxruntime fp32 ran Lite0 3.8-4.0x as fast as PyTorch eager fp32
-# and 2-3.7x PyTorch bf16 on the AVX-512/AMX machine, within 1.1e-6 of fp32; OpenVINO within 5% of it either way (and
-# a new dependency); int8 and bf16 moved probabilities by 0.09 and 0.03.
+# benchmarks/cpu_engines.py (docs/evaluation-and-prediction.md, "CPU engines"): onnxruntime fp32 ran Lite0
+# 3.8-4.0x as fast as PyTorch eager fp32 and 2-3.7x PyTorch bf16 on the AVX-512/AMX machine, within 1.1e-6 of fp32;
+# OpenVINO within 5% of it either way (and a new dependency); int8 and bf16 moved probabilities by 0.09 and 0.03.
 CPU_ENGINE = "onnx"
 # On a CPU small batches stay in cache: on the project's 2-core AVX-512 machine (bf16, 96 px) 64 runs
 # tf_efficientnet_lite0 at ~1,600 images/s and 256 at ~850 (resnet18: ~990 vs ~760). A GPU needs large batches.

@@ -12,13 +12,14 @@ fp32 by default, the arithmetic of the exported model one deploys.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from histodetect.data.augment import STAIN_SHIFTS, StainShift
+from histodetect.data.augment import STAIN_SHIFTS
 from histodetect.data.store import Store
 from histodetect.infer.engine import InferError, PatchReader, Predictor
 from histodetect.infer.predict import check_finite
@@ -108,9 +109,10 @@ def score_rows(runs: list[Path], store: Store, rows: np.ndarray, *, label: str, 
 
 
 class Restained:
-    """``patches`` re-stained by ``shift`` a slice at a time (a :class:`~histodetect.infer.engine.PatchReader`)."""
+    """``patches`` re-stained by ``shift`` (a :class:`StainShift` or any uint8-to-uint8 re-staining) a slice at a
+    time (a :class:`~histodetect.infer.engine.PatchReader`)."""
 
-    def __init__(self, patches: PatchReader, shift: StainShift) -> None:
+    def __init__(self, patches: PatchReader, shift: Callable[[np.ndarray], np.ndarray]) -> None:
         self.patches = patches
         self.shift = shift
 

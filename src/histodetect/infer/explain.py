@@ -33,6 +33,7 @@ from histodetect.runs import load_model
 from histodetect.runs.layout import run_stain
 
 METHODS = {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus}
+MAX_LIMIT = 256  # patches from a folder or store: more takes minutes of figures and makes no readable grid
 CAM_BATCH = 32  # patches per backward pass: bounds the activations kept for the gradients
 HEAT_WEIGHT = 0.5  # share of the patch in the overlay; the rest is the heatmap
 
@@ -69,8 +70,8 @@ def explain(
     """
     if method not in METHODS:
         raise InferError(f"--method {method!r}: choose from {', '.join(METHODS)}")
-    if limit < 1:
-        raise InferError(f"--limit {limit}: need at least 1")
+    if not 1 <= limit <= MAX_LIMIT:
+        raise InferError(f"--limit {limit}: must be 1..{MAX_LIMIT} (a figure per patch, and a grid of them all)")
     if not images:
         raise InferError("no images given: pass image files or a store")
     model, config = load_model(run)

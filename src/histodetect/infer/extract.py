@@ -53,7 +53,7 @@ from histodetect.data.tissue import tissue_fraction, window_share
 from histodetect.data.wsi import SlideReader, open_slide
 from histodetect.errors import InferError
 from histodetect.infer.engine import Predictor, progress_bar
-from histodetect.infer.slide import CELL, MARGIN, CellBlocks, Scale, choose_scale, score_cells
+from histodetect.infer.slide import CELL, MARGIN, CellBlocks, Scale, check_options, choose_scale, score_cells
 from histodetect.infer.slide_batch import companion, find_slides
 from histodetect.io import atomic_path, atomic_write_json, check_output_dir
 from histodetect.runs.config import TrainConfig
@@ -155,6 +155,7 @@ def extract(
     before the first window is read."""
     out = Path(out)
     settings.check()
+    check_options(workers=workers)  # slide's bound on reader processes
     if settings.hard_negatives is None:
         settings = replace(settings, hard_count=0)  # a count without a run means nothing: not a setting to match
     _check_out(out, overwrite)

@@ -64,7 +64,7 @@ BLOCK_PIXELS = 512  # model pixels of cells a side read as one region (16 cells 
 # resampling). The training data already span that much: Camelyon16's two scanners work at 0.243 and 0.226 um/px,
 # so PCam's 0.972 um/px patches are really 0.90-0.97; and a slide's recorded mpp is rarely better than a few percent.
 SCALE_TOLERANCE = 0.08
-REFINE_ABOVE = 0.25  # --cascade: the highest that kept >= 99% of the full pass's cells >= 0.5 (README, "Cascade")
+REFINE_ABOVE = 0.25  # --cascade: the highest that kept >= 99% of the full pass's cells >= 0.5 (docs/slides.md)
 TOP_K = 10  # the slide score is the mean of the k most suspicious cells (and their max)
 PARTIAL = ".partial-"
 STAIN_WINDOWS = 256  # tissue windows a slide's stains are fitted on (torchstain's fit of 2.4 M pixels)

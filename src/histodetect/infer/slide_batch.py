@@ -28,6 +28,7 @@ from typing import Any
 import pandas as pd
 import shapely
 
+from histodetect.data.ids import shown, text_problem
 from histodetect.data.reference import read_reference
 from histodetect.errors import InferError, UserError
 from histodetect.infer.engine import ONNX_SUFFIX, Predictor
@@ -41,6 +42,7 @@ SLIDE_SUFFIXES = frozenset(
 )
 COMPANION_SUFFIXES = (".xml", ".geojson", ".json", ".png")
 TABLE = "slides.csv"
+MAX_SUMMARY_BYTES = 1 << 20  # a slide's summary.json is a few kilobytes
 COLUMNS = (
     "name", "slide", "error", "width", "height", "mpp", "mpp_source", "level", "scale_factor", "cells_scored",
     "tissue_mm2", "area_above_threshold_mm2", "slide_score", "slide_positive", "max_probability", "cell_roc_auc",
@@ -77,6 +79,8 @@ def find_slides(inputs: Sequence[Path]) -> list[Path]:
             raise InferError(f"{path}: no such slide file or folder")
     by_name: dict[str, Path] = {}
     for path in found:
+        if problem := text_problem(path.stem):  # its folder, and every table and figure, carry the slide's name
+            raise InferError(f"{shown(str(path))}: {problem} in the slide's name; rename the file")
         if path.stem == TABLE:
             raise InferError(f"{path}: a slide named {TABLE} would take the place of the table; rename it")
         if path.stem in by_name and by_name[path.stem] != path:
@@ -176,9 +180,13 @@ def read_summaries(out: Path) -> list[tuple[str, dict[str, Any]]]:
     found = []
     for summary_file in sorted(out.glob("*/summary.json")):
         try:
+            if not summary_file.is_file():  # a FIFO would block the reader for good
+                raise OSError("not a regular file")
+            if summary_file.stat().st_size > MAX_SUMMARY_BYTES:
+                raise OSError(f"over {MAX_SUMMARY_BYTES:,} bytes")
             summary = json.loads(summary_file.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            summary = {"error": f"{summary_file}: not a slide's summary ({type(exc).__name__})"}
+        except (OSError, ValueError, RecursionError) as exc:
+            summary = {"error": f"{summary_file}: not a slide's summary ({type(exc).__name__}: {str(exc)[:80]})"}
         if not isinstance(summary, dict):
             summary = {"error": f"{summary_file}: not a slide's summary (a JSON {type(summary).__name__})"}
         found.append((summary_file.parent.name, summary))

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from histodetect.data.decode import decode_patch
+from histodetect.data.ids import shown, unsafe_reason
 from histodetect.data.problems import ERROR
 from histodetect.data.sources import IMAGE_SUFFIXES, discover
 from histodetect.data.store import MANIFEST, PATCH_SHAPE, UNLABELED, Store
@@ -124,6 +125,8 @@ def store_patches(store: Store, split: str | None = None) -> PatchSet:
 def _image_file(path: Path) -> PatchSet:
     if path.suffix.lower() not in IMAGE_SUFFIXES:
         raise InferError(f"{path}: not an image file ({', '.join(sorted(IMAGE_SUFFIXES))}) or a store folder")
+    if reason := unsafe_reason(path.stem):
+        raise InferError(f"{shown(str(path))}: {reason}; rename the file")
     return PatchSet(np.array([path.stem]), np.array([UNLABELED], dtype=np.int8), ImageFiles([path]), str(path))
 
 

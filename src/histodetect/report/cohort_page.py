@@ -18,6 +18,7 @@ from histodetect.report.figures import styled
 from histodetect.report.html import Card, Page
 
 REPORT = "report.html"
+MAX_HEATMAP_BYTES = 16 << 20  # a heatmap.png embedded in the page (slide's are ~100 KB)
 
 
 def write_cohort_page(
@@ -56,7 +57,12 @@ def write_cohort_page(
     )
     for png, caption in heatmaps:
         if png.is_file():
-            gallery.image(png.read_bytes(), caption)
+            try:
+                if png.stat().st_size > MAX_HEATMAP_BYTES:
+                    raise OSError(f"{png.stat().st_size:,} bytes; slide writes at most {MAX_HEATMAP_BYTES:,}")
+                gallery.image(png.read_bytes(), caption)
+            except OSError as exc:  # a damaged or foreign folder: say so, keep the rest of the page
+                gallery.note(f"{png}: not shown ({exc})", "warn")
     return page.write(REPORT)
 
 

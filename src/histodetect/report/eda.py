@@ -19,6 +19,7 @@ from matplotlib.figure import Figure
 
 from histodetect.data.problems import KINDS
 from histodetect.data.store import Store
+from histodetect.errors import UserError
 from histodetect.report.figures import (
     CLASS_COLORS,
     CLASS_NAMES,
@@ -65,6 +66,8 @@ class GroupStats:
 
 def write_eda(store: Store, out_dir: str | Path, *, seed: int = 0) -> Path:
     """Write ``out_dir/index.html`` (and its figures as PNGs) describing ``store``; return the page's path."""
+    if seed < 0:
+        raise UserError(f"--seed {seed}: must be 0 or more")
     rng = np.random.default_rng(seed)
     groups = [g for g in GROUP_ORDER if np.any(store.labels == g)]
     report = _report(store)

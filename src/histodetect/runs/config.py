@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -28,6 +29,10 @@ from histodetect.io import atomic_write_text
 
 CONFIG_VERSION = 1
 MAX_CONFIG_BYTES = 1 << 20  # a config is a page of settings; anything larger is refused before it is parsed
+MAX_SEED = 2**32 - 1
+PRECISIONS = ("auto", "32", "32-true", "16", "16-mixed", "16-true", "bf16", "bf16-mixed", "bf16-true", "64", "64-true")
+DEVICES = re.compile(r"auto|[0-9]+(,[0-9]+)*,?")  # auto, a count, or a list of device numbers
+MAX_WORKERS = 64  # DataLoader processes: more only exhausts memory (as slide --workers)
 MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 32, 1024  # below 32 px a CNN pools to nothing; above 1024 a batch fills any GPU
 MIN_MPP, MAX_MPP = 0.05, 50.0  # microns a pixel: below any optical scanner, above a 0.2x thumbnail
 
@@ -191,6 +196,18 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be positive or unset, not {getattr(self, name)}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), not {self.dropout}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, not {quoted(self.precision)}")
+        if not DEVICES.fullmatch(self.devices) or self.devices.strip(", ") in ("", "0"):
+            raise ConfigError(
+                f"devices must be auto, a count of at least 1 or a list like 0,1, not {quoted(self.devices)}"
+            )
+        if self.num_nodes < 1:
+            raise ConfigError(f"num_nodes must be at least 1, not {self.num_nodes}")
+        if not 0 <= self.seed <= MAX_SEED:  # what numpy's generators accept
+            raise ConfigError(f"seed must be 0..{MAX_SEED}, not {quoted(self.seed)}")
+        if self.num_workers is not None and not 0 <= self.num_workers <= MAX_WORKERS:  # each forks the process
+            raise ConfigError(f"num_workers must be 0..{MAX_WORKERS} loader processes, not {self.num_workers}")
         if self.ema is not None and not 0.0 <= self.ema < 1.0:
             raise ConfigError(f"ema must be a decay in (0, 1), e.g. 0.998, or 0 for none, not {self.ema}")
         if not 0 <= self.swa_epochs <= self.epochs:
@@ -270,6 +287,8 @@ def safe_yaml(path: Path, what: str) -> Any:
     """A small YAML file parsed safely, or a one-line ConfigError naming ``path``: too large, not UTF-8, not YAML,
     or using anchors/aliases."""
     try:
+        if path.exists() and not path.is_file():  # a FIFO would block the read for good
+            raise ConfigError(f"{path}: not a regular file; cannot read {what}")
         size = path.stat().st_size
         if size > MAX_CONFIG_BYTES:
             raise ConfigError(f"{path}: {size:,} bytes; a {what} file is at most {MAX_CONFIG_BYTES:,}")
@@ -366,11 +385,11 @@ def freeze_top_k(freeze: str) -> int | None:
     raise ConfigError(f"freeze must be none, frozen or top:K with K >= 1, not {freeze!r}")
 
 
-# Presets: the settings that gave the best validation AUC for the time on that hardware (README documents them).
+# Presets: the settings that gave the best validation AUC for the time on that hardware (docs/training.md).
 PRESETS: dict[str, dict[str, Any]] = {
     "cpu": {
         # Measured on a 2-core AVX2 CPU (fp32, channels_last) with the 5,000-patch hcd-subset, 4,000 trained on and a
-        # 1,000-patch test split never seen: ROC AUC 0.9676, 0.9747 with d4 TTA, in 18 min 15 s (README). Against the
+        # 1,000-patch test split never seen: ROC AUC 0.9676, 0.9747 with d4 TTA, in 18 min 15 s (docs). Against the
         # earlier preset (backbone at 0.1x, no EMA, 12 epochs): 0.969 with TTA on a held-out 1,000 (the backbone rate
         # and EMA were changed together, not measured one at a time). EMA 0.995 averages over ~3 epochs of steps.
         "model": "tf_efficientnet_lite0",

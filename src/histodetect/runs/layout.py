@@ -83,7 +83,12 @@ def check_store(run: Path, store: Store, *, strict: bool = True) -> None:
     path = run / STORE
     if not path.is_file():
         return
-    recorded = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        recorded = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise StoreError(f"{path}: not readable JSON ({str(exc)[:80]}); the run folder is damaged") from None
+    if not isinstance(recorded, dict):
+        raise StoreError(f"{path}: a JSON {type(recorded).__name__}, not a run's store record; the run is damaged")
     now = store.fingerprint
     if now == recorded.get("fingerprint"):
         return
@@ -103,7 +108,12 @@ def read_split(run: Path, store: Store, parts: tuple[str, ...] = PARTS) -> dict[
     path = run / SPLIT
     if not path.is_file():
         raise FileNotFoundError(f"{run}: no {SPLIT}, so its held-out patches are unknown; pass --split all or a split")
-    table = pd.read_csv(path, dtype={"id": str, "part": str}, keep_default_na=False)
+    try:
+        table = pd.read_csv(path, dtype={"id": str, "part": str}, keep_default_na=False)
+    except (OSError, ValueError) as exc:
+        raise StoreError(f"{path}: not a readable CSV ({str(exc)[:80]}); the run folder is damaged") from None
+    if not {"id", "part"} <= set(table.columns):
+        raise StoreError(f"{path}: no id and part columns; the run folder is damaged")
     row_of = pd.Series(np.arange(len(store)), index=store.ids)
     rows: dict[str, np.ndarray] = {}
     for part in parts:

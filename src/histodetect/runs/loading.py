@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from histodetect.errors import ConfigError
 from histodetect.models import Classifier, create_model
-from histodetect.runs.config import TrainConfig
+from histodetect.runs.config import TrainConfig, read_settings
 from histodetect.runs.layout import CONFIG, WEIGHTS
 
 
@@ -19,7 +19,10 @@ def load_config(run: str | os.PathLike[str]) -> TrainConfig:
     if not (run / CONFIG).exists():
         raise FileNotFoundError(f"{run}: not a run folder (no {CONFIG}); create one with `histodetect train`")
     try:
-        return TrainConfig.load(run / CONFIG)
+        settings = read_settings(run / CONFIG)
+        if "model" not in settings:  # train writes every setting: an empty or partial file is a damaged run
+            raise ConfigError(f"{run / CONFIG}: names no model; not the config.yaml of a run")
+        return TrainConfig.from_dict(settings, source=str(run / CONFIG))
     except ConfigError as exc:  # a setting's own message does not say which file holds it
         if str(run / CONFIG) in str(exc):
             raise

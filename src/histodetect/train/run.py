@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 import timm
 import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, Timer
 from lightning.pytorch.utilities import rank_zero_only
 from rich.console import Console
@@ -106,7 +107,14 @@ def train(
     if config.stain_norm != "none":
         module.stain = StainNormalizer(config.stain_norm, reference, reference_source=STAIN)
     _quiet_lightning()
-    trainer = _trainer(config, hardware, out, has_val=len(datamodule.monitor_rows) > 0, extra=callbacks or [])
+    try:
+        trainer = _trainer(config, hardware, out, has_val=len(datamodule.monitor_rows) > 0, extra=callbacks or [])
+    except (ValueError, TypeError, MisconfigurationException) as exc:  # hardware this machine does not have
+        made()
+        raise ConfigError(
+            f"accelerator {config.accelerator}, devices {config.devices}, num_nodes {config.num_nodes}, strategy "
+            f"{config.strategy}: Lightning refuses them here ({str(exc).splitlines()[0][:200]})"
+        ) from None
     if trainer.is_global_zero:
         if not resume:
             config.save(saved)
