@@ -147,7 +147,7 @@ def test_every_writing_command_is_walked() -> None:
 def test_a_command_may_still_replace_its_own_output(world: Path, tmp_path: Path) -> None:
     """The rule refuses only what the command did not make: a re-run writes over its own submission, table, page
     and model."""
-    from histodetect.cli import OWN_ONNX, OWN_PAGE, OWN_SUBMISSION, OWN_TABLE
+    from histodetect.cli.common import OWN_ONNX, OWN_PAGE, OWN_SUBMISSION, OWN_TABLE
 
     runner = CliRunner()
     for _ in range(2):  # the second time over the first one's files
