@@ -17,6 +17,7 @@ from rich.console import Console
 
 from histodetect.errors import UserError
 from histodetect.io import holding, recognised_by
+from histodetect.runs.names import CONFIG, CV_CONFIG, EVALUATED
 
 console = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
@@ -29,11 +30,11 @@ OWN_ONNX = recognised_by(b"\x12\x07pytorch", within=4)  # ir_version, then produ
 OWN_INGEST_REPORT = recognised_by(b'{\n  "source": ')
 # ... and, for a folder --out that exists and is not empty, what marks it as the command's own folder.
 OWN_EDA = holding(("index.html", OWN_PAGE))
-OWN_RUN = holding("config.yaml", "cv-config.yaml")  # train then resumes, or refuses: "already holds a run"
+OWN_RUN = holding(CONFIG, CV_CONFIG)  # train then resumes, or refuses: "already holds a run"
 OWN_TUNING = holding(
-    ("trials.csv", recognised_by(b"number,state")), ("study.db", recognised_by(b"SQLite")), "trial-*/config.yaml"
+    ("trials.csv", recognised_by(b"number,state")), ("study.db", recognised_by(b"SQLite")), f"trial-*/{CONFIG}"
 )
-OWN_EVALUATION = holding(("metrics.json", recognised_by(b'{\n  "n": ')))
+OWN_EVALUATION = holding((EVALUATED, recognised_by(b'{\n  "n": ')))
 OWN_SLIDES = holding(("slides.csv", recognised_by(b"name,slide,error")), "*/summary.json")
 OWN_EXPLAIN = holding(("grid.png", recognised_by(b"Matplotlib", within=200)))  # savefig's Software text
 

@@ -28,17 +28,19 @@ from histodetect.data.store import Store
 from histodetect.errors import InferError, StoreError
 from histodetect.io import atomic_write_json
 from histodetect.runs.config import TrainConfig
+from histodetect.runs.names import (  # noqa: F401 (re-exported: layout is where readers look for a run's files)
+    CHECKPOINTS,
+    CONFIG,
+    EVALUATED,
+    EVALUATION,
+    METRICS,
+    SPLIT,
+    STORE,
+    SUMMARY,
+    WEIGHTS,
+)
 
-CONFIG = "config.yaml"
-WEIGHTS = "model.safetensors"
-SUMMARY = "summary.json"
-METRICS = "metrics.csv"
-SPLIT = "split.csv"
-CHECKPOINTS = "checkpoints"
-STORE = "store.json"  # the store the run was trained on: path and fingerprint
 STAIN = STAIN_FILE  # the stain reference the run normalises to (data.stain names it: it reads and writes the file)
-EVALUATION = "evaluation"  # evaluation/<split>/metrics.json, one per split evaluate scored
-EVALUATED = "metrics.json"  # the file in each evaluation/<split>/ folder
 STORE_SPLIT = "store:"  # prefix naming a store split, for a store whose split is called val or test
 PARTS = ("train", "val", "test")  # the parts of split.csv
 SHOWN_IDS = 5  # ids quoted in an error message

@@ -30,11 +30,12 @@ from histodetect.io import atomic_path, atomic_write_json
 from histodetect.metrics import roc_auc
 from histodetect.runs.config import ConfigError, TrainConfig
 from histodetect.runs.layout import CONFIG, SUMMARY, held_out_rows, read_split, read_summary
+from histodetect.runs.names import CV_CONFIG
 from histodetect.train.run import train
 
 OOF = "oof.csv"
 CV_SUMMARY = "cv.json"
-RECIPE = "cv-config.yaml"  # the settings of every fold (fold 0's config), written before the first fold trains
+RECIPE = CV_CONFIG  # the settings of every fold (fold 0's config), written before the first fold trains
 # How a fold runs rather than what it learns: these may change between a run and its continuation.
 HOW = {"fold", "accelerator", "devices", "num_nodes", "strategy", "num_workers", "logger", "compile", "notes"}
 PRECISION = "fp32"  # out-of-fold predictions are evaluation numbers: computed as the exported model computes
