@@ -798,8 +798,10 @@ def test_hostile_image_is_refused_with_its_own_kind(
 
 # ------------------------------------------------------------------------------------------ interruptions
 HELD_INGEST = """
-import sys, threading
+import signal, sys, threading
 from histodetect.data import ingest as m
+# a shell starts background jobs with SIGINT ignored, and Python keeps it so: restore Ctrl-C's KeyboardInterrupt
+signal.signal(signal.SIGINT, signal.default_int_handler)
 def held(path):  # the first patch: the ingest waits here, mid-way, for the test's signal
     threading.Event().wait()
 m.decode_patch = held
