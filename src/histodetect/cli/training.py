@@ -58,30 +58,35 @@ def train(
     backbone_lr_scale: Annotated[
         float | None, typer.Option(help="Learning rate of a pretrained backbone, as a fraction of --lr.")
     ] = None,
-    dropout: Annotated[float | None, typer.Option()] = None,
+    dropout: Annotated[float | None, typer.Option(help="Dropout before the head (default 0.3).")] = None,
     image_size: ImageSize = None,
     mpp: Annotated[
         float | None, typer.Option(help="Microns per pixel of the patches (default 0.972: PCam/Kaggle); slide uses it.")
     ] = None,
     optimizer: Annotated[str | None, typer.Option(help="adam | adamw | rmsprop | sgd.")] = None,
-    lr: Annotated[float | None, typer.Option()] = None,
-    weight_decay: Annotated[float | None, typer.Option()] = None,
-    batch_size: Annotated[int | None, typer.Option()] = None,
+    lr: Annotated[float | None, typer.Option(help="Learning rate (default 1e-3).")] = None,
+    weight_decay: Annotated[float | None, typer.Option(help="Weight decay (default 1e-4).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Patches per step (default 64).")] = None,
     epochs: Epochs = None,
     scheduler: Annotated[str | None, typer.Option(help="cosine | onecycle | plateau | none.")] = None,
     lr_warmup_epochs: Annotated[float | None, typer.Option(help="Linear LR warm-up, in epochs.")] = None,
     loss: Annotated[str | None, typer.Option(help="bce | focal.")] = None,
     pos_weight: Annotated[float | None, typer.Option(help="BCE weight of the positive class.")] = None,
-    focal_gamma: Annotated[float | None, typer.Option()] = None,
-    focal_alpha: Annotated[float | None, typer.Option()] = None,
-    label_smoothing: Annotated[float | None, typer.Option()] = None,
-    aug_dihedral: Annotated[bool | None, typer.Option("--aug-dihedral/--no-aug-dihedral")] = None,
+    focal_gamma: Annotated[float | None, typer.Option(help="Focal loss focusing (default 2).")] = None,
+    focal_alpha: Annotated[float | None, typer.Option(help="Focal loss weight of positives (default 0.25).")] = None,
+    label_smoothing: Annotated[float | None, typer.Option(help="Label smoothing in [0, 1) (default 0).")] = None,
+    aug_dihedral: Annotated[
+        bool | None,
+        typer.Option("--aug-dihedral/--no-aug-dihedral", help="The 8 flips and 90-degree rotations (default on)."),
+    ] = None,
     aug_hed: Annotated[float | None, typer.Option(help="H&E colour jitter strength (0 = off).")] = None,
-    aug_brightness: Annotated[float | None, typer.Option()] = None,
-    aug_contrast: Annotated[float | None, typer.Option()] = None,
+    aug_brightness: Annotated[float | None, typer.Option(help="Brightness jitter (default 0.1; 0 = off).")] = None,
+    aug_contrast: Annotated[float | None, typer.Option(help="Contrast jitter (default 0.1; 0 = off).")] = None,
     stain_aug: Annotated[
         float | None,
-        typer.Option(help="Another lab's staining per patch: H/E amounts, hues, yellowing, white balance (0-0.9)."),
+        typer.Option(
+            help="Re-stain half the patches as another lab might: H/E, yellowing, white balance (0 = off; 0.6 best)."
+        ),
     ] = None,
     stain_norm: Annotated[
         str | None, typer.Option(help="Stain normalisation before augmentation: none | macenko | reinhard.")
@@ -103,8 +108,8 @@ def train(
         str | None,
         typer.Option(help="A split by group: 'auto' (the slides the store holds) or a CSV of id,group."),
     ] = None,
-    folds: Annotated[int | None, typer.Option()] = None,
-    fold: Annotated[int | None, typer.Option()] = None,
+    folds: Annotated[int | None, typer.Option(help="K-fold cross-validation when > 1 (default 1).")] = None,
+    fold: Annotated[int | None, typer.Option(help="The fold held out, 0..K-1 (default 0).")] = None,
     all_folds: Annotated[
         bool,
         typer.Option(
@@ -136,15 +141,20 @@ def train(
     cache_dir: Annotated[
         str | None, typer.Option(help="Embedding cache (default $HISTODETECT_CACHE/embeddings or ~/.cache/...).")
     ] = None,
-    seed: Annotated[int | None, typer.Option()] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of the split and the training (default 42).")] = None,
     accelerator: Annotated[str | None, typer.Option(help="auto | cpu | cuda | mps.")] = None,
     devices: Annotated[str | None, typer.Option(help="auto, a count, or a list like 0,1.")] = None,
-    num_nodes: Annotated[int | None, typer.Option()] = None,
+    num_nodes: Annotated[int | None, typer.Option(help="Machines, under a cluster launcher (default 1).")] = None,
     strategy: Annotated[str | None, typer.Option(help="Lightning strategy, e.g. ddp.")] = None,
     precision: Annotated[str | None, typer.Option(help="auto | 32 | bf16-mixed | 16-mixed.")] = None,
-    channels_last: Annotated[bool | None, typer.Option("--channels-last/--no-channels-last")] = None,
+    channels_last: Annotated[
+        bool | None,
+        typer.Option("--channels-last/--no-channels-last", help="Memory layout (default: on where it helps)."),
+    ] = None,
     compile: Annotated[bool | None, typer.Option("--compile/--no-compile", help="torch.compile the model.")] = None,
-    num_workers: Annotated[int | None, typer.Option()] = None,
+    num_workers: Annotated[
+        int | None, typer.Option(help="DataLoader workers (default: chosen from the device).")
+    ] = None,
     logger: Annotated[str | None, typer.Option(help="Comma list of csv, tensorboard, mlflow.")] = None,
 ) -> None:
     """Train one model on a store; writes a run folder (config, checkpoints, metrics, summary)."""
