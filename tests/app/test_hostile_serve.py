@@ -62,6 +62,12 @@ def test_an_empty_token_in_the_environment_is_refused_like_an_empty_flag(served_
     assert "HISTODETECT_TOKEN is set but empty" in says
 
 
+@pytest.mark.parametrize("host", ["", " "])
+def test_an_empty_host_is_refused_as_empty(served_run: Path, host: str) -> None:
+    """Before, it was told that other machines could reach the model without a token."""
+    assert "--host is empty" in one_line(["serve", str(served_run), "--host", host])
+
+
 @pytest.mark.parametrize("hosts", ["", ",", " , "])
 def test_allowed_hosts_naming_no_host_is_refused(served_run: Path, hosts: str) -> None:
     """Before, the server started and answered every request 400: no Host header could match."""

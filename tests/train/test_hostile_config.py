@@ -53,6 +53,8 @@ def refused(argv: list[str]) -> str:
         ("--devices", "0", "devices must be auto, a count"),  # Lightning's MisconfigurationException before
         ("--num-nodes", "0", "num_nodes must be at least 1"),
         ("--accelerator", "bogus", "Lightning refuses them here"),  # and the folder it made is removed
+        ("--logger", "", "logger must be a comma list of csv, tensorboard, mlflow"),  # silently accepted before
+        ("--logger", "csv,wandb", "logger must be a comma list"),  # refused only once the run folder was made before
     ],
 )
 def test_a_bad_number_is_refused_before_a_run_folder_is_made(

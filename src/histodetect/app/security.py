@@ -180,6 +180,8 @@ def is_loopback(host: str) -> bool:
 
 def check_exposure(host: str, token: str | None, *, insecure: bool) -> None:
     """Refuse to listen beyond this machine without a token, unless the user says so with ``--insecure``."""
+    if not host.strip():
+        raise ConfigError("--host is empty; give the address to listen on, e.g. 127.0.0.1 (this machine only)")
     if token is None and not insecure and not is_loopback(host):
         raise ConfigError(
             f"--host {host}: other machines could reach the model without a token; pass --token (or set "

@@ -39,6 +39,7 @@ MIN_MPP, MAX_MPP = 0.05, 50.0  # microns a pixel: below any optical scanner, abo
 OPTIMIZERS = ("adam", "adamw", "rmsprop", "sgd")
 SCHEDULERS = ("cosine", "onecycle", "plateau", "none")
 LOSSES = ("bce", "focal")
+LOGGERS = ("csv", "tensorboard", "mlflow")  # csv (metrics.csv) is always written; the others add to it
 
 
 @dataclass
@@ -142,6 +143,8 @@ class TrainConfig:
             raise ConfigError(f"optimizer must be one of {OPTIMIZERS}, not {self.optimizer!r}")
         if self.scheduler not in SCHEDULERS:
             raise ConfigError(f"scheduler must be one of {SCHEDULERS}, not {self.scheduler!r}")
+        if any(name.strip() not in LOGGERS for name in self.logger.split(",")):
+            raise ConfigError(f"logger must be a comma list of {', '.join(LOGGERS)}, not {quoted(self.logger)}")
         if self.loss not in LOSSES:
             raise ConfigError(f"loss must be one of {LOSSES}, not {self.loss!r}")
         freeze_top_k(self.freeze)  # raises on a bad value

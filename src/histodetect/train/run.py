@@ -263,7 +263,8 @@ def _devices(value: str) -> Any:
 
 
 def _loggers(names: str, out: Path) -> list[Any] | bool:
-    """``metrics.csv`` is always written (EpochLog); these add TensorBoard and MLflow on request."""
+    """``metrics.csv`` is always written (EpochLog); these add TensorBoard and MLflow on request (the names were
+    checked with the config)."""
     loggers: list[Any] = []
     for name in (n.strip() for n in names.split(",") if n.strip()):
         if name == "tensorboard":
@@ -283,8 +284,6 @@ def _loggers(names: str, out: Path) -> list[Any] | bool:
                 )
             except ModuleNotFoundError as exc:
                 raise ConfigError("--logger mlflow needs the mlflow package: pip install mlflow") from exc
-        elif name != "csv":
-            raise ConfigError(f"unknown logger {name!r}; choose from csv, tensorboard, mlflow")
     return loggers or False
 
 
