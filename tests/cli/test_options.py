@@ -13,7 +13,6 @@ from histodetect.runs.config import TrainConfig
 
 # TrainConfig fields that deliberately have no flag: each is set some other way.
 NOT_FLAGS = {
-    "momentum",  # sgd and rmsprop only: set in a --config file
     "version",  # the config format's version, written by the code, never chosen
     "notes",  # what made the config (tune writes which trial), not a setting
     "extra",  # a config file's free-form keys of the user's own

@@ -66,6 +66,7 @@ def train(
     optimizer: Annotated[str | None, typer.Option(help="adam | adamw | rmsprop | sgd.")] = None,
     lr: Annotated[float | None, typer.Option(help="Learning rate (default 1e-3).")] = None,
     weight_decay: Annotated[float | None, typer.Option(help="Weight decay (default 1e-4).")] = None,
+    momentum: Annotated[float | None, typer.Option(help="Momentum of sgd and rmsprop (default 0.9).")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Patches per step (default 64).")] = None,
     epochs: Epochs = None,
     scheduler: Annotated[str | None, typer.Option(help="cosine | onecycle | plateau | none.")] = None,
