@@ -107,7 +107,7 @@ class SignallingServer(uvicorn.Server):
             self.ready.set()
 
 
-def uvicorn_server(app: FastAPI, settings: Settings) -> SignallingServer:
+def uvicorn_server(app: FastAPI, settings: Settings, *, log_level: str = "info") -> SignallingServer:
     """uvicorn with the app's limits: past ``limit_concurrency`` connections it answers 503, and a request head
     not received within ``request_timeout`` is answered 408."""
     # One client may hold all but an eighth of the places, so that /health and others still get in.
@@ -127,7 +127,7 @@ def uvicorn_server(app: FastAPI, settings: Settings) -> SignallingServer:
         http=protocol,
         limit_concurrency=settings.limit_concurrency,
         timeout_keep_alive=KEEP_ALIVE,
-        log_level="info",
+        log_level=log_level,
         access_log=False,
     )
     return SignallingServer(config)
@@ -136,8 +136,9 @@ def uvicorn_server(app: FastAPI, settings: Settings) -> SignallingServer:
 @contextlib.contextmanager
 def serving_in_thread(settings: Settings, host: str = "127.0.0.1") -> Iterator[str]:
     """Serve the app on a free port of ``host`` in a background thread while the block runs; yields its base URL.
-    For the demo and the tests: a server that answers a few requests and stops, without a process of its own."""
-    server = uvicorn_server(create_app(settings), settings)
+    For the demo and the tests: a server that answers a few requests and stops, without a process of its own, and
+    without uvicorn's start and stop lines (its warnings and errors still show)."""
+    server = uvicorn_server(create_app(settings), settings, log_level="warning")
     sock = bind(host, 0)
 
     def run() -> None:
