@@ -34,7 +34,7 @@ import torch
 from histodetect.data.store import Store
 from histodetect.device import cpu_has_bf16
 from histodetect.infer.engine import OnnxMember, Predictor
-from histodetect.infer.export import to_onnx
+from histodetect.infer.onnx_graph import to_onnx
 from histodetect.metrics import roc_auc
 from histodetect.runs import load_model
 from histodetect.runs.layout import read_split

@@ -37,7 +37,7 @@ from torchvision import transforms
 
 from histodetect.data.store import StoreWriter
 from histodetect.infer.engine import Predictor
-from histodetect.infer.export import to_onnx
+from histodetect.infer.onnx_graph import to_onnx
 from histodetect.infer.sources import ImageFiles, open_source
 from histodetect.models import Classifier, create_model
 from histodetect.sample import sample_dir

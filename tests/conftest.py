@@ -29,7 +29,7 @@ SHARED_SUBSET = REPO_ROOT.parent / "shared/data/hcd-subset"
 @pytest.fixture(scope="session", autouse=True)
 def private_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """``$HISTODETECT_CACHE`` in a folder of the session: the ONNX exports of its freshly trained runs (the CPU
-    engine's, ``infer.export.cached_onnx``) and embeddings never land in the user's cache."""
+    engine's, ``infer.onnx_graph.cached_onnx``) and embeddings never land in the user's cache."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("HISTODETECT_CACHE", str(tmp_path_factory.mktemp("cache")))
         yield

@@ -33,7 +33,7 @@ from shapely.geometry import shape
 
 from histodetect.errors import InferError
 from histodetect.infer.lesions import DETECTION_COLUMNS, LESION_REGIONS, Lesion, match
-from histodetect.infer.slide_batch import read_summaries
+from histodetect.infer.slide_outputs import read_summaries
 from histodetect.io import atomic_write_json
 from histodetect.metrics import roc_auc
 from histodetect.report.cohort_page import write_cohort_page

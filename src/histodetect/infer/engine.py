@@ -36,6 +36,7 @@ from histodetect.data.stain import METHODS as STAIN_METHODS
 from histodetect.data.stain import StainFit, StainNormalizer, fit_stains, read_reference, spread
 from histodetect.device import cpu_has_bf16, resolve_accelerator
 from histodetect.errors import InferError
+from histodetect.infer.onnx_graph import ONNX_SUFFIX, cached_onnx, cached_run_onnx
 from histodetect.models import Classifier
 from histodetect.runs import TrainConfig, load_model
 from histodetect.runs.layout import STAIN, run_stain
@@ -54,7 +55,6 @@ CPU_ENGINE = "onnx"
 # On a CPU small batches stay in cache: on the project's 2-core AVX-512 machine (bf16, 96 px) 64 runs
 # tf_efficientnet_lite0 at ~1,600 images/s and 256 at ~850 (resnet18: ~990 vs ~760). A GPU needs large batches.
 DEFAULT_BATCH = {"cpu": 64, "cuda": 1024}
-ONNX_SUFFIX = ".onnx"
 STAIN_FITS = ("patch", "set")  # --stain-fit: each patch its own fit, or one for the whole input
 
 
@@ -86,9 +86,9 @@ class Predictor:
     provider.
 
     ``engine``: what runs run folders and ``Classifier`` objects. ``torch``: PyTorch as above. ``onnx``: the
-    project's ONNX export (made in memory and cached, :func:`histodetect.infer.export.cached_run_onnx`) on onnxruntime,
-    fp32. ``openvino``: the same graph on OpenVINO, fp32. ``auto``: ``CPU_ENGINE`` on a CPU unless ``precision`` is
-    ``bf16`` (measured the fastest within 0.002 of PyTorch fp32, faster than PyTorch's bf16 too:
+    project's ONNX export (made in memory and cached, :func:`histodetect.infer.onnx_graph.cached_run_onnx`) on
+    onnxruntime, fp32. ``openvino``: the same graph on OpenVINO, fp32. ``auto``: ``CPU_ENGINE`` on a CPU unless
+    ``precision`` is ``bf16`` (measured the fastest within 0.002 of PyTorch fp32, faster than PyTorch's bf16 too:
     ``benchmarks/cpu_engines.py``), PyTorch on accelerators. ``.onnx`` files run on onnxruntime (OpenVINO with
     ``openvino``) whatever the engine. ``precision`` applies to PyTorch: the ONNX engines compute fp32.
 
@@ -171,8 +171,6 @@ class Predictor:
             model, config = load_model(run)
             member = self._member(model)
         else:
-            from histodetect.infer.export import cached_run_onnx  # export builds on this module
-
             graph, config = cached_run_onnx(run)  # a cached export: the network is never built in PyTorch
             member = OpenVinoMember(graph) if self.engine == "openvino" else OnnxMember(graph)
         self._mpps.add(config.mpp)
@@ -180,11 +178,9 @@ class Predictor:
         return member
 
     def _member(self, model: Classifier) -> _Member:
-        """``model`` on this predictor's engine: as it is, or exported to ONNX (cached: ``export.cached_onnx``)."""
+        """``model`` on this predictor's engine: as it is, or exported to ONNX (cached: ``onnx_graph.cached_onnx``)."""
         if self.engine == "torch":
             return _TorchMember(model, self.device, self.autocast_dtype, self.channels_last)
-        from histodetect.infer.export import cached_onnx  # export builds on this module
-
         graph = cached_onnx(model.eval())
         return OpenVinoMember(graph) if self.engine == "openvino" else OnnxMember(graph)
 

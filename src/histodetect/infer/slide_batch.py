@@ -19,7 +19,6 @@ without one is scored without.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -33,6 +32,7 @@ from histodetect.data.reference import read_reference
 from histodetect.errors import InferError, UserError
 from histodetect.infer.engine import ONNX_SUFFIX, Predictor
 from histodetect.infer.slide import score_slide
+from histodetect.infer.slide_outputs import read_summaries
 from histodetect.io import atomic_path
 from histodetect.runs.layout import CONFIG
 
@@ -42,7 +42,6 @@ SLIDE_SUFFIXES = frozenset(
 )
 COMPANION_SUFFIXES = (".xml", ".geojson", ".json", ".png")
 TABLE = "slides.csv"
-MAX_SUMMARY_BYTES = 1 << 20  # a slide's summary.json is a few kilobytes
 COLUMNS = (
     "name", "slide", "error", "width", "height", "mpp", "mpp_source", "level", "scale_factor", "cells_scored",
     "tissue_mm2", "area_above_threshold_mm2", "slide_score", "slide_positive", "max_probability", "cell_roc_auc",
@@ -168,29 +167,10 @@ def _outlines(annotations: Path | None, slide: Path, many: bool) -> Path | shape
 
 def write_cohort_outputs(out: Path, truth: dict[str, bool] | None, *, threshold: float) -> None:
     """``out/cohort.json`` and ``out/report.html`` from every finished slide folder."""
-    from histodetect.infer.cohort import write_cohort, write_report
+    from histodetect.infer.cohort import write_cohort, write_report  # the report's figures: only for a cohort
 
     metrics, results = write_cohort(out, truth, threshold=threshold)
     write_report(out, metrics, results)
-
-
-def read_summaries(out: Path) -> list[tuple[str, dict[str, Any]]]:
-    """(folder name, summary) of every finished slide folder under ``out``, sorted; one whose ``summary.json`` cannot
-    be read (another tool's folder, or a damaged one) comes back as ``{"error": ...}``: listed, never fatal."""
-    found = []
-    for summary_file in sorted(out.glob("*/summary.json")):
-        try:
-            if not summary_file.is_file():  # a FIFO would block the reader for good
-                raise OSError("not a regular file")
-            if summary_file.stat().st_size > MAX_SUMMARY_BYTES:
-                raise OSError(f"over {MAX_SUMMARY_BYTES:,} bytes")
-            summary = json.loads(summary_file.read_text(encoding="utf-8"))
-        except (OSError, ValueError, RecursionError) as exc:
-            summary = {"error": f"{summary_file}: not a slide's summary ({type(exc).__name__}: {str(exc)[:80]})"}
-        if not isinstance(summary, dict):
-            summary = {"error": f"{summary_file}: not a slide's summary (a JSON {type(summary).__name__})"}
-        found.append((summary_file.parent.name, summary))
-    return found
 
 
 def write_table(out: Path, failed: Sequence[dict[str, Any]]) -> Path:

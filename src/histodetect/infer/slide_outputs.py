@@ -36,6 +36,7 @@ from histodetect.metrics import roc_auc
 
 THUMBNAIL = 1600  # longest side of heatmap.png's slide image, in pixels
 TUMOUR_CLASS = {"name": "Tumor", "color": [200, 0, 0]}  # QuPath's own class name for tumour
+MAX_SUMMARY_BYTES = 1 << 20  # a slide's summary.json is a few kilobytes
 
 
 @dataclass
@@ -277,3 +278,22 @@ def _draw_outlines_and_detections(ax: Any, scored: ScoredSlide) -> None:
     _, _, hits = scored.lesion_match
     ax.scatter(x[hits > 0], y[hits > 0], s=40, marker="o", facecolors="none", edgecolors=HIT_COLOUR, linewidths=1.4)
     ax.scatter(x[hits == 0], y[hits == 0], s=30, marker="x", color=FALSE_COLOUR, linewidths=1.2)
+
+
+def read_summaries(out: Path) -> list[tuple[str, dict[str, Any]]]:
+    """(folder name, summary) of every finished slide folder under ``out``, sorted; one whose ``summary.json`` cannot
+    be read (another tool's folder, or a damaged one) comes back as ``{"error": ...}``: listed, never fatal."""
+    found = []
+    for summary_file in sorted(out.glob("*/summary.json")):
+        try:
+            if not summary_file.is_file():  # a FIFO would block the reader for good
+                raise OSError("not a regular file")
+            if summary_file.stat().st_size > MAX_SUMMARY_BYTES:
+                raise OSError(f"over {MAX_SUMMARY_BYTES:,} bytes")
+            summary = json.loads(summary_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError) as exc:
+            summary = {"error": f"{summary_file}: not a slide's summary ({type(exc).__name__}: {str(exc)[:80]})"}
+        if not isinstance(summary, dict):
+            summary = {"error": f"{summary_file}: not a slide's summary (a JSON {type(summary).__name__})"}
+        found.append((summary_file.parent.name, summary))
+    return found

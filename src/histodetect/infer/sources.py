@@ -21,7 +21,7 @@ from histodetect.data.ids import shown, unsafe_reason
 from histodetect.data.problems import ERROR
 from histodetect.data.sources import IMAGE_SUFFIXES, discover
 from histodetect.data.store import MANIFEST, PATCH_SHAPE, UNLABELED, Store
-from histodetect.infer.engine import InferError
+from histodetect.errors import InferError
 
 SHOWN = 5  # problems quoted in an error message
 
