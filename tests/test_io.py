@@ -15,6 +15,7 @@ from histodetect.io import (
     atomic_write_bytes,
     check_output_dir,
     check_output_file,
+    read_small_file,
     remove_dead_leftovers,
 )
 
@@ -99,3 +100,16 @@ def test_check_apart_sees_through_links_and_allows_only_named_places(tmp_path: P
     with pytest.raises(UserError, match="did not write"):
         check_apart(theirs, {}, ours=recognised_by(b"id,label"))
     check_apart(theirs, {}, ours=recognised_by(b"id,label"), overwrite=True)
+
+
+def test_read_small_file_reads_a_regular_file_within_its_limit_and_names_what_else_it_is(tmp_path: Path) -> None:
+    (tmp_path / "a.json").write_bytes(b"{}")
+    assert read_small_file(tmp_path / "a.json", 2) == b"{}"
+    with pytest.raises(OSError, match="3 bytes; at most 2"):
+        (tmp_path / "b.json").write_bytes(b"{ }")
+        read_small_file(tmp_path / "b.json", 2)
+    os.mkfifo(tmp_path / "pipe")  # reading it would wait for a writer for good
+    (tmp_path / "folder").mkdir()
+    for other in ("pipe", "folder"):
+        with pytest.raises(OSError, match="not a regular file"):
+            read_small_file(tmp_path / other, 2)

@@ -1,4 +1,5 @@
-"""Safe outputs: atomic, durable writes; output paths checked before any work; leftovers of dead processes removed.
+"""Safe outputs: atomic, durable writes; output paths checked before any work; leftovers of dead processes removed;
+and small files read back without trusting them.
 
 Every output goes to a temporary name beside its target, is flushed to disk (``fsync``) and only then renamed into
 place, and the folder is synced after the rename: an interrupted command never leaves a file that looks
@@ -12,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
@@ -71,6 +73,23 @@ def atomic_write_bytes(target: str | os.PathLike[str], data: bytes) -> Path:
 
 def atomic_write_json(target: str | os.PathLike[str], obj: Any) -> Path:
     return atomic_write_text(target, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def read_small_file(path: str | os.PathLike[str], limit: int) -> bytes:
+    """The bytes of ``path``, a regular file of at most ``limit`` bytes, else an ``OSError`` saying which it is not
+    (callers name the file in their own error). Opened without blocking and checked on the open file, so a FIFO
+    named like an output one command wrote and another reads back cannot hang the reader."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError("not a regular file")
+        if info.st_size > limit:
+            raise OSError(f"{info.st_size:,} bytes; at most {limit:,}")
+        with open(fd, "rb", closefd=False) as file:
+            return file.read()
+    finally:
+        os.close(fd)
 
 
 def check_output_file(path: str | os.PathLike[str], option: str = "--out") -> None:

@@ -20,6 +20,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +35,7 @@ from shapely.geometry import shape
 from histodetect.errors import InferError
 from histodetect.infer.lesions import DETECTION_COLUMNS, LESION_REGIONS, Lesion, match
 from histodetect.infer.slide_outputs import read_summaries
-from histodetect.io import atomic_write_json
+from histodetect.io import atomic_write_json, read_small_file
 from histodetect.metrics import roc_auc
 from histodetect.report.cohort_page import write_cohort_page
 from histodetect.report.metrics import bootstrap_auc_ci, threshold_metrics
@@ -121,29 +122,28 @@ def _load_slide(
     return SlideResult(name, summary, tumour, found, lesion_table, hits)
 
 
-def _folder_file(folder: Path, name: str, required: bool) -> Path | None:
-    """``folder/name`` when it is a readable regular file within ``MAX_FOLDER_FILE_BYTES``; None when absent and
-    not ``required``; otherwise an ``InferError`` saying what it is (a FIFO would block the reader for good)."""
+def _folder_file(folder: Path, name: str, required: bool) -> bytes | None:
+    """The bytes of ``folder/name``, a regular file within ``MAX_FOLDER_FILE_BYTES``; None when absent and not
+    ``required``; otherwise an ``InferError`` saying what it is."""
     path = folder / name
     if not path.exists() and not path.is_symlink():
         if required:
             raise InferError(f"{path}: missing; score the slide again (delete its folder) to rebuild it")
         return None
-    if not path.is_file():
-        raise InferError(f"{path}: not a regular file")
-    if path.stat().st_size > MAX_FOLDER_FILE_BYTES:
-        raise InferError(f"{path}: {path.stat().st_size:,} bytes; a slide's is at most {MAX_FOLDER_FILE_BYTES:,}")
-    return path
+    try:
+        return read_small_file(path, MAX_FOLDER_FILE_BYTES)
+    except OSError as exc:
+        raise InferError(f"{path}: {exc.strerror or exc}") from None
 
 
 def _read_detections(folder: Path, required: bool) -> pd.DataFrame:
     """``detections.csv``: finite level-0 ``x,y`` and a ``probability`` in [0, 1] per row, else an ``InferError``."""
-    path = _folder_file(folder, DETECTIONS, required)
-    if path is None:
+    path, data = folder / DETECTIONS, _folder_file(folder, DETECTIONS, required)
+    if data is None:
         return pd.DataFrame({column: np.zeros(0) for column in DETECTION_COLUMNS})
     try:
-        table = pd.read_csv(path)
-    except (OSError, ValueError) as exc:  # ParserError, EmptyDataError and UnicodeDecodeError are ValueErrors
+        table = pd.read_csv(io.BytesIO(data))
+    except ValueError as exc:  # ParserError, EmptyDataError and UnicodeDecodeError are ValueErrors
         raise InferError(f"{path}: not a readable CSV ({str(exc)[:120]})") from None
     missing = [c for c in DETECTION_COLUMNS if c not in table.columns]
     if missing:
@@ -158,11 +158,11 @@ def _read_detections(folder: Path, required: bool) -> pd.DataFrame:
 
 def _read_regions(folder: Path, required: bool) -> list[Lesion]:
     """The lesions a slide folder recorded (``lesions.geojson``), in their numbered order, else an ``InferError``."""
-    path = _folder_file(folder, LESION_REGIONS, required)
-    if path is None:
+    path, data = folder / LESION_REGIONS, _folder_file(folder, LESION_REGIONS, required)
+    if data is None:
         return []
     try:
-        features = json.loads(path.read_text(encoding="utf-8"))["features"]
+        features = json.loads(data.decode("utf-8"))["features"]
         regions = [
             Lesion(shape(f["geometry"]), float(p["area_mm2"]), float(p["longest_axis_um"]), bool(p["itc"]))
             for f in features
@@ -170,7 +170,7 @@ def _read_regions(folder: Path, required: bool) -> list[Lesion]:
         ]
     except RecursionError:
         raise InferError(f"{path}: JSON nested too deeply to be lesions") from None
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError, GEOSException) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError, GEOSException) as exc:
         raise InferError(f"{path}: not the lesions slide wrote ({type(exc).__name__}: {str(exc)[:80]})") from None
     for k, lesion in enumerate(regions, start=1):
         if (

@@ -31,7 +31,7 @@ from skimage.measure import label, regionprops
 
 from histodetect.data.wsi import SlideReader
 from histodetect.infer import lesions
-from histodetect.io import atomic_write_json
+from histodetect.io import atomic_write_json, read_small_file
 from histodetect.metrics import roc_auc
 
 THUMBNAIL = 1600  # longest side of heatmap.png's slide image, in pixels
@@ -286,11 +286,7 @@ def read_summaries(out: Path) -> list[tuple[str, dict[str, Any]]]:
     found = []
     for summary_file in sorted(out.glob("*/summary.json")):
         try:
-            if not summary_file.is_file():  # a FIFO would block the reader for good
-                raise OSError("not a regular file")
-            if summary_file.stat().st_size > MAX_SUMMARY_BYTES:
-                raise OSError(f"over {MAX_SUMMARY_BYTES:,} bytes")
-            summary = json.loads(summary_file.read_text(encoding="utf-8"))
+            summary = json.loads(read_small_file(summary_file, MAX_SUMMARY_BYTES).decode("utf-8"))
         except (OSError, ValueError, RecursionError) as exc:
             summary = {"error": f"{summary_file}: not a slide's summary ({type(exc).__name__}: {str(exc)[:80]})"}
         if not isinstance(summary, dict):

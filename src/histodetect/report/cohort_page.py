@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from histodetect.io import read_small_file
 from histodetect.report.figures import styled
 from histodetect.report.html import Card, Page
 
@@ -56,11 +57,9 @@ def write_cohort_page(
         "found a lesion, blue crosses are false positives.",
     )
     for png, caption in heatmaps:
-        if png.is_file():
+        if png.exists() or png.is_symlink():
             try:
-                if png.stat().st_size > MAX_HEATMAP_BYTES:
-                    raise OSError(f"{png.stat().st_size:,} bytes; slide writes at most {MAX_HEATMAP_BYTES:,}")
-                gallery.image(png.read_bytes(), caption)
+                gallery.image(read_small_file(png, MAX_HEATMAP_BYTES), caption)
             except OSError as exc:  # a damaged or foreign folder: say so, keep the rest of the page
                 gallery.note(f"{png}: not shown ({exc})", "warn")
     return page.write(REPORT)
