@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from histodetect.data.augment import STAIN_SHIFTS, StainShift, to_float
+from histodetect.data.augment import STAIN_SHIFTS, StainShift, to_float, to_uint8
 from histodetect.data.stain import StainFit, fit_stains, reference_patches, spread
 from histodetect.data.store import Store
 from histodetect.infer.engine import Predictor
@@ -73,7 +73,7 @@ class ColourMatrix:
         matrix = torch.linalg.inv(yiq) @ rotate @ yiq
         x = to_float(torch.from_numpy(np.ascontiguousarray(pixels)))
         out = torch.einsum("ij,bjhw->bihw", matrix, x).clamp(0, 1) ** self.gamma
-        return (out * 255).round_().to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+        return to_uint8(out)
 
 
 # Held out: made up before any run trained with --stain-aug was scored, and never used to choose a strength, a

@@ -50,6 +50,12 @@ def to_float(batch: torch.Tensor, *, channels_last: bool = False) -> torch.Tenso
     return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """float ``(B, 3, H, W)`` in ``[0, 1]`` -> uint8 ``(B, H, W, 3)`` rounded, as a scanner writes it: the inverse of
+    :func:`to_float`, for re-stainings that must come back as patches."""
+    return (x * 255).round_().to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+
+
 def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
     """The ``k``-th of the 8 symmetries of the square on ``(..., H, W)``: ``k % 4`` quarter turns counter-
     clockwise, then a left-right flip when ``k >= 4``. ``k = 0`` is the identity."""
@@ -187,7 +193,7 @@ class StainShift:
         stains = torch.diag(torch.tensor([self.h, self.e, 1.0])).expand(len(x), 3, 3)
         offset = self.yellow * YELLOW - torch.log(torch.tensor(self.white))
         out = restain(x, stains, offset.expand(len(x), 3))
-        return (out * 255).round_().to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+        return to_uint8(out)
 
 
 # The re-stainings ``evaluate --stain-shifts`` scores: four labs' H&E (paler, darker, pinker, bluer) and two casts
