@@ -132,3 +132,28 @@ def test_runs_on_the_gpu_as_on_the_cpu(patches: np.ndarray, reference: StainFit,
     on_gpu = StainNormalizer(method, reference)(pixels.cuda())
     assert on_gpu.device.type == "cuda"
     assert (on_gpu.cpu().int() - StainNormalizer(method, reference)(pixels).int()).abs().float().mean() < 0.5
+
+
+def test_percentile_ranks_match_a_sort_of_the_kept_values() -> None:
+    """The stain vectors' 1st and 99th percentile angles, by ``topk`` from the nearer end, are the nearest-rank
+    percentiles of a full sort (torchstain's), whatever share of each row is kept."""
+    generator = torch.Generator().manual_seed(0)
+    values = torch.randn(200, 576, generator=generator)
+    kept = torch.rand(200, 576, generator=generator) < torch.linspace(0.01, 1, 200).unsqueeze(1)
+    kept[0] = False  # a row with nothing kept gives a value and is refused by its caller
+    count = kept.sum(dim=1)
+    for q in (1, 50, 99):
+        got = stain_module._nth(values, kept, count, q)
+        for row in range(1, 200):
+            ordered = values[row][kept[row]].sort().values
+            assert got[row] == ordered[round(q / 100 * (len(ordered) - 1))]
+
+
+@pytest.mark.parametrize("method", ["macenko", "reinhard"])
+def test_a_bf16_training_step_normalises_as_float32(patches: np.ndarray, reference: StainFit, method: str) -> None:
+    """Training normalises inside its autocast; the normaliser's matrix products stay float32 there."""
+    pixels = torch.from_numpy(patches[:4])
+    plain = StainNormalizer(method, reference)(pixels)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = StainNormalizer(method, reference)(pixels)
+    assert inside.dtype == torch.uint8 and torch.equal(inside, plain)
