@@ -45,15 +45,15 @@ def tissue_fraction(reader: SlideReader, cell: float, grid: tuple[int, int]) -> 
     k = next((k for k in (4, 2) if rows * cols * k * k <= MASK_PIXELS), 1)
     saturation = np.zeros((rows * k, cols * k), dtype=np.uint8)
     level = reader.best_level(cell / k)
-    side = cell / reader.level_downsamples[level]  # a cell's side in pixels of the level read
-    # Bands of the view, each read within MAX_READ_PIXELS of the level (a slide without coarse levels reads more).
-    band = max(1, min(BAND_PIXELS // (cols * k * k), int(MAX_READ_PIXELS // 2 // ((cols * side + 3) * side))))
+    # Bands of whole rows of cells, each at most BAND_PIXELS of the view and a share of MAX_READ_PIXELS of the level
+    # (a slide without coarse levels reads more of it).
+    bands = reader.read_scaled_bands(
+        (0, 0, cols * cell, rows * cell), (cols * k, rows * k), level, step=k, max_rows=BAND_PIXELS // (cols * k)
+    )
     start = time.monotonic()
-    for r0 in range(0, rows, band):
-        r1 = min(rows, r0 + band)
-        view = reader.read_scaled((0, r0 * cell, cols * cell, r1 * cell), (cols * k, (r1 - r0) * k), level=level)
-        saturation[r0 * k : r1 * k] = _saturation(view)
-        _within_budget(reader, level, time.monotonic() - start, r1 / rows)
+    for r0, r1, view in bands:
+        saturation[r0:r1] = _saturation(view)
+        _within_budget(reader, level, time.monotonic() - start, r1 / (rows * k))
     threshold = _otsu(saturation)
     tissue = saturation > round(threshold * 255)
     if k > 1:

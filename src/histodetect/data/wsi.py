@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import os
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -106,23 +107,40 @@ class SlideReader(ABC):
         inner = (lx0 - ix0, ly0 - iy0, lx1 - ix0, ly1 - iy0)
         return np.asarray(Image.fromarray(pixels).resize((width, height), RESAMPLING, box=inner))
 
+    def read_scaled_bands(
+        self,
+        box: tuple[float, float, float, float],
+        size: tuple[int, int],
+        level: int,
+        *,
+        step: int = 1,
+        max_rows: int | None = None,
+    ) -> Iterator[tuple[int, int, np.ndarray]]:
+        """:meth:`read_scaled` of ``box`` at ``size`` from ``level``, top to bottom in bands of whole rows of the
+        output: ``(first row, end row, pixels)``. Each band reads at most half of ``MAX_READ_PIXELS`` of the level,
+        so a slide without coarse levels is read too (in more bands); band heights are multiples of ``step`` rows
+        (whole cells of a grid) and at most ``max_rows`` (when given, rounded down to ``step``)."""
+        x0, y0, x1, y1 = box
+        width, height = size
+        d = self.level_downsamples[level]
+        per_row = ((x1 - x0) / d + 3) * ((y1 - y0) / d / height + 3)  # level pixels one output row reads
+        band = max(step, int(MAX_READ_PIXELS // 2 // per_row) // step * step)
+        if max_rows is not None:
+            band = min(band, max(step, max_rows // step * step))
+        for r0 in range(0, height, band):
+            r1 = min(height, r0 + band)
+            rows = (x0, y0 + r0 * (y1 - y0) / height, x1, y0 + r1 * (y1 - y0) / height)
+            yield r0, r1, self.read_scaled(rows, (width, r1 - r0), level=level)
+
     def thumbnail(self, longest: int) -> np.ndarray:
-        """The whole image with its longest side ``longest`` pixels (or its own size when smaller); read in bands,
-        each within ``MAX_READ_PIXELS`` of the level, so a slide without coarse levels is shown too."""
+        """The whole image with its longest side ``longest`` pixels (or its own size when smaller); read in bands
+        (:meth:`read_scaled_bands`), so a slide without coarse levels is shown too."""
         width, height = self.dimensions
         scale = min(1.0, longest / max(width, height))
         out_w, out_h = max(1, round(width * scale)), max(1, round(height * scale))
         level = self.best_level(min(width / out_w, height / out_h))
-        d = self.level_downsamples[level]
-        per_row = (width / d + 3) * (height / d / out_h + 3)  # level pixels one row of the thumbnail reads
-        band = max(1, int(MAX_READ_PIXELS // 2 // per_row))
-        return np.concatenate(
-            [
-                self.read_scaled((0, y0 * height / out_h, width, y1 * height / out_h), (out_w, y1 - y0), level=level)
-                for y0 in range(0, out_h, band)
-                for y1 in [min(out_h, y0 + band)]
-            ]
-        )
+        bands = self.read_scaled_bands((0, 0, width, height), (out_w, out_h), level)
+        return np.concatenate([pixels for _, _, pixels in bands])
 
     @abstractmethod
     def close(self) -> None:
