@@ -249,8 +249,9 @@ def _macenko(pixels: torch.Tensor, reference: StainFit, source: StainFit | None)
         max_c = torch.tensor(source.max_concentrations, dtype=torch.float32, device=device).expand(b, 2)
         ok = torch.ones(b, dtype=torch.bool, device=device)
     else:
-        sample = _optical_density(pixels[:, ::FIT_STRIDE, ::FIT_STRIDE].float()).reshape(b, -1, 3)
-        stains, ok = _stain_vectors(sample)
+        sub = pixels[:, ::FIT_STRIDE, ::FIT_STRIDE]
+        sample = _optical_density(sub.float()).reshape(b, -1, 3)
+        stains, ok = _stain_vectors(sample, _stained(sub).reshape(b, -1))
         unmix = torch.linalg.pinv(stains)
         max_c = _percentile(unmix @ sample.transpose(1, 2), MAX_PERCENTILE)  # (B, 2)
         ok &= torch.isfinite(max_c).all(dim=1) & (max_c > 1e-3).all(dim=1)
@@ -285,11 +286,11 @@ def _to_uint8(x: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(x.numpy().astype(np.uint8)) if x.device.type == "cpu" else x.to(torch.uint8)
 
 
-def _stain_vectors(od: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each patch's Macenko stain matrix ``(B, 3, 2)`` (haematoxylin first) from its optical density ``(B, N, 3)``,
-    and whether it could be fitted (enough stained pixels, two distinct stains)."""
+def _stain_vectors(od: torch.Tensor, stained: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each patch's Macenko stain matrix ``(B, 3, 2)`` (haematoxylin first) from its optical density ``(B, N, 3)``
+    and which of its pixels are stained ``(B, N)`` (:func:`_stained`), and whether it could be fitted (enough stained
+    pixels, two distinct stains)."""
     n_pixels = od.shape[1]
-    stained = (od >= BETA).all(dim=-1)  # (B, N)
     count = stained.sum(dim=1)
     ok = count >= max(3, int(MIN_STAINED * n_pixels))
     weight = stained.unsqueeze(-1).float()
@@ -400,15 +401,13 @@ def _reinhard(pixels: torch.Tensor, reference: StainFit, source: StainFit | None
         mean, std = _lab_statistics(f)
         stained = _stained(pixels).float().mean(dim=(1, 2))
         ok = (stained >= MIN_STAINED) & (std > 1e-3).all(dim=1)
-        std = torch.where(ok.unsqueeze(1), std, torch.ones_like(std))
+        std = torch.where(ok.unsqueeze(1), std, torch.ones_like(std))  # finite; the patch is put back below
     # lab' = s (lab - mean) + target, s = target_std / std, with lab = A f + c: f' = A^-1 s A f + A^-1 (s (c - mean)
-    # + target - c), one 3x3 matrix and offset per patch (the identity for a patch left as it is)
-    lab_from_f, offset = _LAB_FROM_F.to(device), _LAB_OFFSET.to(device)
+    # + target - c), one 3x3 matrix and offset per patch
+    lab_from_f, f_from_lab, offset = _LAB_FROM_F.to(device), _F_FROM_LAB.to(device), _LAB_OFFSET.to(device)
     scale = target_std / std
-    matrix = _F_FROM_LAB.to(device) @ (scale.unsqueeze(2) * lab_from_f)
-    shift = (scale * (offset - mean) + target_mean - offset) @ _F_FROM_LAB.to(device).T
-    matrix = torch.where(ok.view(-1, 1, 1), matrix, torch.eye(3, dtype=matrix.dtype, device=device))
-    shift = torch.where(ok.view(-1, 1), shift, torch.zeros_like(shift))
+    matrix = f_from_lab @ (scale.unsqueeze(2) * lab_from_f)
+    shift = (scale * (offset - mean) + target_mean - offset) @ f_from_lab.T
     mapped = (matrix.float() @ f).add_(shift.float().unsqueeze(2))
     out = _to_uint8(_srgb_from_f(mapped)).transpose(1, 2).reshape(b, h, w, 3)  # truncated, as torchstain
     out[~ok] = pixels[~ok]  # exactly as they were, not converted there and back
