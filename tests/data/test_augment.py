@@ -23,6 +23,7 @@ from histodetect.data.augment import (
     random_dihedral,
     restain,
     stain_jitter,
+    stain_pairs,
     to_float,
 )
 
@@ -150,6 +151,15 @@ def test_stain_jitter_keeps_about_half_the_patches_as_they_are(x: torch.Tensor) 
     kept = change < 1e-3  # restain's identity round-trips through log and exp
     assert 0.3 < kept.float().mean() < 0.7
     assert (change[~kept] > 0.02).all()
+
+
+def test_stain_pairs_follow_the_batch_with_its_restainings(x: torch.Tensor) -> None:
+    """``--stain-consistency``'s batches: patch i and its re-staining i + B, every copy re-stained."""
+    batch, labels = x.repeat(2, 1, 1, 1)[:15], torch.arange(15.0)
+    pairs, y = stain_pairs(batch, labels, 0.5, _gen(7))
+    assert pairs.shape == (30, *batch.shape[1:]) and torch.equal(y, torch.cat([labels, labels]))
+    assert torch.equal(pairs[:15], batch)
+    assert ((pairs[15:] - batch).abs().flatten(1).amax(1) > 0.02).all()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

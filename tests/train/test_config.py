@@ -38,6 +38,9 @@ def test_precedence_defaults_preset_file_flags(tmp_path: Path) -> None:
         {"epoch_patches": 0},
         {"stain_norm": "vahadane"},
         {"stain_aug": 1.0},
+        {"stain_consistency": 10.0},
+        {"stain_aug": 0.6, "stain_consistency": -1.0},
+        {"freeze": "frozen", "cache_embeddings": True, "stain_aug": 0.6, "stain_consistency": 10.0},
         {"freeze": "frozen", "cache_embeddings": True, "stain_norm": "macenko"},
     ],
 )

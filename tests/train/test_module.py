@@ -7,6 +7,8 @@ import pytest
 import torch
 from torchmetrics.functional.classification import binary_auroc
 
+from histodetect.data.augment import to_float
+from histodetect.loss import paired_divergence
 from histodetect.models import create_model
 from histodetect.runs.config import TrainConfig
 from histodetect.train.module import LitClassifier, _val_auc
@@ -42,3 +44,28 @@ def test_validation_auc_is_the_one_roc_auc_and_matches_torchmetrics() -> None:
         probs = torch.sigmoid(torch.from_numpy(rng.normal(size=n).round(1)).float())  # many ties
         assert _val_auc(targets, probs) == pytest.approx(binary_auroc(probs, targets).item(), abs=1e-6)
     assert _val_auc(torch.ones(5, dtype=torch.int32), torch.rand(5)) == 0.0
+
+
+def test_stain_consistency_pairs_the_batch_and_adds_their_divergence() -> None:
+    """``stain_consistency``: the batch and its re-stainings go through the model together, and the loss is the
+    usual one on both plus the weighted divergence of each pair."""
+    no_other_augmentation = {"aug_dihedral": False, "aug_hed": 0.0, "aug_brightness": 0.0, "aug_contrast": 0.0}
+    config = TrainConfig(
+        model="baseline-cnn", pretrained="none", stain_aug=0.5, stain_consistency=4.0, **no_other_augmentation
+    )
+    module = LitClassifier(config, create_model("baseline-cnn", pretrained="none"))
+    module.model.eval()  # the same logits on a second pass: no dropout, no batch statistics
+    module.log = lambda *args, **kwargs: None  # type: ignore[method-assign]
+    forward, seen = module.forward_fn, []
+    module.__dict__["forward_fn"] = lambda x: seen.append(x) or forward(x)
+    pixels = torch.randint(0, 256, (5, 96, 96, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    targets = torch.tensor([0, 1, 0, 1, 1])
+
+    loss = module.training_step((pixels, targets, torch.arange(5)), 0)
+
+    (x,) = seen
+    assert x.shape[0] == 10 and torch.equal(x[:5], to_float(pixels))
+    assert not torch.allclose(x[5:], x[:5])
+    logits = forward(x)
+    expected = module.loss_fn(logits.float(), torch.cat([targets, targets]).float()) + 4.0 * paired_divergence(logits)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)

@@ -89,6 +89,13 @@ def train(
             help="Re-stain half the patches as another lab might: H/E, yellowing, white balance (0 = off; 0.6 best)."
         ),
     ] = None,
+    stain_consistency: Annotated[
+        float | None,
+        typer.Option(
+            help="Weight of a loss asking each patch and its re-staining for the same score (0 = off; needs "
+            "--stain-aug; steps cost twice as much; 10 measured)."
+        ),
+    ] = None,
     stain_norm: Annotated[
         str | None, typer.Option(help="Stain normalisation before augmentation: none | macenko | reinhard.")
     ] = None,

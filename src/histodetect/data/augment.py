@@ -160,8 +160,10 @@ def restain(x: torch.Tensor, stains: torch.Tensor, offset: torch.Tensor) -> torc
     return torch.exp(-od).clamp_(0, 1).to(x.dtype)
 
 
-def stain_jitter(x: torch.Tensor, strength: float, generator: torch.Generator) -> torch.Tensor:
-    """Another lab's staining for each sample with probability :data:`STAIN_JITTER_P` (``stain_aug``): each stain's
+def stain_jitter(
+    x: torch.Tensor, strength: float, generator: torch.Generator, *, p: float = STAIN_JITTER_P
+) -> torch.Tensor:
+    """Another lab's staining for each sample with probability ``p`` (``stain_aug``): each stain's
     amount times ``exp(U(-s, s))`` (0.61-1.65x at s = 0.5), up to ``s / 5`` of each of H and E bleeding into the
     other (other stain hues), a yellow cast of up to ``s / 2`` optical density along :data:`YELLOW`, and a white
     balance of up to ``s / 4`` per RGB channel. The other samples keep their own lab's colours."""
@@ -171,10 +173,21 @@ def stain_jitter(x: torch.Tensor, strength: float, generator: torch.Generator) -
     stains[:, 0, 1], stains[:, 1, 0] = bleed[:, 0], bleed[:, 1]
     yellow = (torch.rand((b, 1), generator=generator) * strength / 2).to(device) * YELLOW.to(device)
     offset = yellow + _uniform(generator, (b, 3), strength / 4, device)
-    keep = (torch.rand((b,), generator=generator) >= STAIN_JITTER_P).to(device)
+    keep = (torch.rand((b,), generator=generator) >= p).to(device)
     stains = torch.where(keep.view(b, 1, 1), torch.eye(3, device=device), stains)
     offset = torch.where(keep.view(b, 1), torch.zeros((), device=device), offset)
     return restain(x, stains, offset)
+
+
+def stain_pairs(
+    x: torch.Tensor, y: torch.Tensor, strength: float, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch followed by the same patches, each re-stained by :func:`stain_jitter` as another lab's
+    (``train --stain-consistency``): ``(2B, ...)`` images and their labels, so that a consistency loss can compare
+    each patch's prediction with its re-staining's (:func:`histodetect.loss.paired_divergence`). A step costs twice
+    what it did: the pairs are added, not put in place of half the batch, which saw half as many patches and lost
+    more untouched AUC than it gained (docs/evaluation-and-prediction.md)."""
+    return torch.cat([x, stain_jitter(x, strength, generator, p=1.0)]), torch.cat([y, y])
 
 
 @dataclass(frozen=True)

@@ -6,9 +6,10 @@ from typing import Protocol
 
 from torch import nn
 
+from histodetect.loss.consistency import paired_divergence
 from histodetect.loss.focal import BCELoss, FocalLoss, smooth_labels
 
-__all__ = ["BCELoss", "FocalLoss", "LossSettings", "build_loss", "smooth_labels"]
+__all__ = ["BCELoss", "FocalLoss", "LossSettings", "build_loss", "paired_divergence", "smooth_labels"]
 
 
 class LossSettings(Protocol):

@@ -82,6 +82,9 @@ class TrainConfig:
     # Another lab's staining, per sample (data/augment.py stain_jitter): H and E amounts times exp(U(-s, s)), H/E
     # bleeding into each other, a yellow cast and a white balance outside H&E; 0 = off, 0.5 = strong.
     stain_aug: float = 0.0
+    # Weight of a loss asking for the same prediction on a patch and on its re-staining (loss/consistency.py): each
+    # batch is followed by its patches re-stained at stain_aug's strength (twice the compute); 0 = off.
+    stain_consistency: float = 0.0
     mixup: float = 0.0  # Beta(alpha, alpha); 0 = off
     cutmix: float = 0.0  # Beta(alpha, alpha); 0 = off
     # stain normalisation (data/stain.py), before augmentation and in every command that scores this run
@@ -227,6 +230,15 @@ class TrainConfig:
             raise ConfigError(f"stain_norm must be one of {STAIN_METHODS}, not {self.stain_norm!r}")
         if not 0.0 <= self.stain_aug < 1.0:
             raise ConfigError(f"stain_aug must be in [0, 1), not {self.stain_aug}")
+        if self.stain_consistency < 0 or (self.stain_consistency and not self.stain_aug):
+            raise ConfigError(
+                f"stain_consistency must be >= 0 and needs stain_aug > 0 (the strength of the re-stainings it "
+                f"compares), not {self.stain_consistency} with stain_aug {self.stain_aug}"
+            )
+        if self.stain_consistency and self.cache_embeddings:
+            raise ConfigError(
+                "cache_embeddings cannot re-stain patches (stain_consistency needs the pixels): set it to 0"
+            )
         if self.cache_embeddings and self.stain_norm != "none":
             raise ConfigError("cache_embeddings embeds the stored pixels: it cannot normalise stains (stain_norm none)")
         if self.version != CONFIG_VERSION:

@@ -16,11 +16,11 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.functional.classification import binary_accuracy, binary_f1_score
 
-from histodetect.data.augment import BatchAugment, mix_batch, to_float
+from histodetect.data.augment import BatchAugment, mix_batch, stain_pairs, to_float
 from histodetect.data.stain import StainNormalizer
 from histodetect.device import depthwise_in_fp32
 from histodetect.errors import ConfigError
-from histodetect.loss import build_loss
+from histodetect.loss import build_loss, paired_divergence
 from histodetect.metrics import roc_auc
 from histodetect.models import Classifier
 from histodetect.runs.config import TrainConfig
@@ -56,7 +56,8 @@ class LitClassifier(L.LightningModule):
         self.augment = BatchAugment(
             dihedral=config.aug_dihedral,
             hed=config.aug_hed,
-            stain=config.stain_aug,
+            # With a consistency loss the re-stainings come in pairs (training_step), not one sample in two.
+            stain=0.0 if config.stain_consistency else config.stain_aug,
             brightness=config.aug_brightness,
             contrast=config.aug_contrast,
         )
@@ -88,8 +89,12 @@ class LitClassifier(L.LightningModule):
         pixels, targets, _ = batch
         x = self.augment(to_float(self._normalised(pixels), channels_last=self.channels_last), self.generator)
         x, targets = mix_batch(x, targets, self.config.mixup, self.config.cutmix, self.generator)
+        if self.config.stain_consistency:
+            x, targets = stain_pairs(x, targets, self.config.stain_aug, self.generator)
         logits = self.forward_fn(x)
         loss = self.loss_fn(logits.float(), targets)
+        if self.config.stain_consistency:
+            loss = loss + self.config.stain_consistency * paired_divergence(logits)
         finite = torch.isfinite(loss.detach())
         self._finite = finite if self._finite is None else self._finite & finite
         self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(targets))

@@ -348,6 +348,7 @@ def _summary(
         "stain_norm": config.stain_norm,
         "stain_reference": STAIN,  # the reference any command normalises to without --stain-reference
         "stain_aug": config.stain_aug,
+        "stain_consistency": config.stain_consistency,
         "store": str(datamodule.store.path),
         "store_fingerprint": datamodule.store.fingerprint,
         "finished": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
